@@ -1,0 +1,188 @@
+"""BloodMNIST at 64x64: the one loader both training scripts use.
+
+The MedMNIST file (`bloodmnist_64.npz`: `{train,val,test}_images` uint8 (N, 64, 64, 3) and
+`{train,val,test}_labels` (N, 1)) is read once into memory and checked; batches are then cut from
+one uint8 tensor held on the training device, so there is no per-image PIL work at all.
+
+    from data import load_bloodmnist, Batches
+    splits = load_bloodmnist("data")                 # downloads through medmnist if missing
+    batches = Batches(splits["train"], 128, device, value_range=(-1, 1), seed=0)
+    for x, y in batches.epoch(0): ...                # x (128, 3, 64, 64) float, y (128,) int64
+"""
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils import UserError, warn
+
+FLAG = "bloodmnist"
+IMAGE_SIZE = 64
+FILENAME = f"{FLAG}_{IMAGE_SIZE}.npz"
+NUM_CLASSES = 8
+SPLITS = ("train", "val", "test")
+
+
+def dataset_info() -> dict:
+    """MedMNIST's record for BloodMNIST: URLs, MD5s, label names, split sizes."""
+    from medmnist.info import INFO  # imported here: it pulls in medmnist's whole package
+    return INFO[FLAG]
+
+
+def class_names() -> list[str]:
+    """Short class names in label order ("immature granulocytes(myelocytes, ...)" is cut)."""
+    labels = dataset_info()["label"]
+    return [labels[str(i)].split("(")[0].strip() for i in range(NUM_CLASSES)]
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (N, 64, 64, 3) uint8
+    labels: np.ndarray  # (N,) int64 in 0..7
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def locate(data_root: str | os.PathLike, download: bool = True) -> Path:
+    """The npz to read: `data_root` itself if it is a file, else `data_root/bloodmnist_64.npz`,
+    downloaded through MedMNIST's URL (MD5-checked) when it is missing."""
+    root = Path(data_root)
+    if root.is_file():
+        return root
+    path = root / FILENAME
+    if path.is_file():
+        return path
+    info = dataset_info()
+    url, md5 = info[f"url_{IMAGE_SIZE}"], info[f"MD5_{IMAGE_SIZE}"]
+    hint = (f"download {url} (MD5 {md5}) by hand and pass --data-root with the folder "
+            f"that holds {FILENAME} (or the file itself)")
+    if not download:
+        raise UserError(f"{path} not found; {hint}")
+    from torchvision.datasets.utils import download_url
+    partial = root / (FILENAME + ".part")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        print(f"Downloading {FILENAME} ({url}) to {root}/ ...")
+        download_url(url, str(root), filename=partial.name, md5=md5)  # raises on an MD5 mismatch
+        os.replace(partial, path)  # never leave a half-written file under the real name
+    except Exception as e:  # network, disk or checksum: all end in the same advice
+        partial.unlink(missing_ok=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} not found and the download failed ({reason}); {hint}") from None
+    return path
+
+
+def _check_split(path: Path, npz, split: str) -> Split:
+    images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+    want = f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3)"
+    if images.dtype != np.uint8:
+        raise UserError(f"{path}: {split}_images has dtype {images.dtype}, expected uint8 "
+                        "(0..255) as in MedMNIST")
+    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise UserError(f"{path}: {split}_images has shape {images.shape}, expected {want}; "
+                        f"use the {IMAGE_SIZE}x{IMAGE_SIZE} RGB file ({FILENAME})")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: {split}_labels has dtype {labels.dtype}, expected integers")
+    if labels.shape not in ((len(images), 1), (len(images),)):
+        raise UserError(f"{path}: {split}_labels has shape {labels.shape}, expected "
+                        f"({len(images)}, 1) to match {split}_images")
+    labels = labels.reshape(-1).astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise UserError(f"{path}: {split}_labels holds values in {labels.min()}..{labels.max()}, "
+                        f"expected 0..{NUM_CLASSES - 1}")
+    return Split(images, labels)
+
+
+def load_bloodmnist(data_root: str | os.PathLike = "data", splits=SPLITS,
+                    subset: int | None = None, download: bool = True) -> dict[str, Split]:
+    """Read and check the BloodMNIST-64 npz; `subset` keeps the first N training images.
+
+    Every problem a user can cause (no file, a broken file, wrong keys, dtypes, shapes or
+    labels) raises UserError with a one-line message; a file that is not the official one
+    (another MD5) loads with a warning, since people build their own copies.
+    """
+    path = locate(data_root, download)
+    official = dataset_info()[f"MD5_{IMAGE_SIZE}"]
+    if path.name == FILENAME and (digest := _md5(path)) != official:
+        warn(f"{path} has MD5 {digest}, not the official {official}; using it as it is")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")
+                       if f"{s}_{k}" not in npz.files]
+            if missing:
+                raise UserError(f"{path} lacks {', '.join(missing)}; a MedMNIST npz holds "
+                                "train/val/test _images and _labels")
+            out = {s: _check_split(path, npz, s) for s in splits}
+    except UserError:
+        raise
+    except Exception as e:  # zip, pickle or header errors from numpy: all mean a broken file
+        raise UserError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}); "
+                        "delete it to download it again, or point --data-root at a good copy") from None
+    if "train" in out and not len(out["train"]):
+        raise UserError(f"{path} holds no training images")
+    if subset is not None:
+        if subset < 1:
+            raise UserError(f"--subset must be at least 1, got {subset}")
+        t = out["train"]
+        out["train"] = Split(t.images[:subset], t.labels[:subset])
+    return out
+
+
+def to_float(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in value_range: (0, 1) for the VAE, (-1, 1) for the GAN."""
+    lo, hi = value_range
+    return images.float().mul_((hi - lo) / 255.0).add_(lo)
+
+
+def to_uint8(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """The inverse of to_float, rounded and clamped: float (B, 3, H, W) -> uint8."""
+    lo, hi = value_range
+    return ((images - lo) * (255.0 / (hi - lo))).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class Batches:
+    """Minibatches of one split as float tensors on `device`, with their labels.
+
+    The uint8 images sit on the device once, channels first. Each epoch's order comes from a
+    generator seeded by (seed, epoch), so any epoch, or the rest of one, can be replayed exactly:
+    that is what makes --resume bit-exact. With shuffle=False the split is walked in order and
+    the last short batch is kept (evaluation); with shuffle=True it is dropped (training), unless
+    the split is smaller than one batch.
+    """
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device | str,
+                 value_range: tuple[float, float], shuffle: bool = True, seed: int = 0):
+        self.images = torch.from_numpy(split.images).permute(0, 3, 1, 2).contiguous().to(device)
+        self.labels = torch.from_numpy(split.labels).to(device)
+        self.batch_size, self.value_range = batch_size, value_range
+        self.shuffle, self.seed = shuffle, seed
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        n, b = len(self.labels), self.batch_size
+        return max(1, n // b) if self.shuffle else -(-n // b)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(len(self.labels))
+        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        return torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Yields (x, y) for steps start..len(self)-1 of this epoch."""
+        order = self.order(epoch).to(self.device)
+        for i in range(start, len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield to_float(self.images[idx], self.value_range), self.labels[idx]

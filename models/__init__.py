@@ -1,0 +1,1 @@
+"""Hand-written generative models for BloodMNIST-64."""

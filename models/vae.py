@@ -1,0 +1,79 @@
+"""A convolutional variational autoencoder (Kingma & Welling, 2014).
+
+Encoder: stride-2 convolutions (one per entry of `widths`) -> two linear heads for mu and
+log sigma^2. Decoder: linear -> stride-2 transposed convolutions back to (nc, S, S) -> Sigmoid.
+Images are in [0, 1]; the likelihood is Bernoulli per pixel, as in the paper's MNIST experiments.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class VAE(nn.Module):
+    def __init__(self, latent_dim: int = 128, widths: tuple[int, ...] = (32, 64), nc: int = 3,
+                 image_size: int = 64):
+        super().__init__()
+        if image_size % 2 ** len(widths):
+            raise ValueError(f"image_size {image_size} is not divisible by 2**{len(widths)}")
+        self.latent_dim = latent_dim
+        self.bottom = (widths[-1], image_size // 2 ** len(widths), image_size // 2 ** len(widths))
+        flat = widths[-1] * self.bottom[1] * self.bottom[2]  # 64 * 16 * 16 for the defaults
+
+        enc, c = [], nc
+        for w in widths:  # (B, c, s, s) -> (B, w, s/2, s/2)
+            enc += [nn.Conv2d(c, w, 4, 2, 1), nn.ReLU(True)]
+            c = w
+        self.encoder = nn.Sequential(*enc, nn.Flatten())
+        self.fc_mu = nn.Linear(flat, latent_dim)
+        self.fc_logvar = nn.Linear(flat, latent_dim)
+
+        self.fc_decode = nn.Linear(latent_dim, flat)
+        dec = []
+        for w in reversed(widths[:-1]):  # (B, c, s, s) -> (B, w, 2s, 2s)
+            dec += [nn.ConvTranspose2d(c, w, 4, 2, 1), nn.ReLU(True)]
+            c = w
+        dec += [nn.ConvTranspose2d(c, nc, 4, 2, 1)]  # logits; the Sigmoid is applied in decode()
+        self.decoder = nn.Sequential(*dec)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, nc, S, S) in [0, 1] -> mu, logvar, each (B, latent_dim)."""
+        h = self.encoder(x)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """z = mu + sigma * eps with eps ~ N(0, I), so gradients reach mu and logvar."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, latent_dim) -> pixel logits (B, nc, S, S)."""
+        h = F.relu(self.fc_decode(z)).view(z.shape[0], *self.bottom)
+        return self.decoder(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, latent_dim) -> images (B, nc, S, S) in [0, 1]."""
+        return torch.sigmoid(self.decode_logits(z))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the reconstruction logits, mu and logvar."""
+        mu, logvar = self.encode(x)
+        return self.decode_logits(self.reparameterize(mu, logvar)), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """n images from the prior N(0, I), in [0, 1]."""
+        return self.decode(torch.randn(n, self.latent_dim, device=device))
+
+    @staticmethod
+    def loss(x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+             beta: float = 1.0) -> dict[str, torch.Tensor]:
+        """The negative ELBO with a beta-weighted KL; each part summed per image, batch-averaged.
+
+        recon: -log p(x|z) under a Bernoulli decoder (binary cross-entropy on the logits).
+        kl: KL(q(z|x) || N(0, I)) in closed form, Kingma & Welling 2014, Appendix B:
+            -1/2 * sum(1 + log sigma^2 - mu^2 - sigma^2).
+        """
+        b = x.shape[0]
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / b
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / b
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny BloodMNIST-format npz files made on the spot, and a script runner.
+
+No test reads the real data or the network."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n uint8 images (n, 64, 64, 3) with labels: a class-coloured disc on a pale background,
+    so there is something to learn."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 8
+    rng.shuffle(labels)
+    yy, xx = np.mgrid[:64, :64]
+    images = np.empty((n, 64, 64, 3), np.uint8)
+    for i, c in enumerate(labels):
+        cy, cx, r = rng.integers(24, 40), rng.integers(24, 40), 8 + c
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        colour = np.array([40 + 25 * c, 200 - 20 * c, 120 + 10 * c])
+        img = np.full((64, 64, 3), 225.0) + rng.normal(0, 6, (64, 64, 3))
+        img[disc] = colour + rng.normal(0, 6, (disc.sum(), 3))
+        images[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return images, labels.reshape(-1, 1).astype(np.uint8)
+
+
+def write_npz(path: Path, sizes=(64, 16, 16), **override) -> Path:
+    """A MedMNIST-format file; `override` replaces or (with None) removes keys."""
+    arrays = {}
+    for seed, (split, n) in enumerate(zip(("train", "val", "test"), sizes)):
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = make_images(n, seed)
+    for k, v in override.items():
+        if v is None:
+            arrays.pop(k)
+        else:
+            arrays[k] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:  # a file object: numpy would append .npz to other names
+        np.savez_compressed(f, **arrays)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A folder holding a tiny bloodmnist_64.npz (64 train, 16 val, 16 test images)."""
+    root = tmp_path_factory.mktemp("data")
+    write_npz(root / "bloodmnist_64.npz")
+    return root
+
+
+def run_script(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a top-level script as a user would, from the repo root, on the CPU."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / script), "--device", "cpu", *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# Small widths keep every script run to seconds on two CPU cores.
+TINY_GAN = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "16"]
+TINY_VAE = ["--widths", "8,16", "--latent-dim", "8", "--batch-size", "16"]

@@ -1,0 +1,116 @@
+"""models/: output shapes, the VAE's KL against torch.distributions, gradients through the
+reparameterisation, DCGAN initial weight statistics, and that both models learn on tiny data."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+from models.dcgan import Discriminator, Generator
+from models.vae import VAE
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_dcgan_shapes(image_size):
+    G, D = Generator(nz=16, ngf=8, image_size=image_size), Discriminator(ndf=8, image_size=image_size)
+    x = G(torch.randn(5, 16))
+    assert x.shape == (5, 3, image_size, image_size)
+    assert x.abs().max() <= 1  # Tanh output
+    assert D(x).shape == (5,)
+
+
+def test_dcgan_default_is_the_classic_stack():
+    G, D = Generator(), Discriminator()
+    widths = [m.out_channels for m in G.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert widths == [512, 256, 128, 64, 3]
+    assert [m.out_channels for m in D.modules() if isinstance(m, torch.nn.Conv2d)] == [64, 128, 256, 512, 1]
+
+
+def test_dcgan_rejects_bad_image_size():
+    with pytest.raises(ValueError, match="power of two"):
+        Generator(image_size=48)
+
+
+def test_dcgan_init_statistics():
+    torch.manual_seed(0)
+    for net in (Generator(), Discriminator()):
+        convs = torch.cat([m.weight.flatten() for m in net.modules()
+                           if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))])
+        bn = torch.cat([m.weight for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+        bn_bias = torch.cat([m.bias for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+        assert abs(convs.mean()) < 1e-3 and abs(convs.std() - 0.02) < 1e-3
+        assert abs(bn.mean() - 1) < 5e-3 and abs(bn.std() - 0.02) < 5e-3
+        assert torch.all(bn_bias == 0)
+
+
+def test_vae_shapes():
+    vae = VAE(latent_dim=8, widths=(8, 16))
+    x = torch.rand(5, 3, 64, 64)
+    logits, mu, logvar = vae(x)
+    assert logits.shape == x.shape and mu.shape == logvar.shape == (5, 8)
+    assert vae.sample(3).shape == (3, 3, 64, 64)
+    assert 0 <= vae.decode(mu).min() and vae.decode(mu).max() <= 1  # Sigmoid output
+    deep = VAE(latent_dim=8, widths=(8, 16, 32, 64))
+    assert deep.bottom == (64, 4, 4) and deep(x)[0].shape == x.shape
+
+
+def test_vae_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
+    x = torch.rand(4, 3, 8, 8)
+    logits = torch.randn(4, 3, 8, 8)
+    parts = VAE.loss(x, logits, mu, logvar, beta=0.5)
+    q, p = Normal(mu, torch.exp(0.5 * logvar)), Normal(torch.zeros(4, 6), torch.ones(4, 6))
+    torch.testing.assert_close(parts["kl"], kl_divergence(q, p).sum(1).mean())
+    bernoulli = torch.distributions.Bernoulli(logits=logits, validate_args=False)  # x is not binary
+    torch.testing.assert_close(parts["recon"], -bernoulli.log_prob(x).sum() / 4)
+    torch.testing.assert_close(parts["loss"], parts["recon"] + 0.5 * parts["kl"])
+
+
+def test_gradient_reaches_mu_and_logvar_through_sampling():
+    vae = VAE(latent_dim=8, widths=(8, 16))
+    x = torch.rand(4, 3, 64, 64)
+    mu, logvar = vae.encode(x)
+    mu.retain_grad(), logvar.retain_grad()
+    recon = F.binary_cross_entropy_with_logits(vae.decode_logits(vae.reparameterize(mu, logvar)), x)
+    recon.backward()  # the reconstruction alone, so no gradient comes from the KL term
+    assert mu.grad.abs().sum() > 0 and logvar.grad.abs().sum() > 0
+    assert vae.fc_logvar.weight.grad.abs().sum() > 0
+
+
+def test_vae_overfits_a_few_images():
+    torch.manual_seed(0)
+    from conftest import make_images
+    x = torch.from_numpy(make_images(8)[0]).permute(0, 3, 1, 2).float() / 255
+    vae = VAE(latent_dim=8, widths=(8, 16))
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(60):
+        parts = VAE.loss(x, *vae(x))
+        opt.zero_grad()
+        parts["loss"].backward()
+        opt.step()
+        losses.append(parts["loss"].item())
+    assert losses[-1] < 0.8 * losses[0]
+    mse0 = F.mse_loss(torch.full_like(x, 0.5), x)
+    assert F.mse_loss(vae.decode(vae.encode(x)[0]), x) < 0.5 * mse0
+
+
+def test_gan_steps_change_both_networks_and_stay_finite():
+    torch.manual_seed(0)
+    G, D = Generator(nz=16, ngf=8), Discriminator(ndf=8)
+    before = [p.detach().clone() for p in (*G.parameters(), *D.parameters())]
+    opt_g = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    real = torch.rand(8, 3, 64, 64) * 2 - 1
+    for _ in range(3):
+        fake = G(torch.randn(8, 16))
+        loss_d = (F.binary_cross_entropy_with_logits(D(real), torch.ones(8))
+                  + F.binary_cross_entropy_with_logits(D(fake.detach()), torch.zeros(8)))
+        opt_d.zero_grad(), loss_d.backward(), opt_d.step()
+        loss_g = F.binary_cross_entropy_with_logits(D(fake), torch.ones(8))
+        opt_g.zero_grad(), loss_g.backward(), opt_g.step()
+        assert torch.isfinite(loss_d) and torch.isfinite(loss_g)
+    after = [p.detach() for p in (*G.parameters(), *D.parameters())]
+    n_g = len(list(G.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(before[:n_g], after[:n_g]))
+    assert all(not torch.equal(a, b) for a, b in zip(before[n_g:], after[n_g:]))

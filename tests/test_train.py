@@ -1,0 +1,187 @@
+"""train_gan.py and train_vae.py end to end: the files a run writes, exact resume (after a
+finished run and after Ctrl-C mid-epoch), atomic checkpoints, NaN stops, and the one-line
+errors a user gets for a bad file or a bad --resume."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import train_gan
+import train_vae
+import utils
+from conftest import ROOT, TINY_GAN, TINY_VAE, run_script, write_npz
+
+SCRIPTS = {"gan": (train_gan, TINY_GAN), "vae": (train_vae, TINY_VAE)}
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    """Model and optimiser states of two checkpoints are identical, bit for bit."""
+    flat = lambda ckpt: [t for part in ("models", "optimizers") for t in _tensors(ckpt[part])]
+    ta, tb = flat(a), flat(b)
+    return len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_gan_script_writes_its_run(data_root, tmp_path):
+    out = tmp_path / "gan"
+    r = run_script("train_gan.py", "--data-root", data_root, "--epochs", 2, "--out", out, *TINY_GAN)
+    assert r.returncode == 0, r.stderr
+    for name in ("config.json", "metrics.jsonl", "curves.png", "ckpt.pt",
+                 "samples_epoch_001.png", "samples_epoch_002.png"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {"loss_d", "loss_g", "d_x", "d_g_z"} <= records[0].keys()
+    assert 0 < records[-1]["d_x"] < 1 and 0 < records[-1]["d_g_z"] < 1
+    assert Image.open(out / "samples_epoch_002.png").size == (8 * 66 + 2, 8 * 66 + 2)  # 8 x 8 grid
+    assert json.loads((out / "config.json").read_text())["ngf"] == 8
+    ckpt = utils.load_checkpoint(out / "ckpt.pt", "gan")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 0 and set(ckpt["models"]) == {"G", "D"}
+    assert "loss_d=" in r.stderr  # the progress bar shows the losses
+
+
+def test_vae_script_writes_its_run(data_root, tmp_path):
+    out = tmp_path / "vae"
+    r = run_script("train_vae.py", "--data-root", data_root, "--epochs", 2, "--out", out, *TINY_VAE)
+    assert r.returncode == 0, r.stderr
+    for name in ("config.json", "metrics.jsonl", "curves.png", "ckpt.pt", "samples_epoch_002.png",
+                 "recon_epoch_001.png", "recon_epoch_002.png"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "recon", "kl", "val_nelbo", "val_recon", "val_kl", "val_psnr"} <= records[0].keys()
+    assert records[-1]["val_nelbo"] == pytest.approx(records[-1]["val_recon"] + records[-1]["val_kl"])
+    assert records[-1]["val_nelbo"] < records[0]["val_nelbo"]
+    # 16 validation images: two rows of originals, each over a row of reconstructions
+    assert Image.open(out / "recon_epoch_002.png").size == (8 * 66 + 2, 4 * 66 + 2)
+    assert "recon=" in r.stderr
+
+
+@pytest.mark.parametrize("kind", SCRIPTS)
+def test_resume_gives_the_same_weights(data_root, tmp_path, kind):
+    module, tiny = SCRIPTS[kind]
+    common = ["--data-root", str(data_root), "--device", "cpu", *tiny]
+    module.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
+    module.main([*common, "--epochs", "1", "--out", str(tmp_path / "resumed")])
+    module.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
+    a = utils.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = utils.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    assert b["epoch"] == 3 and states_equal(a, b)
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", SCRIPTS)
+def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(data_root, tmp_path, kind):
+    tiny = SCRIPTS[kind][1]
+    script = f"train_{kind}.py"
+    common = ["--data-root", data_root, *tiny]
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--device", "cpu", *map(str, common),
+                             "--epochs", "1000", "--out", str(out)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "checkpoint saved" in err
+    ckpt = utils.load_checkpoint(out / "ckpt.pt", kind)
+    epochs = ckpt["epoch"] + 2  # finish the interrupted epoch and one more
+    r = run_script(script, *common, "--epochs", epochs, "--out", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    r = run_script(script, *common, "--epochs", epochs, "--out", tmp_path / "straight")
+    assert r.returncode == 0, r.stderr
+    a = utils.load_checkpoint(out / "ckpt.pt")
+    assert a["epoch"] == epochs
+    assert states_equal(a, utils.load_checkpoint(tmp_path / "straight" / "ckpt.pt"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    utils.save_checkpoint(path, {"kind": "gan", "x": torch.ones(3)})
+
+    def crash(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        utils.save_checkpoint(path, {"kind": "gan", "x": torch.zeros(3)})
+    assert torch.equal(utils.load_checkpoint(path)["x"], torch.ones(3))  # the old one is intact
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = train_vae.VAE.loss
+
+    def loss_that_breaks(*args, **kwargs):
+        parts = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 6:  # the first epoch (4 steps) and its validation (1 batch) are fine
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+    monkeypatch.setattr(train_vae.VAE, "loss", staticmethod(loss_that_breaks))
+    out = tmp_path / "vae"
+    with pytest.raises(utils.UserError, match="diverged.*last good checkpoint"):
+        train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3",
+                        "--out", str(out), *TINY_VAE])
+    ckpt = utils.load_checkpoint(out / "ckpt.pt", "vae")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in ckpt["models"]["vae"].values())
+
+
+def test_bad_file_is_one_line_error_from_the_script(tmp_path):
+    bad = write_npz(tmp_path / "bloodmnist_64.npz", train_images=None)
+    r = run_script("train_gan.py", "--data-root", bad, "--out", tmp_path / "out", *TINY_GAN)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr
+    assert "lacks train_images" in r.stderr
+
+
+def test_resume_refuses_what_it_cannot_do(data_root, tmp_path):
+    common = ["--data-root", str(data_root), "--device", "cpu", *TINY_VAE]
+    out = str(tmp_path / "vae")
+    with pytest.raises(utils.UserError, match="no checkpoint"):
+        train_vae.main([*common, "--epochs", "1", "--out", out, "--resume"])
+    train_vae.main([*common, "--epochs", "1", "--out", out])
+    with pytest.raises(utils.UserError, match="already holds a run"):
+        train_vae.main([*common, "--epochs", "1", "--out", out])
+    with pytest.raises(utils.UserError, match="already trained 1 epochs"):
+        train_vae.main([*common, "--epochs", "1", "--out", out, "--resume"])
+    with pytest.raises(utils.UserError, match="--lr 0.01 differs"):
+        train_vae.main([*common, "--epochs", "2", "--out", out, "--resume", "--lr", "0.01"])
+    with pytest.raises(utils.UserError, match="written by train_vae.py, not train_gan.py"):
+        train_gan.main(["--data-root", str(data_root), "--epochs", "2", "--out", out, "--resume"])
+    (tmp_path / "vae" / "ckpt.pt").write_bytes(b"garbage")
+    with pytest.raises(utils.UserError, match="not a readable checkpoint"):
+        train_vae.main([*common, "--epochs", "2", "--out", out, "--resume"])
+
+
+@pytest.mark.parametrize("flag", [["--epochs", "0"], ["--lr", "-1"], ["--subset", "0"],
+                                  ["--batch-size", "x"], ["--device", "tpu"]])
+def test_bad_flags_are_rejected_by_argparse(flag):
+    with pytest.raises(SystemExit) as e:
+        train_gan.build_parser().parse_args(flag)
+    assert e.value.code == 2
+
+
+def test_vae_widths_flag():
+    assert train_vae.build_parser().parse_args(["--widths", "8,16,32"]).widths == (8, 16, 32)
+    with pytest.raises(SystemExit):
+        train_vae.build_parser().parse_args(["--widths", "8,,x"])

@@ -1,0 +1,167 @@
+"""Train a convolutional VAE on BloodMNIST-64.
+
+    python train_vae.py                                   # 25 epochs, writes outputs/vae/
+    python train_vae.py --data-root ../my_data --epochs 5 --out outputs/vae_quick
+    python train_vae.py --resume                          # continue outputs/vae/ after Ctrl-C
+
+Every epoch writes samples_epoch_NNN.png (decoded from the same prior draws each time),
+recon_epoch_NNN.png (validation images over their reconstructions), metrics.jsonl with the
+validation ELBO and PSNR, curves.png and ckpt.pt into --out.
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+from data import Batches, load_bloodmnist
+from models.vae import VAE
+
+VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
+GRID = 64  # prior samples in each grid, 8 x 8
+RECON = 32  # validation images in each reconstruction grid, each row over its reconstruction
+
+
+def widths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive channel counts such as 32,64; got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    utils.add_common_args(p, out="outputs/vae", epochs=25, lr=1e-3)
+    p.add_argument("--latent-dim", type=utils.positive_int, default=128, help="size of z")
+    p.add_argument("--widths", type=widths, default=(32, 64),
+                   help="channels of the encoder's stride-2 convolutions, mirrored by the decoder")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (1 = the ELBO)")
+    return p
+
+
+@torch.no_grad()
+def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
+    """Negative ELBO (beta = 1), its parts and the PSNR of mean reconstructions, per image.
+
+    The posterior samples come from a fixed seed in a forked RNG, so the numbers compare across
+    epochs and evaluating does not disturb the training run's random stream.
+    """
+    model.eval()
+    sums = {"val_nelbo": 0.0, "val_recon": 0.0, "val_kl": 0.0, "val_mse": 0.0}
+    n = 0
+    devices = [batches.device] if batches.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for x, _ in batches.epoch(0):
+            logits, mu, logvar = model(x)
+            parts = model.loss(x, logits, mu, logvar, beta=1.0)
+            b = x.shape[0]
+            sums["val_nelbo"] += parts["loss"].item() * b
+            sums["val_recon"] += parts["recon"].item() * b
+            sums["val_kl"] += parts["kl"].item() * b
+            sums["val_mse"] += F.mse_loss(model.decode(mu), x, reduction="sum").item() / x[0].numel()
+            n += b
+    model.train()
+    means = {k: v / n for k, v in sums.items()}
+    means["val_psnr"] = 10 * math.log10(1.0 / means.pop("val_mse"))  # images in [0, 1]
+    return means
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ckpt = utils.start_run(args, parser, kind="vae")
+    out = Path(args.out)
+    ckpt_path = out / "ckpt.pt"
+    device = utils.pick_device(args.device)
+    utils.set_seed(args.seed)
+
+    splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset)
+    batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed)
+    val = Batches(splits["val"], 256, device, VALUE_RANGE, shuffle=False) if len(splits["val"]) else None
+    if val is None:
+        utils.warn("the data file has no validation images; the validation ELBO is not logged")
+
+    model = VAE(args.latent_dim, args.widths).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    noise = utils.fixed_noise(GRID, args.latent_dim, args.seed, device)
+    meter = utils.Meter()
+    epoch, step = 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["models"]["vae"])
+        opt.load_state_dict(ckpt["optimizers"]["vae"])
+        meter.load_state_dict(ckpt["meter"], device)
+        utils.set_rng_state(ckpt["rng"], device)
+        epoch, step = ckpt["epoch"], ckpt["step"]
+    log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
+    shown = next(iter((val if val is not None else batches).epoch(0)))[0][:RECON]
+    nrow = min(8, len(shown))
+    shown = shown[:len(shown) - len(shown) % nrow]
+    print(f"VAE: {sum(p.numel() for p in model.parameters()):,} parameters; {len(batches.labels):,} "
+          f"training images, {len(batches)} steps per epoch on {device}")
+
+    def checkpoint(epoch: int, step: int) -> None:
+        utils.save_checkpoint(ckpt_path, {
+            "kind": "vae", "args": vars(args), "epoch": epoch, "step": step,
+            "models": {"vae": model.state_dict()}, "optimizers": {"vae": opt.state_dict()},
+            "meter": meter.state_dict(), "rng": utils.rng_state(device)})
+
+    with utils.GracefulStop() as stop:
+        for epoch in range(epoch, args.epochs):
+            t0 = time.time()
+            model.train()
+            bar = tqdm(batches.epoch(epoch, start=step), total=len(batches), initial=step,
+                       desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+            for step, (x, _) in enumerate(bar, start=step + 1):
+                logits, mu, logvar = model(x)
+                parts = model.loss(x, logits, mu, logvar, beta=args.beta)
+                opt.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                opt.step()
+
+                meter.update(**parts)
+                if step % 10 == 0 or step == len(batches):  # reading the means syncs the device
+                    means = meter.means()
+                    utils.check_finite(means, epoch, step, ckpt_path)
+                    bar.set_postfix(utils.format_stats(means))
+                if stop.requested:
+                    bar.close()
+                    checkpoint(epoch, step)
+                    utils.stop_and_exit(ckpt_path, epoch, step)
+            bar.close()
+
+            # End of epoch: validation ELBO, prior samples, reconstructions, curves, checkpoint
+            means = meter.means()
+            utils.check_finite(means, epoch, step, ckpt_path)
+            record = {"epoch": epoch + 1, **means}
+            if val is not None:
+                record.update(evaluate(model, val, args.seed))
+            record["seconds"] = round(time.time() - t0, 2)
+            log.write(record)
+            tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
+            meter, step = utils.Meter(), 0
+            model.eval()
+            with torch.no_grad():
+                utils.save_grid(model.decode(noise), out / f"samples_epoch_{epoch + 1:03d}.png")
+                # rows of originals, each over its row of mean reconstructions
+                recon = model.decode(model.encode(shown)[0])
+                pairs = torch.stack([shown.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
+                utils.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
+            utils.plot_curves(log.records, out / "curves.png", [
+                ("loss per image (nats)", ["loss", "val_nelbo"], None),
+                ("parts", ["recon", "kl", "val_recon", "val_kl"], None),
+                ("validation PSNR (dB)", ["val_psnr"], None)])
+            checkpoint(epoch + 1, 0)
+    print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, "
+          f"recon_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

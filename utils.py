@@ -1,0 +1,302 @@
+"""What both training scripts share: flags, seeding, device, run folder, checkpoints, stopping,
+running means, metrics log, sample grids and curves. Only the models and the steps differ."""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+
+class UserError(Exception):
+    """A problem the user can fix (a flag, a file); reported as one line, no traceback."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run_main(main) -> None:
+    """Call main(); a UserError becomes `error: ...` on stderr and exit status 1."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float) -> None:
+    """The flags both training scripts take; defaults are shown by --help."""
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training split")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
+    p.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seeds weights, noise and data order")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--data-root", default="data",
+                   help="folder holding bloodmnist_64.npz (downloaded there if missing), or the .npz itself")
+    p.add_argument("--subset", type=positive_int, default=None,
+                   help="train on the first N training images only (a quick check)")
+    p.add_argument("--out", default=out, help="run folder: config, metrics, grids, curves, ckpt.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its ckpt.pt, with that run's settings")
+
+
+# Settings a resumed run may change; everything else comes from the checkpoint.
+RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "out", "resume"}
+
+
+def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str) -> dict | None:
+    """Prepare --out and return the checkpoint to resume from (None for a new run).
+
+    A new run refuses a folder that already holds a checkpoint, so no run is overwritten by
+    accident. With --resume, the run's own settings are restored into `args`.
+    """
+    out = Path(args.out)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = None
+    if args.resume:
+        if not ckpt_path.is_file():
+            raise UserError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
+        ckpt = load_checkpoint(ckpt_path, kind)
+        saved = ckpt["args"]
+        for key, value in vars(args).items():
+            if key in RESUME_MAY_CHANGE or key not in saved:
+                continue
+            if value != parser.get_default(key) and value != saved[key]:
+                raise UserError(f"--resume keeps the run's own settings, but --{key.replace('_', '-')} "
+                                f"{value} differs from its {saved[key]}; drop the flag, or start a "
+                                "new run with another --out")
+            setattr(args, key, saved[key])
+        if ckpt["epoch"] >= args.epochs:
+            raise UserError(f"{ckpt_path} has already trained {ckpt['epoch']} epochs; pass "
+                            f"--epochs N with N > {ckpt['epoch']} to train longer")
+        print(f"Resuming {ckpt_path} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+    elif ckpt_path.exists():
+        raise UserError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue it, "
+                        "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds, devices, random states
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)  # seeds the CPU and every CUDA/MPS device
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this PyTorch sees no CUDA GPU; use --device auto or cpu")
+    elif name == "mps" and not mps:
+        raise UserError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what rng_state saved; a device state from another kind of device is skipped."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+def fixed_noise(n: int, dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The latent batch every epoch's sample grid is drawn from: the same on every device."""
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temp file, then rename: a crash never leaves a half-written ckpt.pt."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
+                    map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by save_checkpoint; kind ("gan" or "vae") checks its origin."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be "
+                        "truncated or not from this repo") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by train_gan.py or train_vae.py")
+    if kind is not None and ckpt["kind"] != kind:
+        raise UserError(f"{path} was written by train_{ckpt['kind']}.py, not train_{kind}.py")
+    return ckpt
+
+
+class MetricsLog:
+    """One JSON line per epoch in `path`. On resume, lines past the checkpoint's epoch (written
+    after its last save) are dropped, so the log always matches the weights."""
+
+    def __init__(self, path: Path, keep_epochs: int = 0):
+        self.path = path
+        self.records = []
+        if keep_epochs and path.is_file():
+            lines = path.read_text().splitlines()
+            self.records = [r for r in map(json.loads, lines) if r["epoch"] <= keep_epochs]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training-loop helpers
+
+
+class Meter:
+    """Running means of scalar tensors. Values stay on the device until read, so logging does
+    not stall the GPU every step."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, **values: torch.Tensor) -> None:
+        for k, v in values.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v.item() / self.count for k, v in self.sums.items()}
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.item() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.sums = {k: torch.tensor(v, device=device) for k, v in state["sums"].items()}
+        self.count = state["count"]
+
+
+def check_finite(means: dict[str, float], epoch: int, step: int, ckpt_path: Path) -> None:
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        kept = f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path.exists() else \
+            "no checkpoint had been written yet"
+        raise UserError(f"{bad[0]} became {means[bad[0]]} in epoch {epoch + 1} near step {step}: "
+                        f"training diverged; {kept}. Try a lower --lr or another --seed")
+
+
+class GracefulStop:
+    """Ctrl-C (or SIGTERM from a cluster) sets `requested`; the loop finishes its step, saves a
+    checkpoint and exits. A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nStopping after this step to save a checkpoint (Ctrl-C again to quit at once)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        return False
+
+
+def stop_and_exit(ckpt_path: Path, epoch: int, step: int) -> None:
+    print(f"Interrupted in epoch {epoch + 1} after step {step}; checkpoint saved to {ckpt_path}. "
+          "Continue with the same command plus --resume.", file=sys.stderr)
+    sys.exit(130)  # the shell's convention for a run ended by Ctrl-C
+
+
+def format_stats(means: dict[str, float]) -> dict[str, str]:
+    return {k: f"{v:.4g}" for k, v in means.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    """images (B, C, H, W) in [0, 1] -> one PNG grid with 2-pixel gaps."""
+    from torchvision.utils import save_image
+    save_image(images.detach().float().clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def plot_curves(records: list[dict], path: Path, panels: list[tuple[str, list[str], float | None]]) -> None:
+    """One panel per (title, metric keys, optional horizontal reference line), against epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    epochs = [r["epoch"] for r in records]
+    for ax, (title, keys, hline) in zip(axes[0], panels):
+        for k in keys:
+            if any(k in r for r in records):
+                ax.plot(epochs, [r.get(k, float("nan")) for r in records], marker=".", label=k)
+        if hline is not None:
+            ax.axhline(hline, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
