@@ -7,7 +7,6 @@
 Every epoch writes samples_epoch_NNN.png (the same fixed noise each time, so epochs compare),
 metrics.jsonl, curves.png and ckpt.pt into --out.
 """
-import argparse
 import time
 from pathlib import Path
 
@@ -23,11 +22,11 @@ VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
 GRID = 64  # images in each sample grid, 8 x 8
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = utils.make_parser(__doc__)
     utils.add_common_args(p, out="outputs/gan", epochs=25, lr=2e-4)
-    p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (0.5 as in Radford et al.)")
-    p.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
+    p.add_argument("--beta1", type=utils.unit_interval, default=0.5, help="Adam beta1 (0.5 as in Radford et al.)")
+    p.add_argument("--beta2", type=utils.unit_interval, default=0.999, help="Adam beta2")
     p.add_argument("--nz", type=utils.positive_int, default=100, help="size of the noise vector z")
     p.add_argument("--ngf", type=utils.positive_int, default=64, help="generator width")
     p.add_argument("--ndf", type=utils.positive_int, default=64, help="discriminator width")

@@ -36,13 +36,13 @@ def widths(text: str) -> tuple[int, ...]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = utils.make_parser(__doc__)
     utils.add_common_args(p, out="outputs/vae", epochs=25, lr=1e-3)
-    p.add_argument("--latent-dim", type=utils.positive_int, default=128, help="size of z")
-    p.add_argument("--widths", type=widths, default=(32, 64),
+    p.add_argument("--latent-dim", type=utils.positive_int, default=128, metavar="N", help="size of z")
+    p.add_argument("--widths", type=widths, default="32,64", metavar="C1,C2,...",
                    help="channels of the encoder's stride-2 convolutions, mirrored by the decoder")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (1 = the ELBO)")
+    p.add_argument("--beta", type=utils.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
     return p
 
 

@@ -32,6 +32,14 @@ def run_main(main) -> None:
 # Flags
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the module docstring's layout and shows every default."""
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -46,19 +54,34 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float) -> None:
     """The flags both training scripts take; defaults are shown by --help."""
-    p.add_argument("--epochs", type=positive_int, default=epochs, help="passes over the training split")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
+    p.add_argument("--epochs", type=positive_int, default=epochs, metavar="N",
+                   help="passes over the training split")
+    p.add_argument("--batch-size", type=positive_int, default=128, metavar="N", help="images per step")
     p.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, noise and data order")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--data-root", default="data",
+    p.add_argument("--data-root", default="data", metavar="PATH",
                    help="folder holding bloodmnist_64.npz (downloaded there if missing), or the .npz itself")
-    p.add_argument("--subset", type=positive_int, default=None,
+    p.add_argument("--subset", type=positive_int, default=None, metavar="N",
                    help="train on the first N training images only (a quick check)")
-    p.add_argument("--out", default=out, help="run folder: config, metrics, grids, curves, ckpt.pt")
+    p.add_argument("--out", default=out, metavar="DIR", help="run folder: config, metrics, grids, curves, ckpt.pt")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its ckpt.pt, with that run's settings")
 
