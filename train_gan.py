@@ -1,42 +1,83 @@
-"""Train a DCGAN on BloodMNIST-64.
+"""Train a DCGAN (or a WGAN-GP, hinge or class-conditional variant) on BloodMNIST-64.
 
-    python train_gan.py                                   # 25 epochs, writes outputs/gan/
-    python train_gan.py --data-root ../my_data --epochs 5 --out outputs/gan_quick
+    python train_gan.py                                   # DCGAN, 25 epochs, writes outputs/gan/
+    python train_gan.py --loss wgan-gp --out outputs/wgan # critic without BatchNorm, 5 critic steps
+    python train_gan.py --conditional --ema 0.999 --out outputs/cgan
     python train_gan.py --resume                          # continue outputs/gan/ after Ctrl-C
 
-Every epoch writes samples_epoch_NNN.png (the same fixed noise each time, so epochs compare),
-metrics.jsonl, curves.png and ckpt.pt into --out.
+Every epoch writes samples_epoch_NNN.png (the same fixed noise each time, so epochs compare; a
+class per row when conditional), metrics.jsonl, curves.png and ckpt.pt into --out.
 """
+import copy
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from data import Batches, load_bloodmnist
-from models.dcgan import Discriminator, Generator
+from data import NUM_CLASSES, Batches, class_names, load_bloodmnist
+from models.dcgan import LOSSES, Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
 
 VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
 GRID = 64  # images in each sample grid, 8 x 8
+# Per loss: learning rate, Adam betas, D steps per G step. WGAN-GP: Gulrajani et al. 2017, Alg. 1.
+LOSS_DEFAULTS = {"bce": (2e-4, 0.5, 0.999, 1), "hinge": (2e-4, 0.5, 0.999, 1),
+                 "wgan-gp": (1e-4, 0.0, 0.9, 5)}
+# What the second curves panel shows for each loss, and its reference line.
+D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
+           "wgan-gp": (["wasserstein", "gp"], None)}
 
 
 def build_parser():
     p = utils.make_parser(__doc__)
-    utils.add_common_args(p, out="outputs/gan", epochs=25, lr=2e-4)
-    p.add_argument("--beta1", type=utils.unit_interval, default=0.5, help="Adam beta1 (0.5 as in Radford et al.)")
-    p.add_argument("--beta2", type=utils.unit_interval, default=0.999, help="Adam beta2")
+    utils.add_common_args(p, out="outputs/gan", epochs=25, lr=None,
+                          lr_help="Adam learning rate (default: 2e-4; 1e-4 for wgan-gp)")
+    p.add_argument("--loss", choices=LOSSES, default="bce",
+                   help="bce: the DCGAN of the paper; wgan-gp: a critic with a gradient penalty; hinge")
+    p.add_argument("--beta1", type=utils.unit_interval, default=None,
+                   help="Adam beta1 (default: 0.5 as in Radford et al.; 0.0 for wgan-gp)")
+    p.add_argument("--beta2", type=utils.unit_interval, default=None,
+                   help="Adam beta2 (default: 0.999; 0.9 for wgan-gp)")
+    p.add_argument("--n-critic", type=utils.positive_int, default=None, metavar="N",
+                   help="D steps per G step (default: 1; 5 for wgan-gp)")
+    p.add_argument("--gp-weight", type=utils.non_negative_float, default=10.0,
+                   help="lambda of the WGAN-GP gradient penalty")
+    p.add_argument("--ema", type=utils.unit_interval, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of G (e.g. 0.999) for grids and "
+                        "samples; 0 turns it off")
     p.add_argument("--nz", type=utils.positive_int, default=100, help="size of the noise vector z")
     p.add_argument("--ngf", type=utils.positive_int, default=64, help="generator width")
     p.add_argument("--ndf", type=utils.positive_int, default=64, help="discriminator width")
     return p
 
 
+def fill_defaults(args) -> None:
+    """Fill the settings whose defaults depend on --loss."""
+    lr, beta1, beta2, n_critic = LOSS_DEFAULTS[args.loss]
+    args.lr = lr if args.lr is None else args.lr
+    args.beta1 = beta1 if args.beta1 is None else args.beta1
+    args.beta2 = beta2 if args.beta2 is None else args.beta2
+    args.n_critic = n_critic if args.n_critic is None else args.n_critic
+
+
+def build_models(args) -> tuple[Generator, Discriminator]:
+    """The networks a run's settings describe (also used by sample.py to rebuild them)."""
+    classes = NUM_CLASSES if args["conditional"] else 0
+    G = Generator(args["nz"], args["ngf"], num_classes=classes)
+    D = Discriminator(args["ndf"], num_classes=classes, norm="layer" if args["loss"] == "wgan-gp" else "batch")
+    return G, D
+
+
+def grid_labels(conditional: bool, device: torch.device) -> torch.Tensor | None:
+    """Labels of the fixed grid: row i is class i when conditional (8 rows of 8)."""
+    return torch.arange(NUM_CLASSES, device=device).repeat_interleave(GRID // NUM_CLASSES) if conditional else None
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    ckpt = utils.start_run(args, parser, kind="gan")
+    ckpt = utils.start_run(args, parser, kind="gan", fill_defaults=fill_defaults)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
     device = utils.pick_device(args.device)
@@ -45,30 +86,35 @@ def main(argv=None):
     splits = load_bloodmnist(args.data_root, splits=("train",), subset=args.subset)
     batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed)
 
-    G = Generator(args.nz, args.ngf).to(device)
-    D = Discriminator(args.ndf).to(device)
+    G, D = (m.to(device) for m in build_models(vars(args)))
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if args.ema else None
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     noise = utils.fixed_noise(GRID, args.nz, args.seed, device)
+    noise_labels = grid_labels(args.conditional, device)
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
         G.load_state_dict(ckpt["models"]["G"])
         D.load_state_dict(ckpt["models"]["D"])
+        if G_ema is not None:
+            G_ema.load_state_dict(ckpt["models"]["G_ema"])
         opt_g.load_state_dict(ckpt["optimizers"]["G"])
         opt_d.load_state_dict(ckpt["optimizers"]["D"])
         meter.load_state_dict(ckpt["meter"], device)
         utils.set_rng_state(ckpt["rng"], device)
         epoch, step = ckpt["epoch"], ckpt["step"]
     log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
-    print(f"DCGAN: G {sum(p.numel() for p in G.parameters()):,} and D "
-          f"{sum(p.numel() for p in D.parameters()):,} parameters; {len(batches.labels):,} "
-          f"training images, {len(batches)} steps per epoch on {device}")
+    print(f"GAN ({args.loss}{', conditional' if args.conditional else ''}): G "
+          f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
+          f"parameters; {len(batches.labels):,} training images, {len(batches)} steps per epoch on {device}")
 
     def checkpoint(epoch: int, step: int) -> None:
+        models = {"G": G.state_dict(), "D": D.state_dict()}
+        if G_ema is not None:
+            models["G_ema"] = G_ema.state_dict()
         utils.save_checkpoint(ckpt_path, {
-            "kind": "gan", "args": vars(args), "epoch": epoch, "step": step,
-            "models": {"G": G.state_dict(), "D": D.state_dict()},
+            "kind": "gan", "args": vars(args), "epoch": epoch, "step": step, "models": models,
             "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
             "meter": meter.state_dict(), "rng": utils.rng_state(device)})
 
@@ -78,28 +124,38 @@ def main(argv=None):
             G.train(), D.train()
             bar = tqdm(batches.epoch(epoch, start=step), total=len(batches), initial=step,
                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
-            for step, (real, _) in enumerate(bar, start=step + 1):
-                b = real.shape[0]
-                ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
-                fake = G(torch.randn(b, args.nz, device=device))
+            for step, (real, y) in enumerate(bar, start=step + 1):
+                y = y if args.conditional else None
+                g_step = (epoch * len(batches) + step) % args.n_critic == 0  # every n_critic-th batch
+                with torch.set_grad_enabled(g_step):
+                    fake = G(torch.randn(real.shape[0], args.nz, device=device), y)
 
-                # (1) Update D: maximise log D(x) + log(1 - D(G(z)))
-                logits_real, logits_fake = D(real), D(fake.detach())
-                loss_d = (F.binary_cross_entropy_with_logits(logits_real, ones)
-                          + F.binary_cross_entropy_with_logits(logits_fake, zeros))
+                # (1) Update D on every batch: real images against generated ones of the same labels
+                logits_real, logits_fake = D(real, y), D(fake.detach(), y)
+                loss_d = discriminator_loss(args.loss, logits_real, logits_fake)
+                if args.loss == "wgan-gp":
+                    gp = gradient_penalty(D, real, fake.detach(), y)
+                    meter.update(wasserstein=-loss_d, gp=gp)
+                    loss_d = loss_d + args.gp_weight * gp
+                elif args.loss == "bce":
+                    meter.update(d_x=torch.sigmoid(logits_real).mean(), d_g_z=torch.sigmoid(logits_fake).mean())
+                else:
+                    meter.update(d_real=logits_real.mean(), d_fake=logits_fake.mean())
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
+                meter.update(loss_d=loss_d)
 
-                # (2) Update G: maximise log D(G(z)), the non-saturating loss
-                logits_gen = D(fake)
-                loss_g = F.binary_cross_entropy_with_logits(logits_gen, ones)
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_g.step()
+                # (2) Update G: make D score the generated images as real
+                if g_step:
+                    loss_g = generator_loss(args.loss, D(fake, y))
+                    opt_g.zero_grad(set_to_none=True)
+                    loss_g.backward()
+                    opt_g.step()
+                    if G_ema is not None:
+                        utils.ema_update(G_ema, G, args.ema)
+                    meter.update(loss_g=loss_g)
 
-                meter.update(loss_d=loss_d, loss_g=loss_g, d_x=torch.sigmoid(logits_real).mean(),
-                             d_g_z=torch.sigmoid(logits_fake).mean())
                 if step % 10 == 0 or step == len(batches):  # reading the means syncs the device
                     means = meter.means()
                     utils.check_finite(means, epoch, step, ckpt_path)
@@ -115,12 +171,13 @@ def main(argv=None):
             utils.check_finite(means, epoch, step, ckpt_path)
             log.write({"epoch": epoch + 1, **means, "seconds": round(time.time() - t0, 2)})
             meter, step = utils.Meter(), 0
-            G.eval()
+            shown = G_ema if G_ema is not None else G.eval()
             with torch.no_grad():
-                utils.save_grid(G(noise) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png")
+                utils.save_grid(shown(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
+                                row_labels=class_names() if args.conditional else None)
+            keys, line = D_PANEL[args.loss]
             utils.plot_curves(log.records, out / "curves.png", [
-                ("losses", ["loss_d", "loss_g"], None),
-                ("discriminator outputs", ["d_x", "d_g_z"], 0.5)])
+                ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line)])
             checkpoint(epoch + 1, 0)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 

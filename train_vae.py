@@ -1,10 +1,12 @@
-"""Train a convolutional VAE on BloodMNIST-64.
+"""Train a convolutional VAE (or a class-conditional one) on BloodMNIST-64.
 
     python train_vae.py                                   # 25 epochs, writes outputs/vae/
+    python train_vae.py --conditional --out outputs/cvae  # decoder and encoder see the cell type
     python train_vae.py --data-root ../my_data --epochs 5 --out outputs/vae_quick
     python train_vae.py --resume                          # continue outputs/vae/ after Ctrl-C
 
-Every epoch writes samples_epoch_NNN.png (decoded from the same prior draws each time),
+Every epoch writes samples_epoch_NNN.png (decoded from the same prior draws each time; a
+class per row when conditional),
 recon_epoch_NNN.png (validation images over their reconstructions), metrics.jsonl with the
 validation ELBO and PSNR, curves.png and ckpt.pt into --out.
 """
@@ -18,8 +20,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from data import Batches, load_bloodmnist
+from data import NUM_CLASSES, Batches, class_names, load_bloodmnist
 from models.vae import VAE
+from train_gan import grid_labels
 
 VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
 GRID = 64  # prior samples in each grid, 8 x 8
@@ -46,6 +49,11 @@ def build_parser():
     return p
 
 
+def build_model(args) -> VAE:
+    """The VAE a run's settings describe (also used by sample.py to rebuild it)."""
+    return VAE(args["latent_dim"], tuple(args["widths"]), num_classes=NUM_CLASSES if args["conditional"] else 0)
+
+
 @torch.no_grad()
 def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
     """Negative ELBO (beta = 1), its parts and the PSNR of mean reconstructions, per image.
@@ -59,14 +67,15 @@ def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
     devices = [batches.device] if batches.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for x, _ in batches.epoch(0):
-            logits, mu, logvar = model(x)
+        for x, y in batches.epoch(0):
+            y = y if model.num_classes else None
+            logits, mu, logvar = model(x, y)
             parts = model.loss(x, logits, mu, logvar, beta=1.0)
             b = x.shape[0]
             sums["val_nelbo"] += parts["loss"].item() * b
             sums["val_recon"] += parts["recon"].item() * b
             sums["val_kl"] += parts["kl"].item() * b
-            sums["val_mse"] += F.mse_loss(model.decode(mu), x, reduction="sum").item() / x[0].numel()
+            sums["val_mse"] += F.mse_loss(model.decode(mu, y), x, reduction="sum").item() / x[0].numel()
             n += b
     model.train()
     means = {k: v / n for k, v in sums.items()}
@@ -89,9 +98,10 @@ def main(argv=None):
     if val is None:
         utils.warn("the data file has no validation images; the validation ELBO is not logged")
 
-    model = VAE(args.latent_dim, args.widths).to(device)
+    model = build_model(vars(args)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     noise = utils.fixed_noise(GRID, args.latent_dim, args.seed, device)
+    noise_labels = grid_labels(args.conditional, device)
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
@@ -101,9 +111,10 @@ def main(argv=None):
         utils.set_rng_state(ckpt["rng"], device)
         epoch, step = ckpt["epoch"], ckpt["step"]
     log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
-    shown = next(iter((val if val is not None else batches).epoch(0)))[0][:RECON]
+    shown, shown_labels = next(iter((val if val is not None else batches).epoch(0)))
     nrow = min(8, len(shown))
-    shown = shown[:len(shown) - len(shown) % nrow]
+    keep = min(RECON, len(shown) - len(shown) % nrow)
+    shown, shown_labels = shown[:keep], shown_labels[:keep] if args.conditional else None
     print(f"VAE: {sum(p.numel() for p in model.parameters()):,} parameters; {len(batches.labels):,} "
           f"training images, {len(batches)} steps per epoch on {device}")
 
@@ -119,8 +130,8 @@ def main(argv=None):
             model.train()
             bar = tqdm(batches.epoch(epoch, start=step), total=len(batches), initial=step,
                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
-            for step, (x, _) in enumerate(bar, start=step + 1):
-                logits, mu, logvar = model(x)
+            for step, (x, y) in enumerate(bar, start=step + 1):
+                logits, mu, logvar = model(x, y if args.conditional else None)
                 parts = model.loss(x, logits, mu, logvar, beta=args.beta)
                 opt.zero_grad(set_to_none=True)
                 parts["loss"].backward()
@@ -149,9 +160,10 @@ def main(argv=None):
             meter, step = utils.Meter(), 0
             model.eval()
             with torch.no_grad():
-                utils.save_grid(model.decode(noise), out / f"samples_epoch_{epoch + 1:03d}.png")
+                utils.save_grid(model.decode(noise, noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
+                                row_labels=class_names() if args.conditional else None)
                 # rows of originals, each over its row of mean reconstructions
-                recon = model.decode(model.encode(shown)[0])
+                recon = model.decode(model.encode(shown, shown_labels)[0], shown_labels)
                 pairs = torch.stack([shown.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
                 utils.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
             utils.plot_curves(log.records, out / "curves.png", [

@@ -68,12 +68,13 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float) -> None:
+def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float | None,
+                    lr_help: str = "Adam learning rate") -> None:
     """The flags both training scripts take; defaults are shown by --help."""
     p.add_argument("--epochs", type=positive_int, default=epochs, metavar="N",
                    help="passes over the training split")
     p.add_argument("--batch-size", type=positive_int, default=128, metavar="N", help="images per step")
-    p.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
+    p.add_argument("--lr", type=positive_float, default=lr, help=lr_help)
     p.add_argument("--seed", type=int, default=0, help="seeds weights, noise and data order")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto picks cuda, then mps, then cpu")
@@ -81,6 +82,8 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
                    help="folder holding bloodmnist_64.npz (downloaded there if missing), or the .npz itself")
     p.add_argument("--subset", type=positive_int, default=None, metavar="N",
                    help="train on the first N training images only (a quick check)")
+    p.add_argument("--conditional", action="store_true",
+                   help="condition the model on the cell type; grids then show one class per row")
     p.add_argument("--out", default=out, metavar="DIR", help="run folder: config, metrics, grids, curves, ckpt.pt")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its ckpt.pt, with that run's settings")
@@ -90,11 +93,13 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
 RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "out", "resume"}
 
 
-def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str) -> dict | None:
+def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str,
+              fill_defaults=None) -> dict | None:
     """Prepare --out and return the checkpoint to resume from (None for a new run).
 
     A new run refuses a folder that already holds a checkpoint, so no run is overwritten by
-    accident. With --resume, the run's own settings are restored into `args`.
+    accident. With --resume, the run's own settings are restored into `args`. Then
+    `fill_defaults(args)` may fill defaults that depend on other flags, before config.json.
     """
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
@@ -119,6 +124,8 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
     elif ckpt_path.exists():
         raise UserError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue it, "
                         "or choose another --out")
+    if fill_defaults is not None:
+        fill_defaults(args)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
     return ckpt
@@ -227,28 +234,39 @@ class MetricsLog:
 
 
 class Meter:
-    """Running means of scalar tensors. Values stay on the device until read, so logging does
-    not stall the GPU every step."""
+    """Running means of scalar tensors, each over the steps that reported it. Values stay on the
+    device until read, so logging does not stall the GPU every step."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
 
     def update(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def means(self) -> dict[str, float]:
-        return {k: v.item() / self.count for k, v in self.sums.items()}
+        return {k: v.item() / self.counts[k] for k, v in self.sums.items()}
 
     def state_dict(self) -> dict:
-        return {"sums": {k: v.item() for k, v in self.sums.items()}, "count": self.count}
+        return {"sums": {k: v.item() for k, v in self.sums.items()}, "counts": dict(self.counts)}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.sums = {k: torch.tensor(v, device=device) for k, v in state["sums"].items()}
-        self.count = state["count"]
+        self.counts = dict(state["counts"])
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for the weights and the floating-point buffers
+    (BatchNorm running statistics); integer buffers (batch counters) are copied."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(m, 1.0 - decay)
+        else:
+            e.copy_(m)
 
 
 def check_finite(means: dict[str, float], epoch: int, step: int, ckpt_path: Path) -> None:
@@ -296,10 +314,29 @@ def format_stats(means: dict[str, float]) -> dict[str, str]:
 # Pictures
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    """images (B, C, H, W) in [0, 1] -> one PNG grid with 2-pixel gaps."""
-    from torchvision.utils import save_image
-    save_image(images.detach().float().clamp(0, 1).cpu(), path, nrow=nrow, padding=2, pad_value=1.0)
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, row_labels: list[str] | None = None) -> None:
+    """images (B, C, H, W) in [0, 1] -> one PNG grid, `nrow` images a row, 2-pixel gaps.
+    With row_labels, each row is labelled on the left (a class per row)."""
+    from torchvision.utils import make_grid, save_image
+    images = images.detach().float().clamp(0, 1).cpu()
+    if row_labels is None:
+        save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0).permute(1, 2, 0).numpy()
+    h, w = grid.shape[:2]
+    fig = plt.figure(figsize=(w / 100 + 1.9, h / 100), dpi=100)
+    ax = fig.add_axes([1.9 / (w / 100 + 1.9), 0, 1 - 1.9 / (w / 100 + 1.9), 1])
+    ax.imshow(grid, interpolation="nearest")
+    row_h = (h - 2) / len(row_labels)
+    ax.set_yticks([2 + row_h * (i + 0.5) for i in range(len(row_labels))], row_labels, fontsize=10)
+    ax.set_xticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_curves(records: list[dict], path: Path, panels: list[tuple[str, list[str], float | None]]) -> None:

@@ -3,6 +3,9 @@
 Encoder: stride-2 convolutions (one per entry of `widths`) -> two linear heads for mu and
 log sigma^2. Decoder: linear -> stride-2 transposed convolutions back to (nc, S, S) -> Sigmoid.
 Images are in [0, 1]; the likelihood is Bernoulli per pixel, as in the paper's MNIST experiments.
+
+Conditioning (num_classes > 0, a CVAE as in Sohn et al., 2015): the encoder sees the label as
+constant one-hot planes beside the image channels, and the decoder reads [z, one_hot(y)].
 """
 import torch
 import torch.nn as nn
@@ -11,15 +14,16 @@ import torch.nn.functional as F
 
 class VAE(nn.Module):
     def __init__(self, latent_dim: int = 128, widths: tuple[int, ...] = (32, 64), nc: int = 3,
-                 image_size: int = 64):
+                 image_size: int = 64, num_classes: int = 0):
         super().__init__()
+        self.num_classes = num_classes
         if image_size % 2 ** len(widths):
             raise ValueError(f"image_size {image_size} is not divisible by 2**{len(widths)}")
         self.latent_dim = latent_dim
         self.bottom = (widths[-1], image_size // 2 ** len(widths), image_size // 2 ** len(widths))
         flat = widths[-1] * self.bottom[1] * self.bottom[2]  # 64 * 16 * 16 for the defaults
 
-        enc, c = [], nc
+        enc, c = [], nc + num_classes
         for w in widths:  # (B, c, s, s) -> (B, w, s/2, s/2)
             enc += [nn.Conv2d(c, w, 4, 2, 1), nn.ReLU(True)]
             c = w
@@ -27,7 +31,7 @@ class VAE(nn.Module):
         self.fc_mu = nn.Linear(flat, latent_dim)
         self.fc_logvar = nn.Linear(flat, latent_dim)
 
-        self.fc_decode = nn.Linear(latent_dim, flat)
+        self.fc_decode = nn.Linear(latent_dim + num_classes, flat)
         dec = []
         for w in reversed(widths[:-1]):  # (B, c, s, s) -> (B, w, 2s, 2s)
             dec += [nn.ConvTranspose2d(c, w, 4, 2, 1), nn.ReLU(True)]
@@ -35,8 +39,14 @@ class VAE(nn.Module):
         dec += [nn.ConvTranspose2d(c, nc, 4, 2, 1)]  # logits; the Sigmoid is applied in decode()
         self.decoder = nn.Sequential(*dec)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(y, self.num_classes).to(like.dtype)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, nc, S, S) in [0, 1] -> mu, logvar, each (B, latent_dim)."""
+        if self.num_classes:  # (B, nc + classes, S, S)
+            planes = self._one_hot(y, x)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, planes], 1)
         h = self.encoder(x)
         return self.fc_mu(h), self.fc_logvar(h)
 
@@ -45,24 +55,27 @@ class VAE(nn.Module):
         """z = mu + sigma * eps with eps ~ N(0, I), so gradients reach mu and logvar."""
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, latent_dim) -> pixel logits (B, nc, S, S)."""
+        if self.num_classes:
+            z = torch.cat([z, self._one_hot(y, z)], 1)
         h = F.relu(self.fc_decode(z)).view(z.shape[0], *self.bottom)
         return self.decoder(h)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, latent_dim) -> images (B, nc, S, S) in [0, 1]."""
-        return torch.sigmoid(self.decode_logits(z))
+        return torch.sigmoid(self.decode_logits(z, y))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns the reconstruction logits, mu and logvar."""
-        mu, logvar = self.encode(x)
-        return self.decode_logits(self.reparameterize(mu, logvar)), mu, logvar
+        mu, logvar = self.encode(x, y)
+        return self.decode_logits(self.reparameterize(mu, logvar), y), mu, logvar
 
     @torch.no_grad()
-    def sample(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """n images from the prior N(0, I), in [0, 1]."""
-        return self.decode(torch.randn(n, self.latent_dim, device=device))
+    def sample(self, n: int, y: torch.Tensor | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        """n images from the prior N(0, I) (of classes y when conditional), in [0, 1]."""
+        return self.decode(torch.randn(n, self.latent_dim, device=device), y)
 
     @staticmethod
     def loss(x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,

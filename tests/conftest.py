@@ -55,11 +55,16 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
+def script_command(script: str, *args) -> dict:
+    """Popen/run arguments for a top-level script run as a user would, from the repo root, on
+    the CPU. One thread, always: float sums depend on the thread count, and the resume tests
+    compare weights bit for bit across runs."""
+    return dict(args=[sys.executable, str(ROOT / script), "--device", "cpu", *map(str, args)], cwd=ROOT,
+                env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}, text=True)
+
+
 def run_script(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a top-level script as a user would, from the repo root, on the CPU."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / script), "--device", "cpu", *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(**script_command(script, *args), capture_output=True, timeout=timeout)
 
 
 # Small widths keep every script run to seconds on two CPU cores.

@@ -4,7 +4,6 @@ errors a user gets for a bad file or a bad --resume."""
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 import train_gan
 import train_vae
 import utils
-from conftest import ROOT, TINY_GAN, TINY_VAE, run_script, write_npz
+from conftest import TINY_GAN, TINY_VAE, run_script, script_command, write_npz
 
 SCRIPTS = {"gan": (train_gan, TINY_GAN), "vae": (train_vae, TINY_VAE)}
 
@@ -91,8 +90,7 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(data_root, tmp_pat
     script = f"train_{kind}.py"
     common = ["--data-root", data_root, *tiny]
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), "--device", "cpu", *map(str, common),
-                             "--epochs", "1000", "--out", str(out)], cwd=ROOT, text=True,
+    proc = subprocess.Popen(**script_command(script, *common, "--epochs", 1000, "--out", out),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
