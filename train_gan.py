@@ -126,7 +126,8 @@ def main(argv=None):
                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
             for step, (real, y) in enumerate(bar, start=step + 1):
                 y = y if args.conditional else None
-                g_step = (epoch * len(batches) + step) % args.n_critic == 0  # every n_critic-th batch
+                batch_index = epoch * len(batches) + step  # counts from 1 over the whole run
+                g_step = batch_index % args.n_critic == 0  # G learns on every n_critic-th batch
                 with torch.set_grad_enabled(g_step):
                     fake = G(torch.randn(real.shape[0], args.nz, device=device), y)
 
@@ -153,7 +154,8 @@ def main(argv=None):
                     loss_g.backward()
                     opt_g.step()
                     if G_ema is not None:
-                        utils.ema_update(G_ema, G, args.ema)
+                        decay = utils.ema_decay(args.ema, batch_index // args.n_critic - 1)
+                        utils.ema_update(G_ema, G, decay)
                     meter.update(loss_g=loss_g)
 
                 if step % 10 == 0 or step == len(batches):  # reading the means syncs the device

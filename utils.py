@@ -109,10 +109,11 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
             raise UserError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
         ckpt = load_checkpoint(ckpt_path, kind)
         saved = ckpt["args"]
+        defaults = vars(parser.parse_args([]))  # parsed, so string defaults get their types
         for key, value in vars(args).items():
             if key in RESUME_MAY_CHANGE or key not in saved:
                 continue
-            if value != parser.get_default(key) and value != saved[key]:
+            if value != defaults[key] and value != saved[key]:
                 raise UserError(f"--resume keeps the run's own settings, but --{key.replace('_', '-')} "
                                 f"{value} differs from its {saved[key]}; drop the flag, or start a "
                                 "new run with another --out")
@@ -256,6 +257,13 @@ class Meter:
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.sums = {k: torch.tensor(v, device=device) for k, v in state["sums"].items()}
         self.counts = dict(state["counts"])
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay for update number `updates` (0-based), warmed up as min(decay, (1 + t) / (10 + t))
+    (TensorFlow's ExponentialMovingAverage): early on the average follows the model instead of
+    keeping the random initial weights (0.999 ** 2000 still leaves 14 % of them)."""
+    return min(decay, (1 + updates) / (10 + updates))
 
 
 @torch.no_grad()

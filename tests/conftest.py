@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -70,3 +71,21 @@ def run_script(script: str, *args, timeout: int = 300) -> subprocess.CompletedPr
 # Small widths keep every script run to seconds on two CPU cores.
 TINY_GAN = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "16"]
 TINY_VAE = ["--widths", "8,16", "--latent-dim", "8", "--batch-size", "16"]
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    """Model and optimiser states of two checkpoints are identical, bit for bit."""
+    flat = lambda ckpt: [t for part in ("models", "optimizers") for t in _tensors(ckpt[part])]
+    ta, tb = flat(a), flat(b)
+    return len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)

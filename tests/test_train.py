@@ -13,27 +13,9 @@ from PIL import Image
 import train_gan
 import train_vae
 import utils
-from conftest import TINY_GAN, TINY_VAE, run_script, script_command, write_npz
+from conftest import TINY_GAN, TINY_VAE, run_script, script_command, states_equal, write_npz
 
 SCRIPTS = {"gan": (train_gan, TINY_GAN), "vae": (train_vae, TINY_VAE)}
-
-
-def states_equal(a: dict, b: dict) -> bool:
-    """Model and optimiser states of two checkpoints are identical, bit for bit."""
-    flat = lambda ckpt: [t for part in ("models", "optimizers") for t in _tensors(ckpt[part])]
-    ta, tb = flat(a), flat(b)
-    return len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            yield from _tensors(obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 def test_gan_script_writes_its_run(data_root, tmp_path):

@@ -1,0 +1,255 @@
+"""Draw from a trained checkpoint of train_gan.py or train_vae.py: grids, synthetic datasets,
+interpolations and, for the VAE, latent arithmetic and a map of the latent space.
+
+    python sample.py outputs/gan/ckpt.pt                        # 64 samples -> outputs/gan/samples.png
+    python sample.py outputs/cgan/ckpt.pt --class neutrophil    # one cell type (conditional runs)
+    python sample.py outputs/cgan/ckpt.pt --n 8000 --npz synthetic.npz   # a MedMNIST-format dataset
+    python sample.py outputs/gan/ckpt.pt --interpolate          # rows that walk between latent points
+    python sample.py outputs/vae/ckpt.pt --arithmetic lymphocyte neutrophil
+    python sample.py outputs/vae/ckpt.pt --latent-map           # PCA and t-SNE of mu, by class
+
+The model's settings come from the checkpoint; nothing needs repeating. Runs with --ema draw from
+the averaged generator unless --no-ema is given.
+"""
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import train_gan
+import train_vae
+import utils
+from data import NUM_CLASSES, SPLITS, Batches, class_names, load_bloodmnist, to_uint8
+
+
+def parse_args(argv=None):
+    p = utils.make_parser(__doc__)
+    p.add_argument("checkpoint", help="ckpt.pt written by train_gan.py or train_vae.py")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--interpolate", action="store_true",
+                      help="rows that walk between pairs of random latent points (spherical)")
+    mode.add_argument("--arithmetic", nargs=2, metavar=("FROM", "TO"),
+                      help="VAE: move real FROM-class images towards TO: z - mean(FROM) + mean(TO)")
+    mode.add_argument("--latent-map", action="store_true",
+                      help="VAE: the encoder's mu over --split in 2-D (PCA and t-SNE), by class")
+    p.add_argument("--n", type=utils.positive_int, default=64, metavar="N",
+                   help="images to draw (rows of --interpolate, images of --arithmetic)")
+    p.add_argument("--npz", metavar="FILE", default=None,
+                   help="write the N images as a MedMNIST-format npz (train split) instead of a grid")
+    p.add_argument("--class", dest="cls", metavar="NAME|ID", default=None,
+                   help="conditional runs: draw only this cell type (default: all, balanced)")
+    p.add_argument("--steps", type=utils.positive_int, default=8, help="columns of --interpolate / --arithmetic")
+    p.add_argument("--split", choices=SPLITS, default=None,
+                   help="split for --arithmetic means (default train) and --latent-map (default test)")
+    p.add_argument("--data-root", default="data", metavar="PATH", help="as in the training scripts")
+    p.add_argument("--no-ema", action="store_true", help="use the raw generator of an --ema run")
+    p.add_argument("--out", metavar="FILE", default=None,
+                   help="output PNG (default: a name for the mode, beside the checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the latent draws")
+    p.add_argument("--batch-size", type=utils.positive_int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    return p.parse_args(argv)
+
+
+class Sampler:
+    """A checkpoint's generator (the GAN's G, or the VAE's decoder) behind one interface."""
+
+    def __init__(self, path: str, device: torch.device, use_ema: bool = True):
+        ckpt = utils.load_checkpoint(path, map_location=device)
+        self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
+        self.conditional = bool(self.args.get("conditional"))
+        try:
+            if self.kind == "gan":
+                self.model, _ = train_gan.build_models(self.args)
+                key = "G_ema" if use_ema and "G_ema" in ckpt["models"] else "G"
+                self.model.load_state_dict(ckpt["models"][key])
+                self.latent_dim = self.args["nz"]
+            else:
+                self.model = train_vae.build_model(self.args)
+                self.model.load_state_dict(ckpt["models"]["vae"])
+                self.latent_dim = self.args["latent_dim"]
+        except (KeyError, RuntimeError) as e:
+            raise utils.UserError(f"{path} does not match this repo's models ({type(e).__name__}); "
+                                  "was it written by another version?") from None
+        self.model.to(device).eval()
+
+    def latents(self, n: int, seed: int) -> torch.Tensor:
+        """n standard normal latents, the same on every device for a given seed."""
+        return utils.fixed_noise(n, self.latent_dim, seed, self.device)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256) -> torch.Tensor:
+        """Latents (N, latent_dim) [and labels (N,)] -> images (N, 3, 64, 64) in [0, 1]."""
+        y = y if self.conditional else None
+        parts = []
+        for i in range(0, len(z), batch_size):
+            zi, yi = z[i:i + batch_size], None if y is None else y[i:i + batch_size]
+            if self.kind == "gan":
+                parts.append(self.model(zi, yi) * 0.5 + 0.5)
+            else:
+                parts.append(self.model.decode(zi, yi))
+        return torch.cat(parts).clamp(0, 1)
+
+
+def parse_class(text: str) -> int:
+    names = class_names()
+    if text.isdigit() and int(text) < NUM_CLASSES:
+        return int(text)
+    matches = [i for i, name in enumerate(names) if name.lower().startswith(text.lower())]
+    if len(matches) != 1:
+        raise utils.UserError(f"unknown class {text!r}; use an id 0..{NUM_CLASSES - 1} or one of: "
+                              + ", ".join(names))
+    return matches[0]
+
+
+def balanced_labels(n: int, device) -> torch.Tensor:
+    """0, 1, ..., 7, 0, 1, ...: every class n // 8 or n // 8 + 1 times."""
+    return torch.arange(n, device=device) % NUM_CLASSES
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between rows of z0 and z1 (White, 2016): for Gaussian latents it
+    keeps the norm typical, where a straight line passes through unlikely, short vectors.
+    z0, z1 (R, D), t (T,) -> (R, T, D)."""
+    cos = torch.nn.functional.cosine_similarity(z0, z1, dim=1).clamp(-1, 1)[:, None, None]
+    omega = torch.acos(cos)
+    t = t[None, :, None]
+    small = omega.abs() < 1e-4  # nearly parallel: the straight line is the same path
+    sin = torch.sin(omega).clamp_min(1e-8)
+    a = torch.where(small, 1 - t, torch.sin((1 - t) * omega) / sin)
+    b = torch.where(small, t, torch.sin(t * omega) / sin)
+    return a * z0[:, None] + b * z1[:, None]
+
+
+def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """MedMNIST layout: train_images uint8 (N, 64, 64, 3), train_labels (N, 1); val and test
+    present and empty, so the file loads with data.py and with code written for MedMNIST."""
+    arrays = {"train_images": to_uint8(images, (0.0, 1.0)).permute(0, 2, 3, 1).cpu().numpy(),
+              "train_labels": labels.cpu().numpy().astype(np.uint8).reshape(-1, 1)}
+    for split in ("val", "test"):
+        arrays[f"{split}_images"] = np.zeros((0, *arrays["train_images"].shape[1:]), np.uint8)
+        arrays[f"{split}_labels"] = np.zeros((0, 1), np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object, so numpy does not append .npz to the temp name
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def encode_split(sampler: Sampler, args, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The VAE's mu over one split: (mu (N, D), labels (N,), images (N, 3, 64, 64) in [0, 1])."""
+    data = load_bloodmnist(args.data_root, splits=(split,))[split]
+    if not len(data):
+        raise utils.UserError(f"the {split} split of {args.data_root} is empty; choose another --split")
+    batches = Batches(data, args.batch_size, sampler.device, (0.0, 1.0), shuffle=False)
+    mus = [sampler.model.encode(x, y if sampler.conditional else None)[0] for x, y in batches.epoch(0)]
+    return torch.cat(mus), batches.labels, batches.images
+
+
+def latent_map(sampler: Sampler, args, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    split = args.split or "test"
+    mu, labels, _ = encode_split(sampler, args, split)
+    mu, labels = mu.cpu().double(), labels.cpu().numpy()
+    centred = mu - mu.mean(0)
+    _, s, v = torch.linalg.svd(centred, full_matrices=False)
+    pca = (centred @ v[:2].T).numpy()
+    explained = (s[:2] ** 2 / (s ** 2).sum()).tolist()
+    print(f"t-SNE of {len(mu):,} points ...")
+    tsne = TSNE(2, init="pca", perplexity=min(30.0, (len(mu) - 1) / 3), random_state=args.seed).fit_transform(mu.numpy())
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6))
+    names = class_names()
+    colours = plt.get_cmap("tab10")
+    for ax, points, title in [(axes[0], pca, f"PCA ({explained[0]:.0%} + {explained[1]:.0%} of the variance)"),
+                              (axes[1], tsne, "t-SNE")]:
+        for c in range(NUM_CLASSES):
+            m = labels == c
+            ax.scatter(points[m, 0], points[m, 1], s=4, color=colours(c), label=f"{names[c]} ({m.sum()})")
+        ax.set_title(title)
+        ax.set_xticks([]), ax.set_yticks([])
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=4, frameon=False)
+    fig.suptitle(f"VAE posterior means mu over the {split} split ({len(mu):,} images)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.pick_device(args.device)
+    sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema)
+    folder = Path(args.checkpoint).parent
+    if args.cls is not None and not sampler.conditional:
+        raise utils.UserError(f"--class needs a conditional checkpoint; {args.checkpoint} was trained "
+                              "without --conditional")
+    if (args.arithmetic or args.latent_map) and sampler.kind != "vae":
+        raise utils.UserError(f"--{'arithmetic' if args.arithmetic else 'latent-map'} works on the VAE's "
+                              f"encoder; {args.checkpoint} is a GAN")
+    if args.npz and (args.interpolate or args.arithmetic or args.latent_map):
+        raise utils.UserError("--npz writes drawn samples; it does not combine with the other modes")
+    cls = parse_class(args.cls) if args.cls is not None else None
+
+    if args.latent_map:
+        out = Path(args.out or folder / "latent_map.png")
+        latent_map(sampler, args, out)
+
+    elif args.arithmetic:
+        if sampler.conditional:
+            raise utils.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
+                                  "class out of z (decode with --class instead)")
+        a, b = (parse_class(c) for c in args.arithmetic)
+        names = class_names()
+        mu, labels, images = encode_split(sampler, args, args.split or "train")
+        if not (labels == a).any() or not (labels == b).any():
+            raise utils.UserError(f"the {args.split or 'train'} split lacks {names[a]} or {names[b]} images")
+        shift = mu[labels == b].mean(0) - mu[labels == a].mean(0)  # mean(TO) - mean(FROM)
+        rows = torch.nonzero(labels == a).flatten()[:args.n]
+        t = torch.linspace(0, 1, args.steps, device=device)
+        z = mu[rows][:, None] + t[None, :, None] * shift  # (R, T, D)
+        decoded = sampler.decode(z.flatten(0, 1), None, args.batch_size).unflatten(0, (len(rows), args.steps))
+        real = images[rows].float()[:, None] / 255  # first column: the real image
+        out = Path(args.out or folder / f"arithmetic_{names[a]}_to_{names[b]}.png".replace(" ", "_"))
+        utils.save_grid(torch.cat([real, decoded], 1).flatten(0, 1), out, nrow=args.steps + 1)
+        print(f"Rows: real {names[a]} images (first column), then z + t * (mean({names[b]}) - "
+              f"mean({names[a]})) for t = 0..1 in {args.steps} steps")
+
+    elif args.interpolate:
+        z = sampler.latents(2 * args.n, args.seed)
+        z = slerp(z[:args.n], z[args.n:], torch.linspace(0, 1, args.steps, device=device))
+        y = torch.full((args.n,), cls, device=device) if cls is not None else balanced_labels(args.n, device)
+        images = sampler.decode(z.flatten(0, 1), y.repeat_interleave(args.steps), args.batch_size)
+        out = Path(args.out or folder / "interpolation.png")
+        labels = [class_names()[c] for c in y.tolist()] if sampler.conditional else None
+        utils.save_grid(images, out, nrow=args.steps, row_labels=labels)
+
+    else:
+        y = torch.full((args.n,), cls, device=device) if cls is not None else balanced_labels(args.n, device)
+        if sampler.conditional and cls is None and not args.npz:
+            y = y.sort().values  # the grid: classes in order, a row each when n = 64
+        images = sampler.decode(sampler.latents(args.n, args.seed), y, args.batch_size)
+        if args.npz:
+            if not sampler.conditional:
+                utils.warn("an unconditional model draws no labels; train_labels are all 0 (placeholders)")
+                y = torch.zeros_like(y)
+            out = Path(args.npz)
+            write_npz(out, images, y)
+        else:
+            out = Path(args.out or folder / "samples.png")
+            nrow = int(math.ceil(math.sqrt(args.n)))
+            labels = None
+            if sampler.conditional and cls is None and args.n % NUM_CLASSES == 0:
+                nrow = args.n // NUM_CLASSES
+                labels = class_names()
+            utils.save_grid(images, out, nrow=nrow, row_labels=labels)
+    print(f"Wrote {out}")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

@@ -1,0 +1,124 @@
+"""sample.py on tiny checkpoints of every kind: grids, one class, MedMNIST-format export that
+reloads through data.py with its labels, interpolation, VAE arithmetic and latent map, and the
+one-line refusals where an option does not apply."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import sample
+import train_gan
+import train_vae
+import utils
+from conftest import TINY_GAN, TINY_VAE, run_script
+
+
+@pytest.fixture(scope="module")
+def ckpts(data_root, tmp_path_factory):
+    """One epoch each of a conditional GAN with EMA, an unconditional GAN, and both VAEs."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "1"]
+    runs = {"cgan": (train_gan, TINY_GAN + ["--conditional", "--ema", "0.9"]), "gan": (train_gan, TINY_GAN),
+            "vae": (train_vae, TINY_VAE), "cvae": (train_vae, TINY_VAE + ["--conditional"])}
+    for name, (module, extra) in runs.items():
+        module.main([*common, *extra, "--out", str(root / name)])
+    return {name: root / name / "ckpt.pt" for name in runs}
+
+
+def run(*argv):
+    sample.main(["--device", "cpu", *map(str, argv)])
+
+
+@pytest.mark.parametrize("name", ["cgan", "gan", "vae", "cvae"])
+def test_grid_from_every_kind_of_checkpoint(ckpts, tmp_path, name):
+    out = tmp_path / "grid.png"
+    run(ckpts[name], "--n", 16, "--out", out)
+    width, height = Image.open(out).size
+    assert width > 4 * 66 if name.startswith("c") else (width, height) == (4 * 66 + 2, 4 * 66 + 2)
+
+
+def test_default_output_sits_beside_the_checkpoint(ckpts):
+    run(ckpts["gan"])
+    assert (ckpts["gan"].parent / "samples.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["cgan", "cvae"])
+def test_npz_export_reloads_with_balanced_labels(ckpts, tmp_path, name):
+    path = tmp_path / "synthetic.npz"
+    run(ckpts[name], "--n", 20, "--npz", path)
+    with np.load(path) as f:
+        assert f["train_images"].shape == (20, 64, 64, 3) and f["train_images"].dtype == np.uint8
+        assert f["train_labels"].shape == (20, 1)
+        assert f["val_images"].shape == (0, 64, 64, 3) and f["test_labels"].shape == (0, 1)
+    splits = data.load_bloodmnist(path)
+    counts = np.bincount(splits["train"].labels, minlength=8)
+    assert counts.tolist() == [3, 3, 3, 3, 2, 2, 2, 2]
+    assert len(splits["val"]) == 0
+
+
+def test_npz_of_one_class_matches_the_grid_of_that_class(ckpts, tmp_path):
+    run(ckpts["cgan"], "--n", 8, "--class", "neutrophil", "--npz", tmp_path / "n.npz")
+    labels = data.load_bloodmnist(tmp_path / "n.npz")["train"].labels
+    assert labels.tolist() == [6] * 8
+    run(ckpts["cgan"], "--n", 8, "--class", "6", "--npz", tmp_path / "six.npz")
+    with np.load(tmp_path / "n.npz") as a, np.load(tmp_path / "six.npz") as b:
+        assert np.array_equal(a["train_images"], b["train_images"])  # same seed, same class
+
+
+def test_ema_is_used_unless_no_ema(ckpts, tmp_path):
+    run(ckpts["cgan"], "--n", 8, "--npz", tmp_path / "ema.npz")
+    run(ckpts["cgan"], "--n", 8, "--npz", tmp_path / "raw.npz", "--no-ema")
+    with np.load(tmp_path / "ema.npz") as a, np.load(tmp_path / "raw.npz") as b:
+        assert not np.array_equal(a["train_images"], b["train_images"])
+
+
+def test_interpolation_rows(ckpts, tmp_path):
+    out = tmp_path / "interp.png"
+    run(ckpts["gan"], "--interpolate", "--n", 3, "--steps", 5, "--out", out)
+    assert Image.open(out).size == (5 * 66 + 2, 3 * 66 + 2)
+
+
+def test_slerp_endpoints_and_norm():
+    z0, z1 = torch.tensor([[3.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 3.0], [1.0, 1.0]])
+    path = sample.slerp(z0, z1, torch.linspace(0, 1, 5))
+    assert path.shape == (2, 5, 2)
+    torch.testing.assert_close(path[:, 0], z0)
+    torch.testing.assert_close(path[:, -1], z1)
+    torch.testing.assert_close(path[0].norm(dim=1), torch.full((5,), 3.0))  # stays on the circle
+    torch.testing.assert_close(path[1], z0[1].expand(5, 2))  # parallel ends: no division by zero
+
+
+def test_vae_arithmetic_and_latent_map(ckpts, data_root, tmp_path):
+    out = tmp_path / "arith.png"
+    run(ckpts["vae"], "--arithmetic", "basophil", "7", "--n", 2, "--steps", 4, "--data-root", data_root,
+        "--out", out)
+    assert Image.open(out).size == (5 * 66 + 2, 2 * 66 + 2)  # a real column, then 4 steps
+    run(ckpts["vae"], "--latent-map", "--data-root", data_root, "--out", tmp_path / "map.png")
+    assert Image.open(tmp_path / "map.png").size[0] > 1000
+
+
+@pytest.mark.parametrize("name,argv,message", [
+    ("gan", ["--class", "3"], "needs a conditional checkpoint"),
+    ("cgan", ["--class", "macrophage"], "unknown class 'macrophage'"),
+    ("gan", ["--latent-map"], "is a GAN"),
+    ("gan", ["--arithmetic", "0", "1"], "is a GAN"),
+    ("cvae", ["--arithmetic", "0", "1"], "needs an unconditional VAE"),
+    ("gan", ["--interpolate", "--npz", "x.npz"], "does not combine"),
+])
+def test_options_that_do_not_apply_are_refused(ckpts, name, argv, message):
+    with pytest.raises(utils.UserError, match=message):
+        run(ckpts[name], *argv)
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    r = run_script("sample.py", junk)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {junk} is not a readable checkpoint (UnpicklingError); it may be truncated or not from this repo"]
+    torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
+    with pytest.raises(utils.UserError, match="not a checkpoint written by train_gan.py or train_vae.py"):
+        run(tmp_path / "other.pt")
+    with pytest.raises(utils.UserError, match="not found"):
+        run(tmp_path / "missing.pt")
