@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import utils
 from data import NUM_CLASSES, Batches, class_names, load_bloodmnist
@@ -92,38 +91,25 @@ def main(argv=None):
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     noise = utils.fixed_noise(GRID, args.nz, args.seed, device)
     noise_labels = grid_labels(args.conditional, device)
+    models = {"G": G, "D": D, **({"G_ema": G_ema} if G_ema is not None else {})}
+    optimizers = {"G": opt_g, "D": opt_d}
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
-        G.load_state_dict(ckpt["models"]["G"])
-        D.load_state_dict(ckpt["models"]["D"])
-        if G_ema is not None:
-            G_ema.load_state_dict(ckpt["models"]["G_ema"])
-        opt_g.load_state_dict(ckpt["optimizers"]["G"])
-        opt_d.load_state_dict(ckpt["optimizers"]["D"])
-        meter.load_state_dict(ckpt["meter"], device)
-        utils.set_rng_state(ckpt["rng"], device)
-        epoch, step = ckpt["epoch"], ckpt["step"]
+        epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device)
     log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
     print(f"GAN ({args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
           f"parameters; {len(batches.labels):,} training images, {len(batches)} steps per epoch on {device}")
 
     def checkpoint(epoch: int, step: int) -> None:
-        models = {"G": G.state_dict(), "D": D.state_dict()}
-        if G_ema is not None:
-            models["G_ema"] = G_ema.state_dict()
-        utils.save_checkpoint(ckpt_path, {
-            "kind": "gan", "args": vars(args), "epoch": epoch, "step": step, "models": models,
-            "optimizers": {"G": opt_g.state_dict(), "D": opt_d.state_dict()},
-            "meter": meter.state_dict(), "rng": utils.rng_state(device)})
+        utils.save_training_state(ckpt_path, "gan", args, epoch, step, models, optimizers, meter, device)
 
     with utils.GracefulStop() as stop:
         for epoch in range(epoch, args.epochs):
             t0 = time.time()
             G.train(), D.train()
-            bar = tqdm(batches.epoch(epoch, start=step), total=len(batches), initial=step,
-                       desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+            bar = utils.epoch_bar(batches, epoch, step, args.epochs)
             for step, (real, y) in enumerate(bar, start=step + 1):
                 y = y if args.conditional else None
                 batch_index = epoch * len(batches) + step  # counts from 1 over the whole run
@@ -158,20 +144,12 @@ def main(argv=None):
                         utils.ema_update(G_ema, G, decay)
                     meter.update(loss_g=loss_g)
 
-                if step % 10 == 0 or step == len(batches):  # reading the means syncs the device
-                    means = meter.means()
-                    utils.check_finite(means, epoch, step, ckpt_path)
-                    bar.set_postfix(utils.format_stats(means))
-                if stop.requested:
-                    bar.close()
-                    checkpoint(epoch, step)
-                    utils.stop_and_exit(ckpt_path, epoch, step)
+                utils.show_progress(bar, meter, epoch, step, ckpt_path, force=stop.requested)
+                stop.exit_if_requested(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()
 
             # End of epoch: metrics, a sample grid from the fixed noise, curves, checkpoint
-            means = meter.means()
-            utils.check_finite(means, epoch, step, ckpt_path)
-            log.write({"epoch": epoch + 1, **means, "seconds": round(time.time() - t0, 2)})
+            log.write({"epoch": epoch + 1, **meter.means(), "seconds": round(time.time() - t0, 2)})
             meter, step = utils.Meter(), 0
             shown = G_ema if G_ema is not None else G.eval()
             with torch.no_grad():

@@ -105,11 +105,7 @@ def main(argv=None):
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["models"]["vae"])
-        opt.load_state_dict(ckpt["optimizers"]["vae"])
-        meter.load_state_dict(ckpt["meter"], device)
-        utils.set_rng_state(ckpt["rng"], device)
-        epoch, step = ckpt["epoch"], ckpt["step"]
+        epoch, step = utils.restore_training_state(ckpt, {"vae": model}, {"vae": opt}, meter, device)
     log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
     shown, shown_labels = next(iter((val if val is not None else batches).epoch(0)))
     nrow = min(8, len(shown))
@@ -119,17 +115,13 @@ def main(argv=None):
           f"training images, {len(batches)} steps per epoch on {device}")
 
     def checkpoint(epoch: int, step: int) -> None:
-        utils.save_checkpoint(ckpt_path, {
-            "kind": "vae", "args": vars(args), "epoch": epoch, "step": step,
-            "models": {"vae": model.state_dict()}, "optimizers": {"vae": opt.state_dict()},
-            "meter": meter.state_dict(), "rng": utils.rng_state(device)})
+        utils.save_training_state(ckpt_path, "vae", args, epoch, step, {"vae": model}, {"vae": opt}, meter, device)
 
     with utils.GracefulStop() as stop:
         for epoch in range(epoch, args.epochs):
             t0 = time.time()
             model.train()
-            bar = tqdm(batches.epoch(epoch, start=step), total=len(batches), initial=step,
-                       desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+            bar = utils.epoch_bar(batches, epoch, step, args.epochs)
             for step, (x, y) in enumerate(bar, start=step + 1):
                 logits, mu, logvar = model(x, y if args.conditional else None)
                 parts = model.loss(x, logits, mu, logvar, beta=args.beta)
@@ -138,20 +130,12 @@ def main(argv=None):
                 opt.step()
 
                 meter.update(**parts)
-                if step % 10 == 0 or step == len(batches):  # reading the means syncs the device
-                    means = meter.means()
-                    utils.check_finite(means, epoch, step, ckpt_path)
-                    bar.set_postfix(utils.format_stats(means))
-                if stop.requested:
-                    bar.close()
-                    checkpoint(epoch, step)
-                    utils.stop_and_exit(ckpt_path, epoch, step)
+                utils.show_progress(bar, meter, epoch, step, ckpt_path, force=stop.requested)
+                stop.exit_if_requested(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()
 
             # End of epoch: validation ELBO, prior samples, reconstructions, curves, checkpoint
-            means = meter.means()
-            utils.check_finite(means, epoch, step, ckpt_path)
-            record = {"epoch": epoch + 1, **means}
+            record = {"epoch": epoch + 1, **meter.means()}
             if val is not None:
                 record.update(evaluate(model, val, args.seed))
             record["seconds"] = round(time.time() - t0, 2)

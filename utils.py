@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -277,6 +278,45 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.copy_(m)
 
 
+def save_training_state(path: Path, kind: str, args: argparse.Namespace, epoch: int, step: int,
+                        models: dict, optimizers: dict, meter: "Meter", device: torch.device) -> None:
+    """One dict that resumes a run exactly: the networks, their optimisers, where the run stands
+    (`epoch` finished epochs and `step` steps into the next), its settings and random states."""
+    save_checkpoint(path, {
+        "kind": kind, "args": vars(args), "epoch": epoch, "step": step,
+        "models": {k: m.state_dict() for k, m in models.items()},
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "meter": meter.state_dict(), "rng": rng_state(device)})
+
+
+def restore_training_state(ckpt: dict, models: dict, optimizers: dict, meter: "Meter",
+                           device: torch.device) -> tuple[int, int]:
+    """Load what save_training_state wrote into live objects; returns (epoch, step)."""
+    for k, m in models.items():
+        m.load_state_dict(ckpt["models"][k])
+    for k, o in optimizers.items():
+        o.load_state_dict(ckpt["optimizers"][k])
+    meter.load_state_dict(ckpt["meter"], device)
+    set_rng_state(ckpt["rng"], device)
+    return ckpt["epoch"], ckpt["step"]
+
+
+def epoch_bar(batches, epoch: int, start: int, epochs: int) -> tqdm:
+    """The batches of one epoch from step `start` on, behind a progress bar."""
+    return tqdm(batches.epoch(epoch, start=start), total=len(batches), initial=start,
+                desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
+
+
+def show_progress(bar: tqdm, meter: "Meter", epoch: int, step: int, ckpt_path: Path,
+                  force: bool = False, every: int = 10) -> None:
+    """Every `every` steps, at the epoch's last and when forced (before a checkpoint): read the
+    running means (this waits for the device), stop the run if one is not finite, show them."""
+    if force or step % every == 0 or step == bar.total:
+        means = meter.means()
+        check_finite(means, epoch, step, ckpt_path)
+        bar.set_postfix(format_stats(means))
+
+
 def check_finite(means: dict[str, float], epoch: int, step: int, ckpt_path: Path) -> None:
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if bad:
@@ -307,11 +347,15 @@ class GracefulStop:
             signal.signal(s, handler)
         return False
 
-
-def stop_and_exit(ckpt_path: Path, epoch: int, step: int) -> None:
-    print(f"Interrupted in epoch {epoch + 1} after step {step}; checkpoint saved to {ckpt_path}. "
-          "Continue with the same command plus --resume.", file=sys.stderr)
-    sys.exit(130)  # the shell's convention for a run ended by Ctrl-C
+    def exit_if_requested(self, bar: tqdm, save, epoch: int, step: int, ckpt_path: Path) -> None:
+        """Between steps: if a stop was asked for, save(epoch, step) and exit with status 130."""
+        if not self.requested:
+            return
+        bar.close()
+        save(epoch, step)
+        print(f"Interrupted in epoch {epoch + 1} after step {step}; checkpoint saved to {ckpt_path}. "
+              "Continue with the same command plus --resume.", file=sys.stderr)
+        sys.exit(130)  # the shell's convention for a run ended by Ctrl-C
 
 
 def format_stats(means: dict[str, float]) -> dict[str, str]:
