@@ -61,6 +61,8 @@ def locate(data_root: str | os.PathLike, download: bool = True) -> Path:
     root = Path(data_root)
     if root.is_file():
         return root
+    if root.suffix == ".npz":
+        raise UserError(f"{root} not found; --data-root takes an existing .npz file or a folder")
     path = root / FILENAME
     if path.is_file():
         return path

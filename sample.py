@@ -34,8 +34,8 @@ def parse_args(argv=None):
                       help="VAE: move real FROM-class images towards TO: z - mean(FROM) + mean(TO)")
     mode.add_argument("--latent-map", action="store_true",
                       help="VAE: the encoder's mu over --split in 2-D (PCA and t-SNE), by class")
-    p.add_argument("--n", type=utils.positive_int, default=64, metavar="N",
-                   help="images to draw (rows of --interpolate, images of --arithmetic)")
+    p.add_argument("--n", type=utils.positive_int, default=None, metavar="N",
+                   help="images to draw (default 64), or rows of --interpolate / --arithmetic (default 8)")
     p.add_argument("--npz", metavar="FILE", default=None,
                    help="write the N images as a MedMNIST-format npz (train split) instead of a grid")
     p.add_argument("--class", dest="cls", metavar="NAME|ID", default=None,
@@ -195,6 +195,8 @@ def main(argv=None):
     if args.npz and (args.interpolate or args.arithmetic or args.latent_map):
         raise utils.UserError("--npz writes drawn samples; it does not combine with the other modes")
     cls = parse_class(args.cls) if args.cls is not None else None
+    if args.n is None:
+        args.n = 8 if args.interpolate or args.arithmetic else 64
 
     if args.latent_map:
         out = Path(args.out or folder / "latent_map.png")

@@ -112,6 +112,12 @@ def test_missing_file_without_network_says_what_to_do(tmp_path, monkeypatch):
     assert list((tmp_path / "root").iterdir()) == []  # the partial download was removed
 
 
+def test_missing_npz_path_is_not_made_a_folder(tmp_path):
+    with pytest.raises(UserError, match="not found; --data-root takes an existing .npz file"):
+        data.load_bloodmnist(tmp_path / "synthetic.npz")
+    assert not (tmp_path / "synthetic.npz").exists()
+
+
 def test_download_lands_under_the_real_name(tmp_path, monkeypatch):
     def fake_download(url, root, filename, md5):
         assert url == data.dataset_info()["url_64"] and md5 == data.dataset_info()["MD5_64"]
