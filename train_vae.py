@@ -26,6 +26,10 @@ from train_gan import grid_labels
 
 VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
 GRID = 64  # prior samples in each grid, 8 x 8
+CURVES = [("negative ELBO (nats per image)", ["loss", "val_nelbo"], None),
+          ("reconstruction (nats)", ["recon", "val_recon"], None),
+          ("KL (nats)", ["kl", "val_kl"], None),
+          ("validation PSNR (dB)", ["val_psnr"], None)]
 RECON = 32  # validation images in each reconstruction grid, each row over its reconstruction
 
 
@@ -150,10 +154,7 @@ def main(argv=None):
                 recon = model.decode(model.encode(shown, shown_labels)[0], shown_labels)
                 pairs = torch.stack([shown.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
                 utils.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
-            utils.plot_curves(log.records, out / "curves.png", [
-                ("loss per image (nats)", ["loss", "val_nelbo"], None),
-                ("parts", ["recon", "kl", "val_recon", "val_kl"], None),
-                ("validation PSNR (dB)", ["val_psnr"], None)])
+            utils.plot_curves(log.records, out / "curves.png", CURVES)
             checkpoint(epoch + 1, 0)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, "
           f"recon_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
