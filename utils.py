@@ -90,8 +90,8 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
                    help="continue the run in --out from its ckpt.pt, with that run's settings")
 
 
-# Settings a resumed run may change; everything else comes from the checkpoint.
-RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "out", "resume"}
+# Settings a resumed run may change when given; everything else comes from the checkpoint.
+RESUME_MAY_CHANGE = {"epochs", "device", "data_root"}
 
 
 def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str,
@@ -112,13 +112,15 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
         saved = ckpt["args"]
         defaults = vars(parser.parse_args([]))  # parsed, so string defaults get their types
         for key, value in vars(args).items():
-            if key in RESUME_MAY_CHANGE or key not in saved:
+            if key in ("out", "resume") or key not in saved:
                 continue
-            if value != defaults[key] and value != saved[key]:
+            given = value != defaults[key]
+            if given and key not in RESUME_MAY_CHANGE and value != saved[key]:
                 raise UserError(f"--resume keeps the run's own settings, but --{key.replace('_', '-')} "
                                 f"{value} differs from its {saved[key]}; drop the flag, or start a "
                                 "new run with another --out")
-            setattr(args, key, saved[key])
+            if not given:
+                setattr(args, key, saved[key])
         if ckpt["epoch"] >= args.epochs:
             raise UserError(f"{ckpt_path} has already trained {ckpt['epoch']} epochs; pass "
                             f"--epochs N with N > {ckpt['epoch']} to train longer")

@@ -143,7 +143,7 @@ def test_resume_refuses_what_it_cannot_do(data_root, tmp_path):
     with pytest.raises(utils.UserError, match="already holds a run"):
         train_vae.main([*common, "--epochs", "1", "--out", out])
     with pytest.raises(utils.UserError, match="already trained 1 epochs"):
-        train_vae.main([*common, "--epochs", "1", "--out", out, "--resume"])
+        train_vae.main([*common, "--out", out, "--resume"])  # --epochs comes from the run: 1, not 25
     with pytest.raises(utils.UserError, match="--lr 0.01 differs"):
         train_vae.main([*common, "--epochs", "2", "--out", out, "--resume", "--lr", "0.01"])
     with pytest.raises(utils.UserError, match="written by train_vae.py, not train_gan.py"):
