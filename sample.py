@@ -80,17 +80,17 @@ class Sampler:
         return utils.fixed_noise(n, self.latent_dim, seed, self.device)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256) -> torch.Tensor:
-        """Latents (N, latent_dim) [and labels (N,)] -> images (N, 3, 64, 64) in [0, 1]."""
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256,
+               uint8: bool = False) -> torch.Tensor:
+        """Latents (N, latent_dim) [and labels (N,)] -> images (N, 3, 64, 64) in [0, 1], or as
+        uint8 0..255 (a quarter of the memory, for large exports)."""
         y = y if self.conditional else None
         parts = []
         for i in range(0, len(z), batch_size):
             zi, yi = z[i:i + batch_size], None if y is None else y[i:i + batch_size]
-            if self.kind == "gan":
-                parts.append(self.model(zi, yi) * 0.5 + 0.5)
-            else:
-                parts.append(self.model.decode(zi, yi))
-        return torch.cat(parts).clamp(0, 1)
+            images = self.model(zi, yi) * 0.5 + 0.5 if self.kind == "gan" else self.model.decode(zi, yi)
+            parts.append(to_uint8(images, (0.0, 1.0)) if uint8 else images.clamp(0, 1))
+        return torch.cat(parts)
 
 
 def parse_class(text: str) -> int:
@@ -124,9 +124,10 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    """MedMNIST layout: train_images uint8 (N, 64, 64, 3), train_labels (N, 1); val and test
-    present and empty, so the file loads with data.py and with code written for MedMNIST."""
-    arrays = {"train_images": to_uint8(images, (0.0, 1.0)).permute(0, 2, 3, 1).cpu().numpy(),
+    """uint8 images (N, 3, 64, 64) -> MedMNIST layout: train_images uint8 (N, 64, 64, 3),
+    train_labels (N, 1); val and test present and empty, so the file loads with data.py and
+    with code written for MedMNIST."""
+    arrays = {"train_images": images.permute(0, 2, 3, 1).cpu().numpy(),
               "train_labels": labels.cpu().numpy().astype(np.uint8).reshape(-1, 1)}
     for split in ("val", "test"):
         arrays[f"{split}_images"] = np.zeros((0, *arrays["train_images"].shape[1:]), np.uint8)
@@ -235,7 +236,7 @@ def main(argv=None):
         y = torch.full((args.n,), cls, device=device) if cls is not None else balanced_labels(args.n, device)
         if sampler.conditional and cls is None and not args.npz:
             y = y.sort().values  # the grid: classes in order, a row each when n = 64
-        images = sampler.decode(sampler.latents(args.n, args.seed), y, args.batch_size)
+        images = sampler.decode(sampler.latents(args.n, args.seed), y, args.batch_size, uint8=bool(args.npz))
         if args.npz:
             if not sampler.conditional:
                 utils.warn("an unconditional model draws no labels; train_labels are all 0 (placeholders)")
