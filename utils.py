@@ -398,6 +398,7 @@ def plot_curves(records: list[dict], path: Path, panels: list[tuple[str, list[st
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     epochs = [r["epoch"] for r in records]
@@ -409,6 +410,7 @@ def plot_curves(records: list[dict], path: Path, panels: list[tuple[str, list[st
             ax.axhline(hline, color="gray", linestyle="--", linewidth=1)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
