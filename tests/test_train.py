@@ -165,3 +165,10 @@ def test_vae_widths_flag():
     assert train_vae.build_parser().parse_args(["--widths", "8,16,32"]).widths == (8, 16, 32)
     with pytest.raises(SystemExit):
         train_vae.build_parser().parse_args(["--widths", "8,,x"])
+
+
+@pytest.mark.parametrize("module", [train_gan, train_vae])
+def test_help_shows_defaults_once(module):
+    text = module.build_parser().format_help()
+    assert "(default: 25)" in text and "(default: 0)" in text  # --epochs, --seed
+    assert "(default: None)" not in text and "(default: False)" not in text
