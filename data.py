@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import UserError, warn
+from utils import UserError, atomic_write, warn
 
 FLAG = "bloodmnist"
 IMAGE_SIZE = 64
@@ -73,14 +73,12 @@ def locate(data_root: str | os.PathLike, download: bool = True) -> Path:
     if not download:
         raise UserError(f"{path} not found; {hint}")
     from torchvision.datasets.utils import download_url
-    partial = root / (FILENAME + ".part")
     try:
         root.mkdir(parents=True, exist_ok=True)
         print(f"Downloading {FILENAME} ({url}) to {root}/ ...")
-        download_url(url, str(root), filename=partial.name, md5=md5)  # raises on an MD5 mismatch
-        os.replace(partial, path)  # never leave a half-written file under the real name
+        with atomic_write(path) as partial:  # the real name appears only once the MD5 checks
+            download_url(url, str(root), filename=partial.name, md5=md5)  # raises on a mismatch
     except Exception as e:  # network, disk or checksum: all end in the same advice
-        partial.unlink(missing_ok=True)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} not found and the download failed ({reason}); {hint}") from None
     return path

@@ -12,7 +12,6 @@ The model's settings come from the checkpoint; nothing needs repeating. Runs wit
 the averaged generator unless --no-ema is given.
 """
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -133,10 +132,8 @@ def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
         arrays[f"{split}_images"] = np.zeros((0, *arrays["train_images"].shape[1:]), np.uint8)
         arrays[f"{split}_labels"] = np.zeros((0, 1), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append .npz to the temp name
+    with utils.atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file: numpy adds no .npz
         np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """What both training scripts share: flags, seeding, device, run folder, checkpoints, stopping,
 running means, metrics log, sample grids and curves. Only the models and the steps differ."""
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -189,20 +190,27 @@ def fixed_noise(n: int, dim: int, seed: int, device: torch.device) -> torch.Tens
 # Files
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temp file, then rename: a crash never leaves a half-written ckpt.pt."""
+@contextlib.contextmanager
+def atomic_write(path: Path):
+    """Yields a temporary path beside `path` to write; when the block succeeds it replaces `path`
+    in one rename, when it fails it is removed. Readers never see a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(state, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """A crash while saving never leaves a half-written ckpt.pt: the old one stays."""
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
