@@ -103,11 +103,6 @@ def parse_class(text: str) -> int:
     return matches[0]
 
 
-def balanced_labels(n: int, device) -> torch.Tensor:
-    """0, 1, ..., 7, 0, 1, ...: every class n // 8 or n // 8 + 1 times."""
-    return torch.arange(n, device=device) % NUM_CLASSES
-
-
 def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation between rows of z0 and z1 (White, 2016): for Gaussian latents it
     keeps the norm typical, where a straight line passes through unlikely, short vectors.
@@ -147,7 +142,69 @@ def encode_split(sampler: Sampler, args, split: str) -> tuple[torch.Tensor, torc
     return torch.cat(mus), batches.labels, batches.images
 
 
-def latent_map(sampler: Sampler, args, out: Path) -> None:
+def labels_for(n: int, cls: int | None, device) -> torch.Tensor:
+    """The labels to draw: all `cls`, or 0, 1, ..., 7, 0, 1, ... (every class n // 8 or
+    n // 8 + 1 times). Unconditional models ignore them."""
+    return torch.full((n,), cls, device=device) if cls is not None else torch.arange(n, device=device) % NUM_CLASSES
+
+
+def draw(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
+    """N samples to a grid PNG (a class per row for conditional runs), or to a MedMNIST npz."""
+    y = labels_for(args.n, cls, sampler.device)
+    if sampler.conditional and cls is None and not args.npz:
+        y = y.sort().values  # the grid: classes in order, a row each when n = 64
+    images = sampler.decode(sampler.latents(args.n, args.seed), y, args.batch_size, uint8=bool(args.npz))
+    if args.npz:
+        if not sampler.conditional:
+            utils.warn("an unconditional model draws no labels; train_labels are all 0 (placeholders)")
+            y = torch.zeros_like(y)
+        write_npz(Path(args.npz), images, y)
+        return Path(args.npz)
+    out = Path(args.out or folder / "samples.png")
+    nrow, row_labels = int(math.ceil(math.sqrt(args.n))), None
+    if sampler.conditional and cls is None and args.n % NUM_CLASSES == 0:
+        nrow, row_labels = args.n // NUM_CLASSES, class_names()
+    utils.save_grid(images, out, nrow=nrow, row_labels=row_labels)
+    return out
+
+
+def interpolate(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
+    """Rows that walk on great circles between pairs of latent points; a class per row."""
+    z = sampler.latents(2 * args.n, args.seed)
+    z = slerp(z[:args.n], z[args.n:], torch.linspace(0, 1, args.steps, device=sampler.device))
+    y = labels_for(args.n, cls, sampler.device)
+    images = sampler.decode(z.flatten(0, 1), y.repeat_interleave(args.steps), args.batch_size)
+    out = Path(args.out or folder / "interpolation.png")
+    row_labels = [class_names()[c] for c in y.tolist()] if sampler.conditional else None
+    utils.save_grid(images, out, nrow=args.steps, row_labels=row_labels)
+    return out
+
+
+def arithmetic(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
+    """Real FROM images (first column), then decode(z + t * (mean(TO) - mean(FROM))), t = 0..1."""
+    if sampler.conditional:
+        raise utils.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
+                              "class out of z (decode with --class instead)")
+    a, b = (parse_class(c) for c in args.arithmetic)
+    names, split = class_names(), args.split or "train"
+    mu, labels, images = encode_split(sampler, args, split)
+    if not (labels == a).any() or not (labels == b).any():
+        raise utils.UserError(f"the {split} split lacks {names[a]} or {names[b]} images")
+    shift = mu[labels == b].mean(0) - mu[labels == a].mean(0)
+    rows = torch.nonzero(labels == a).flatten()[:args.n]
+    t = torch.linspace(0, 1, args.steps, device=sampler.device)
+    z = mu[rows][:, None] + t[None, :, None] * shift  # (R, T, D)
+    decoded = sampler.decode(z.flatten(0, 1), None, args.batch_size).unflatten(0, (len(rows), args.steps))
+    real = images[rows].float()[:, None] / 255
+    out = Path(args.out or folder / f"arithmetic_{names[a]}_to_{names[b]}.png".replace(" ", "_"))
+    utils.save_grid(torch.cat([real, decoded], 1).flatten(0, 1), out, nrow=args.steps + 1)
+    print(f"Rows: real {names[a]} images (first column), then z + t * (mean({names[b]}) - "
+          f"mean({names[a]})) for t = 0..1 in {args.steps} steps")
+    return out
+
+
+def latent_map(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
+    """The encoder's mu over --split (default test) in 2-D, PCA and t-SNE, coloured by class."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -175,8 +232,10 @@ def latent_map(sampler: Sampler, args, out: Path) -> None:
     axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=4, frameon=False)
     fig.suptitle(f"VAE posterior means mu over the {split} split ({len(mu):,} images)")
     fig.tight_layout()
+    out = Path(args.out or folder / "latent_map.png")
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    return out
 
 
 def main(argv=None):
@@ -196,58 +255,9 @@ def main(argv=None):
     if args.n is None:
         args.n = 8 if args.interpolate or args.arithmetic else 64
 
-    if args.latent_map:
-        out = Path(args.out or folder / "latent_map.png")
-        latent_map(sampler, args, out)
-
-    elif args.arithmetic:
-        if sampler.conditional:
-            raise utils.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
-                                  "class out of z (decode with --class instead)")
-        a, b = (parse_class(c) for c in args.arithmetic)
-        names = class_names()
-        mu, labels, images = encode_split(sampler, args, args.split or "train")
-        if not (labels == a).any() or not (labels == b).any():
-            raise utils.UserError(f"the {args.split or 'train'} split lacks {names[a]} or {names[b]} images")
-        shift = mu[labels == b].mean(0) - mu[labels == a].mean(0)  # mean(TO) - mean(FROM)
-        rows = torch.nonzero(labels == a).flatten()[:args.n]
-        t = torch.linspace(0, 1, args.steps, device=device)
-        z = mu[rows][:, None] + t[None, :, None] * shift  # (R, T, D)
-        decoded = sampler.decode(z.flatten(0, 1), None, args.batch_size).unflatten(0, (len(rows), args.steps))
-        real = images[rows].float()[:, None] / 255  # first column: the real image
-        out = Path(args.out or folder / f"arithmetic_{names[a]}_to_{names[b]}.png".replace(" ", "_"))
-        utils.save_grid(torch.cat([real, decoded], 1).flatten(0, 1), out, nrow=args.steps + 1)
-        print(f"Rows: real {names[a]} images (first column), then z + t * (mean({names[b]}) - "
-              f"mean({names[a]})) for t = 0..1 in {args.steps} steps")
-
-    elif args.interpolate:
-        z = sampler.latents(2 * args.n, args.seed)
-        z = slerp(z[:args.n], z[args.n:], torch.linspace(0, 1, args.steps, device=device))
-        y = torch.full((args.n,), cls, device=device) if cls is not None else balanced_labels(args.n, device)
-        images = sampler.decode(z.flatten(0, 1), y.repeat_interleave(args.steps), args.batch_size)
-        out = Path(args.out or folder / "interpolation.png")
-        labels = [class_names()[c] for c in y.tolist()] if sampler.conditional else None
-        utils.save_grid(images, out, nrow=args.steps, row_labels=labels)
-
-    else:
-        y = torch.full((args.n,), cls, device=device) if cls is not None else balanced_labels(args.n, device)
-        if sampler.conditional and cls is None and not args.npz:
-            y = y.sort().values  # the grid: classes in order, a row each when n = 64
-        images = sampler.decode(sampler.latents(args.n, args.seed), y, args.batch_size, uint8=bool(args.npz))
-        if args.npz:
-            if not sampler.conditional:
-                utils.warn("an unconditional model draws no labels; train_labels are all 0 (placeholders)")
-                y = torch.zeros_like(y)
-            out = Path(args.npz)
-            write_npz(out, images, y)
-        else:
-            out = Path(args.out or folder / "samples.png")
-            nrow = int(math.ceil(math.sqrt(args.n)))
-            labels = None
-            if sampler.conditional and cls is None and args.n % NUM_CLASSES == 0:
-                nrow = args.n // NUM_CLASSES
-                labels = class_names()
-            utils.save_grid(images, out, nrow=nrow, row_labels=labels)
+    mode = latent_map if args.latent_map else arithmetic if args.arithmetic else \
+        interpolate if args.interpolate else draw
+    out = mode(sampler, args, folder, cls)
     print(f"Wrote {out}")
 
 
