@@ -38,6 +38,13 @@ def class_names() -> list[str]:
     return [labels[str(i)].split("(")[0].strip() for i in range(NUM_CLASSES)]
 
 
+def balanced_labels(n: int, device: torch.device | str = "cpu", by_row: bool = False) -> torch.Tensor:
+    """n labels with every class n // 8 or n // 8 + 1 times: 0, 1, ..., 7, 0, 1, ..., or sorted
+    (by_row) so that a grid of n // 8 columns shows one class per row."""
+    labels = torch.arange(n, device=device) % NUM_CLASSES
+    return labels.sort().values if by_row else labels
+
+
 @dataclass
 class Split:
     images: np.ndarray  # (N, 64, 64, 3) uint8

@@ -20,7 +20,7 @@ import torch
 import train_gan
 import train_vae
 import utils
-from data import NUM_CLASSES, SPLITS, Batches, class_names, load_bloodmnist, to_uint8
+from data import NUM_CLASSES, SPLITS, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
 
 
 def parse_args(argv=None):
@@ -142,17 +142,15 @@ def encode_split(sampler: Sampler, args, split: str) -> tuple[torch.Tensor, torc
     return torch.cat(mus), batches.labels, batches.images
 
 
-def labels_for(n: int, cls: int | None, device) -> torch.Tensor:
-    """The labels to draw: all `cls`, or 0, 1, ..., 7, 0, 1, ... (every class n // 8 or
-    n // 8 + 1 times). Unconditional models ignore them."""
-    return torch.full((n,), cls, device=device) if cls is not None else torch.arange(n, device=device) % NUM_CLASSES
+def labels_for(n: int, cls: int | None, device, by_row: bool = False) -> torch.Tensor:
+    """The labels to draw: all `cls`, or every class in turn (unconditional models ignore them)."""
+    return torch.full((n,), cls, device=device) if cls is not None else balanced_labels(n, device, by_row)
 
 
 def draw(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
     """N samples to a grid PNG (a class per row for conditional runs), or to a MedMNIST npz."""
-    y = labels_for(args.n, cls, sampler.device)
-    if sampler.conditional and cls is None and not args.npz:
-        y = y.sort().values  # the grid: classes in order, a row each when n = 64
+    by_row = sampler.conditional and not args.npz  # the grid: a row per class when n = 64
+    y = labels_for(args.n, cls, sampler.device, by_row)
     images = sampler.decode(sampler.latents(args.n, args.seed), y, args.batch_size, uint8=bool(args.npz))
     if args.npz:
         if not sampler.conditional:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import utils
-from data import NUM_CLASSES, Batches, class_names, load_bloodmnist
+from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist
 from models.dcgan import LOSSES, Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
 
 VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
@@ -68,11 +68,6 @@ def build_models(args) -> tuple[Generator, Discriminator]:
     return G, D
 
 
-def grid_labels(conditional: bool, device: torch.device) -> torch.Tensor | None:
-    """Labels of the fixed grid: row i is class i when conditional (8 rows of 8)."""
-    return torch.arange(NUM_CLASSES, device=device).repeat_interleave(GRID // NUM_CLASSES) if conditional else None
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -90,7 +85,7 @@ def main(argv=None):
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     noise = utils.fixed_noise(GRID, args.nz, args.seed, device)
-    noise_labels = grid_labels(args.conditional, device)
+    noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
     models = {"G": G, "D": D, **({"G_ema": G_ema} if G_ema is not None else {})}
     optimizers = {"G": opt_g, "D": opt_d}
     meter = utils.Meter()

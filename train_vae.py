@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from data import NUM_CLASSES, Batches, class_names, load_bloodmnist
+from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist
 from models.vae import VAE
-from train_gan import grid_labels
 
 VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
 GRID = 64  # prior samples in each grid, 8 x 8
@@ -105,7 +104,7 @@ def main(argv=None):
     model = build_model(vars(args)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     noise = utils.fixed_noise(GRID, args.latent_dim, args.seed, device)
-    noise_labels = grid_labels(args.conditional, device)
+    noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
