@@ -59,10 +59,12 @@ class Sampler:
         ckpt = utils.load_checkpoint(path, map_location=device)
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
         self.conditional = bool(self.args.get("conditional"))
+        self.has_ema = False
         try:
             if self.kind == "gan":
                 self.model, _ = train_gan.build_models(self.args)
-                key = "G_ema" if use_ema and "G_ema" in ckpt["models"] else "G"
+                self.has_ema = "G_ema" in ckpt["models"]
+                key = "G_ema" if use_ema and self.has_ema else "G"
                 self.model.load_state_dict(ckpt["models"][key])
                 self.latent_dim = self.args["nz"]
             else:
@@ -73,6 +75,7 @@ class Sampler:
             raise utils.UserError(f"{path} does not match this repo's models ({type(e).__name__}); "
                                   "was it written by another version?") from None
         self.model.to(device).eval()
+        self.ema = self.has_ema and use_ema  # drawing from the averaged generator
 
     def latents(self, n: int, seed: int) -> torch.Tensor:
         """n standard normal latents, the same on every device for a given seed."""

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+import metrics
 import utils
-from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist
+from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
 from models.dcgan import LOSSES, Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
 
 VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
@@ -93,6 +94,7 @@ def main(argv=None):
     if ckpt is not None:
         epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device)
     log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
+    probe = metrics.KIDProbe(args, args.nz, device) if args.eval_every else None
     print(f"GAN ({args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
           f"parameters; {len(batches.labels):,} training images, {len(batches)} steps per epoch on {device}")
@@ -143,16 +145,19 @@ def main(argv=None):
                 stop.exit_if_requested(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()
 
-            # End of epoch: metrics, a sample grid from the fixed noise, curves, checkpoint
-            log.write({"epoch": epoch + 1, **meter.means(), "seconds": round(time.time() - t0, 2)})
-            meter, step = utils.Meter(), 0
+            # End of epoch: metrics (and KID), a sample grid from the fixed noise, curves, checkpoint
+            record = {"epoch": epoch + 1, **meter.means(), "seconds": round(time.time() - t0, 2)}
             shown = G_ema if G_ema is not None else G.eval()
+            if probe is not None and probe.due(epoch + 1):
+                record.update(probe(lambda z, y: to_uint8(shown(z, y), VALUE_RANGE)))
+            log.write(record)
+            meter, step = utils.Meter(), 0
             with torch.no_grad():
                 utils.save_grid(shown(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
                                 row_labels=class_names() if args.conditional else None)
             keys, line = D_PANEL[args.loss]
             utils.plot_curves(log.records, out / "curves.png", [
-                ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line)])
+                ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line), metrics.KID_PANEL])
             checkpoint(epoch + 1, 0)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 

@@ -11,7 +11,6 @@ recon_epoch_NNN.png (validation images over their reconstructions), metrics.json
 validation ELBO and PSNR, curves.png and ckpt.pt into --out.
 """
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -19,16 +18,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import metrics
 import utils
-from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist
-from models.vae import VAE
+from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
+from models.vae import LIKELIHOODS, VAE
 
 VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
 GRID = 64  # prior samples in each grid, 8 x 8
 CURVES = [("negative ELBO (nats per image)", ["loss", "val_nelbo"], None),
           ("reconstruction (nats)", ["recon", "val_recon"], None),
           ("KL (nats)", ["kl", "val_kl"], None),
-          ("validation PSNR (dB)", ["val_psnr"], None)]
+          ("validation PSNR (dB)", ["val_psnr"], None),
+          metrics.KID_PANEL]
 RECON = 32  # validation images in each reconstruction grid, each row over its reconstruction
 
 
@@ -48,24 +49,28 @@ def build_parser():
     p.add_argument("--latent-dim", type=utils.positive_int, default=128, metavar="N", help="size of z")
     p.add_argument("--widths", type=widths, default="32,64", metavar="C1,C2,...",
                    help="channels of the encoder's stride-2 convolutions, mirrored by the decoder")
+    p.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli",
+                   help="p(x|z): Bernoulli per pixel, or Gaussian with the batch's optimal variance")
     p.add_argument("--beta", type=utils.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
     return p
 
 
 def build_model(args) -> VAE:
     """The VAE a run's settings describe (also used by sample.py to rebuild it)."""
-    return VAE(args["latent_dim"], tuple(args["widths"]), num_classes=NUM_CLASSES if args["conditional"] else 0)
+    return VAE(args["latent_dim"], tuple(args["widths"]), num_classes=NUM_CLASSES if args["conditional"] else 0,
+               likelihood=args.get("likelihood", "bernoulli"))
 
 
 @torch.no_grad()
 def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
-    """Negative ELBO (beta = 1), its parts and the PSNR of mean reconstructions, per image.
+    """Negative ELBO (beta = 1), its parts, and the MSE, PSNR and SSIM of mean reconstructions,
+    per image.
 
     The posterior samples come from a fixed seed in a forked RNG, so the numbers compare across
     epochs and evaluating does not disturb the training run's random stream.
     """
     model.eval()
-    sums = {"val_nelbo": 0.0, "val_recon": 0.0, "val_kl": 0.0, "val_mse": 0.0}
+    sums = {"val_nelbo": 0.0, "val_recon": 0.0, "val_kl": 0.0, "val_mse": 0.0, "val_ssim": 0.0}
     n = 0
     devices = [batches.device] if batches.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -78,11 +83,13 @@ def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
             sums["val_nelbo"] += parts["loss"].item() * b
             sums["val_recon"] += parts["recon"].item() * b
             sums["val_kl"] += parts["kl"].item() * b
-            sums["val_mse"] += F.mse_loss(model.decode(mu, y), x, reduction="sum").item() / x[0].numel()
+            recon = model.decode(mu, y)
+            sums["val_mse"] += F.mse_loss(recon, x, reduction="sum").item() / x[0].numel()
+            sums["val_ssim"] += metrics.ssim(recon, x).sum().item()
             n += b
     model.train()
     means = {k: v / n for k, v in sums.items()}
-    means["val_psnr"] = 10 * math.log10(1.0 / means.pop("val_mse"))  # images in [0, 1]
+    means["val_psnr"] = metrics.psnr(means["val_mse"])
     return means
 
 
@@ -110,6 +117,7 @@ def main(argv=None):
     if ckpt is not None:
         epoch, step = utils.restore_training_state(ckpt, {"vae": model}, {"vae": opt}, meter, device)
     log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
+    probe = metrics.KIDProbe(args, args.latent_dim, device) if args.eval_every else None
     shown, shown_labels = next(iter((val if val is not None else batches).epoch(0)))
     nrow = min(8, len(shown))
     keep = min(RECON, len(shown) - len(shown) % nrow)
@@ -141,6 +149,9 @@ def main(argv=None):
             record = {"epoch": epoch + 1, **meter.means()}
             if val is not None:
                 record.update(evaluate(model, val, args.seed))
+            if probe is not None and probe.due(epoch + 1):
+                model.eval()
+                record.update(probe(lambda z, y: to_uint8(model.decode(z, y), VALUE_RANGE)))
             record["seconds"] = round(time.time() - t0, 2)
             log.write(record)
             tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))

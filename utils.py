@@ -57,6 +57,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or math.isinf(value):
@@ -94,13 +101,19 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
                    help="train on the first N training images only (a quick check)")
     p.add_argument("--conditional", action="store_true",
                    help="condition the model on the cell type; grids then show one class per row")
+    p.add_argument("--eval-every", type=non_negative_int, default=0, metavar="K",
+                   help="every K epochs and after the last, log the KID of --eval-n samples against the "
+                        "test split (evaluate.py's feature network; trained once if not cached); 0: off")
+    p.add_argument("--eval-n", type=positive_int, default=2000, metavar="N", help="samples per --eval-every KID")
+    p.add_argument("--feature-cache", default="outputs/features", metavar="DIR",
+                   help="where evaluate.py's feature network is cached")
     p.add_argument("--out", default=out, metavar="DIR", help="run folder: config, metrics, grids, curves, ckpt.pt")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its ckpt.pt, with that run's settings")
 
 
 # Settings a resumed run may change when given; everything else comes from the checkpoint.
-RESUME_MAY_CHANGE = {"epochs", "device", "data_root"}
+RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "eval_every", "eval_n", "feature_cache"}
 
 
 def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str,
@@ -410,12 +423,14 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, row_labels: list[
 
 
 def plot_curves(records: list[dict], path: Path, panels: list[tuple[str, list[str], float | None]]) -> None:
-    """One panel per (title, metric keys, optional horizontal reference line), against epoch."""
+    """One panel per (title, metric keys, optional horizontal reference line), against epoch;
+    panels with none of their keys in the records are left out."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    panels = [p for p in panels if any(k in r for k in p[1] for r in records)]  # e.g. no KID logged
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     epochs = [r["epoch"] for r in records]
     for ax, (title, keys, hline) in zip(axes[0], panels):

@@ -2,21 +2,31 @@
 
 Encoder: stride-2 convolutions (one per entry of `widths`) -> two linear heads for mu and
 log sigma^2. Decoder: linear -> stride-2 transposed convolutions back to (nc, S, S) -> Sigmoid.
-Images are in [0, 1]; the likelihood is Bernoulli per pixel, as in the paper's MNIST experiments.
+Images are in [0, 1]. The likelihood p(x|z) is either Bernoulli per pixel, as in the paper's MNIST
+experiments, or Gaussian with one variance for all pixels set to its maximum-likelihood value, the
+mean squared error of the batch (the "optimal sigma" decoder of Rybkin et al., 2021). On
+continuous colour images the Bernoulli's fixed, wide noise lets the model ignore detail; the
+calibrated Gaussian weighs reconstruction as sharply as the decoder can currently reconstruct.
 
 Conditioning (num_classes > 0, a CVAE as in Sohn et al., 2015): the encoder sees the label as
 constant one-hot planes beside the image channels, and the decoder reads [z, one_hot(y)].
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+LIKELIHOODS = ("bernoulli", "gaussian")
+
 
 class VAE(nn.Module):
     def __init__(self, latent_dim: int = 128, widths: tuple[int, ...] = (32, 64), nc: int = 3,
-                 image_size: int = 64, num_classes: int = 0):
+                 image_size: int = 64, num_classes: int = 0, likelihood: str = "bernoulli"):
         super().__init__()
-        self.num_classes = num_classes
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        self.num_classes, self.likelihood = num_classes, likelihood
         if image_size % 2 ** len(widths):
             raise ValueError(f"image_size {image_size} is not divisible by 2**{len(widths)}")
         self.latent_dim = latent_dim
@@ -77,16 +87,23 @@ class VAE(nn.Module):
         """n images from the prior N(0, I) (of classes y when conditional), in [0, 1]."""
         return self.decode(torch.randn(n, self.latent_dim, device=device), y)
 
-    @staticmethod
-    def loss(x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+    def loss(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
              beta: float = 1.0) -> dict[str, torch.Tensor]:
         """The negative ELBO with a beta-weighted KL; each part summed per image, batch-averaged.
 
-        recon: -log p(x|z) under a Bernoulli decoder (binary cross-entropy on the logits).
+        recon: -log p(x|z). Bernoulli: binary cross-entropy on the logits. Gaussian: with
+            sigma^2 = the batch's mean squared error, sum((x - x_hat)^2) / (2 sigma^2) +
+            D/2 log(2 pi sigma^2); sigma is held fixed in the gradient, which at the optimum
+            changes nothing (d/dsigma = 0 there).
         kl: KL(q(z|x) || N(0, I)) in closed form, Kingma & Welling 2014, Appendix B:
             -1/2 * sum(1 + log sigma^2 - mu^2 - sigma^2).
         """
         b = x.shape[0]
-        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / b
+        if self.likelihood == "bernoulli":
+            recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / b
+        else:
+            se = (torch.sigmoid(logits) - x).pow(2)
+            var = se.mean().detach().clamp_min(1e-6)
+            recon = (se.sum() / (2 * var) + 0.5 * se.numel() * torch.log(2 * math.pi * var)) / b
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / b
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}

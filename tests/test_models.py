@@ -58,7 +58,7 @@ def test_vae_kl_matches_torch_distributions():
     mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
     x = torch.rand(4, 3, 8, 8)
     logits = torch.randn(4, 3, 8, 8)
-    parts = VAE.loss(x, logits, mu, logvar, beta=0.5)
+    parts = VAE().loss(x, logits, mu, logvar, beta=0.5)
     q, p = Normal(mu, torch.exp(0.5 * logvar)), Normal(torch.zeros(4, 6), torch.ones(4, 6))
     torch.testing.assert_close(parts["kl"], kl_divergence(q, p).sum(1).mean())
     bernoulli = torch.distributions.Bernoulli(logits=logits, validate_args=False)  # x is not binary
@@ -85,7 +85,7 @@ def test_vae_overfits_a_few_images():
     opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
     losses = []
     for _ in range(60):
-        parts = VAE.loss(x, *vae(x))
+        parts = vae.loss(x, *vae(x))
         opt.zero_grad()
         parts["loss"].backward()
         opt.step()

@@ -1,0 +1,163 @@
+"""Score checkpoints of train_gan.py and train_vae.py against the BloodMNIST test split.
+
+    python evaluate.py outputs/gan/ckpt.pt outputs/vae/ckpt.pt
+    python evaluate.py outputs/cgan/ckpt.pt --n 2000 --json results.json
+
+For each checkpoint it draws --n images and reports, in the feature space of a BloodMNIST
+classifier trained here (metrics.py; trained once per data file, minutes on a CPU, then cached):
+FID, KID (mean and std over subsets), precision and recall (k = 3), the generated images' class
+shares under the classifier against the real ones, and for conditional models how often the
+classifier finds the class that was asked for. VAEs also get test-split negative ELBO,
+reconstruction MSE, PSNR and SSIM. Two reference rows place the numbers: real training images
+(the best a model can do) and noise with the training images' per-pixel mean and std (a trivial
+generator). Results go to a table, to eval.json beside each checkpoint, and to --json.
+"""
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import metrics
+import train_vae
+import utils
+from data import Batches, class_names, load_bloodmnist
+from sample import Sampler
+
+
+def parse_args(argv=None):
+    p = utils.make_parser(__doc__)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="ckpt.pt files of either training script")
+    p.add_argument("--n", type=utils.positive_int, default=10_000, help="images generated per checkpoint")
+    p.add_argument("--data-root", default="data", metavar="PATH", help="as in the training scripts")
+    p.add_argument("--no-ema", action="store_true", help="score the raw generator of an --ema run")
+    p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
+    p.add_argument("--kid-subsets", type=utils.positive_int, default=100, help="subsets KID is averaged over")
+    p.add_argument("--kid-subset-size", type=utils.positive_int, default=1000, help="images per KID subset")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write every result to this file")
+    p.add_argument("--feature-cache", default="outputs/features", metavar="DIR",
+                   help="where the feature network is cached, keyed by the data file's MD5")
+    p.add_argument("--seed", type=int, default=0, help="seeds the latents and the KID subsets")
+    p.add_argument("--batch-size", type=utils.positive_int, default=250, help="images per forward pass")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    return p.parse_args(argv)
+
+
+def score(fnet, images: torch.Tensor, real: dict, args, requested: torch.Tensor | None = None) -> dict:
+    """Feature-space measures of uint8 images (N, 3, 64, 64) against the test split."""
+    feats, logits = metrics.predict(fnet, images, args.batch_size)
+    predicted = logits.argmax(1)
+    n = min(len(feats), len(real["features"]))  # precision/recall want equal set sizes
+    precision, recall = metrics.precision_recall(real["features"], feats[:n], k=3)
+    kid, kid_std = metrics.kid(feats, real["features"], args.kid_subsets, args.kid_subset_size, args.seed)
+    shares = metrics.class_shares(predicted)
+    out = {"n": len(images), "fid": metrics.fid(feats, real["features"]), "kid": kid, "kid_std": kid_std,
+           "precision": precision, "recall": recall, "class_shares": shares.round(4).tolist(),
+           # how far the class make-up is from the test split's: total variation, worst share ratio
+           "class_tv": 0.5 * float(np.abs(shares - real["shares"]).sum()),
+           "min_share_ratio": float((shares / real["shares"]).min())}
+    if requested is not None:  # conditional: does the classifier see the class that was asked for?
+        hit = (predicted == requested.cpu()).double()
+        per_class = [hit[requested.cpu() == c].mean().item() for c in range(len(real["shares"]))]
+        out.update(class_accuracy=hit.mean().item(), class_accuracy_per_class=[round(a, 4) for a in per_class])
+    return out
+
+
+@torch.no_grad()
+def vae_measures(sampler: Sampler, test, args) -> dict:
+    """Test-split negative ELBO (nats per image), its parts, and the MSE, PSNR and SSIM of the
+    mean reconstructions, as train_vae.py logs them for the validation split."""
+    batches = Batches(test, args.batch_size, sampler.device, train_vae.VALUE_RANGE, shuffle=False)
+    return {k.replace("val_", "test_"): v for k, v in train_vae.evaluate(sampler.model, batches, args.seed).items()}
+
+
+def references(splits: dict, real: dict, fnet, args) -> list[dict]:
+    """Real training images (what a perfect generator would score: only the sampling of two
+    finite sets separates them from the test split) and independent per-pixel Gaussian noise
+    with the training images' mean and std (a generator that learned only the palette)."""
+    train = torch.from_numpy(splits["train"].images).permute(0, 3, 1, 2)
+    g = torch.Generator().manual_seed(args.seed)
+    real_train = train[torch.randperm(len(train), generator=g)[:args.n]]
+    pixels = train.float()
+    mean, std = pixels.mean(0), pixels.std(0)
+    noise = torch.stack([(mean + std * torch.randn(mean.shape, generator=g)).round().clamp(0, 255)
+                         for _ in range(args.n)]).to(torch.uint8)
+    return [{"name": "reference: real train images", **score(fnet, real_train, real, args)},
+            {"name": "reference: pixel noise", **score(fnet, noise, real, args)}]
+
+
+def row_name(path: str, sampler: Sampler) -> str:
+    name = Path(path).parent.name or Path(path).stem
+    return name + (" (EMA)" if sampler.ema else " (raw G)") if sampler.has_ema else name
+
+
+def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
+    cols = [("FID", "fid", "{:.2f}"), ("KID x1e3", "kid", None), ("prec", "precision", "{:.3f}"),
+            ("recall", "recall", "{:.3f}"), ("class TV", "class_tv", "{:.3f}"), ("min share", "min_share_ratio", "{:.2f}"),
+            ("cls acc", "class_accuracy", "{:.3f}"), ("PSNR", "test_psnr", "{:.2f}"), ("SSIM", "test_ssim", "{:.3f}"),
+            ("-ELBO", "test_nelbo", "{:.1f}")]
+    cols = [c for c in cols if any(c[1] in r for r in rows)]
+    cell = lambda r, key, fmt: ("-" if key not in r else f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f}"
+                                if key == "kid" else fmt.format(r[key]))
+    table = [["model"] + [c[0] for c in cols]] + [[r["name"]] + [cell(r, k, f) for _, k, f in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for i, line in enumerate(table):
+        print("  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print("\nClass shares under the classifier (test split: true labels)")
+    names = class_names()
+    short = [r["name"][:28] for r in rows]
+    w = max(12, *map(len, short))
+    print("class".ljust(14) + "test".rjust(7) + "".join(s.rjust(w + 2) for s in short))
+    for c, name in enumerate(names):
+        print(name[:14].ljust(14) + f"{real_shares[c]:7.3f}" + "".join(f"{r['class_shares'][c]:{w + 2}.3f}" for r in rows))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = utils.pick_device(args.device)
+    samplers = [Sampler(path, device, use_ema=not args.no_ema) for path in args.checkpoints]  # bad paths fail first
+    fnet, info = metrics.feature_network(args.data_root, device, args.feature_cache)
+    fnet.to(device)
+    splits = load_bloodmnist(args.data_root)
+    if len(splits["test"]) < 4:
+        raise utils.UserError(f"the test split of {args.data_root} has {len(splits['test'])} images; "
+                              "scoring needs at least 4")
+    test_feats = metrics.predict(fnet, splits["test"].images, args.batch_size)[0]
+    real = {"features": test_feats, "shares": metrics.class_shares(splits["test"].labels)}
+    train_shares = metrics.class_shares(splits["train"].labels)
+    print(f"Feature network: {info['file']} (test accuracy {info['test_accuracy']:.4f}); "
+          f"{len(splits['test']):,} test images; {args.n:,} generated images per checkpoint")
+
+    rows = []
+    for path, sampler in zip(args.checkpoints, samplers):
+        t0 = time.time()
+        labels = metrics.proportional_labels(args.n, train_shares, args.seed).to(device) if sampler.conditional else None
+        images = sampler.decode(sampler.latents(args.n, args.seed), labels, args.batch_size, uint8=True)
+        row = {"name": row_name(path, sampler), "checkpoint": str(path), "kind": sampler.kind,
+               "conditional": sampler.conditional, "epochs": sampler.args["epochs"],
+               "ema": sampler.ema,
+               **score(fnet, images, real, args, labels)}
+        if sampler.kind == "vae":
+            row.update(vae_measures(sampler, splits["test"], args))
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        utils.atomic_write_text(Path(path).parent / "eval.json", json.dumps(
+            {"feature_network": info, "seed": args.seed, **row}, indent=2) + "\n")
+    if not args.no_reference:
+        rows += references(splits, real, fnet, args)
+
+    print()
+    print_table(rows, real["shares"])
+    if args.json:
+        out = {"feature_network": info, "n": args.n, "seed": args.seed, "test_shares": real["shares"].tolist(),
+               "results": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        utils.atomic_write_text(Path(args.json), json.dumps(out, indent=2) + "\n")
+        print(f"\nWrote {args.json}")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

@@ -1,0 +1,268 @@
+"""Numbers for generated blood-cell images, taken in the feature space of a BloodMNIST classifier
+trained here (models/classifier.py) instead of ImageNet's Inception network.
+
+    feature_network(...)   the classifier, trained once per data file and cached under outputs/
+    fid, kid               Frechet and kernel Inception distances (Heusel 2017, Binkowski 2018)
+    precision_recall       k-NN manifold precision and recall (Kynkaanniemi et al. 2019)
+    ssim                   structural similarity (Wang et al. 2004) for VAE reconstructions
+    KIDProbe               the cheap KID that --eval-every logs during training
+
+Images enter as uint8 (N, 3, 64, 64), exactly what a PNG or an exported npz would hold.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+from data import NUM_CLASSES, Batches, Split, _md5, load_bloodmnist, locate, to_float
+from models.classifier import Classifier, random_symmetry
+
+VALUE_RANGE = (-1.0, 1.0)  # what the classifier reads
+KID_PANEL = ("KID against the test split", ["kid"], 0.0)  # for utils.plot_curves
+# How the feature network is trained. Part of the cache key: change it and the network retrains.
+RECIPE = {"version": 1, "widths": [32, 64, 128, 256, 256], "epochs": 15, "batch_size": 128,
+          "lr": 2e-3, "weight_decay": 5e-4, "seed": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier: training, prediction, the cached feature network
+
+
+def train_classifier(train: Split, device: torch.device, epochs: int, batch_size: int, lr: float,
+                     weight_decay: float, seed: int, widths=RECIPE["widths"], val: Split | None = None,
+                     desc: str = "classifier") -> Classifier:
+    """Cross-entropy with AdamW and a one-cycle schedule; each image under a random symmetry of
+    the square (flips, 90 degree rotations) every time it is seen."""
+    utils.set_seed(seed)
+    model = Classifier(NUM_CLASSES, widths=tuple(widths)).to(device)
+    batches = Batches(train, batch_size, device, VALUE_RANGE, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(batches), pct_start=0.2)
+    flips = torch.Generator().manual_seed(seed)
+    val_acc = float("nan")
+    for epoch in range(epochs):
+        model.train()
+        meter = utils.Meter()
+        bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"{desc} {epoch + 1}/{epochs}",
+                   leave=False, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar, 1):
+            logits = model(random_symmetry(x, flips))
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            meter.update(loss=loss.detach(), acc=(logits.argmax(1) == y).float().mean())
+            if step % 10 == 0 or step == len(batches):
+                bar.set_postfix(utils.format_stats(meter.means()))
+        if val is not None and len(val):
+            val_acc = accuracy(model, val)
+        tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}  " + "  ".join(
+            f"{k} {v:.4f}" for k, v in {**meter.means(), "val_acc": val_acc}.items()))
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: Classifier, images: torch.Tensor | np.ndarray, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 3, 64, 64) (or an (N, 64, 64, 3) array as in the npz) -> features
+    (N, D) float64 and logits (N, 8), on the CPU."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images).permute(0, 3, 1, 2)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    feats, logits = [], []
+    for i in range(0, len(images), batch_size):
+        f = model.features(to_float(images[i:i + batch_size].to(device), VALUE_RANGE))
+        feats.append(f.double().cpu())
+        logits.append(model.head(f).cpu())
+    model.train(was_training)
+    return torch.cat(feats), torch.cat(logits)
+
+
+def accuracy(model: Classifier, split: Split) -> float:
+    logits = predict(model, split.images)[1]
+    return (logits.argmax(1).numpy() == split.labels).mean().item()
+
+
+def feature_network(data_root: str, device: torch.device, cache: str = "outputs/features",
+                    recipe: dict | None = None) -> tuple[Classifier, dict]:
+    """The classifier for this data file: loaded from `cache` when one was trained for the same
+    file (by MD5) and recipe, else trained now (minutes on a CPU) and saved there.
+    Returns (model in eval mode on `device`, info with its accuracies and cache path)."""
+    recipe = recipe or RECIPE
+    path = locate(data_root)
+    digest = _md5(path)
+    file = Path(cache) / f"classifier_{path.stem}_{digest[:12]}.pt"
+    if file.is_file():
+        try:
+            saved = torch.load(file, map_location=device, weights_only=True)
+        except Exception as e:
+            raise utils.UserError(f"{file} is not readable ({type(e).__name__}); delete it to retrain") from None
+        if saved.get("recipe") == recipe and saved.get("data_md5") == digest:
+            model = Classifier(NUM_CLASSES, widths=tuple(recipe["widths"])).to(device)
+            model.load_state_dict(saved["model"])
+            return model.eval(), saved["info"]
+    print(f"Training the feature network on {path.name} ({recipe['epochs']} epochs; once, then "
+          f"cached in {file})")
+    splits = load_bloodmnist(data_root)
+    settings = {k: v for k, v in recipe.items() if k != "version"}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a training run's RNG stays as it was
+        model = train_classifier(splits["train"], device, val=splits["val"], desc="feature network", **settings)
+    info = {"file": str(file), "data_md5": digest, "recipe": recipe,
+            "val_accuracy": accuracy(model, splits["val"]) if len(splits["val"]) else None,
+            "test_accuracy": accuracy(model, splits["test"]) if len(splits["test"]) else None}
+    print(f"Feature network: test accuracy {info['test_accuracy']:.4f}, val accuracy {info['val_accuracy']:.4f}")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with utils.atomic_write(file) as tmp:
+        torch.save({"model": model.state_dict(), "recipe": recipe, "data_md5": digest, "info": info}, tmp)
+    utils.atomic_write_text(file.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Distances between sets of features (N, D), float64
+
+
+def fid(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to a and b (Heusel et al., 2017):
+    |mu_a - mu_b|^2 + Tr(C_a + C_b - 2 (C_a C_b)^(1/2)). The trace of the matrix square root is
+    the sum of square roots of the eigenvalues of C_a^(1/2) C_b C_a^(1/2), which is symmetric, so
+    no complex-valued sqrtm is needed."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    w, v = torch.linalg.eigh(ca)
+    root_a = (v * w.clamp_min(0).sqrt()) @ v.T
+    m = root_a @ cb @ root_a
+    tr_root = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + ca.trace() + cb.trace() - 2 * tr_root).item()
+
+
+def kid(a: torch.Tensor, b: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception distance (Binkowski et al., 2018): the unbiased estimate of MMD^2 with the
+    kernel k(x, y) = (x.y / D + 1)^3, averaged over random subsets; returns (mean, std over
+    subsets). Unbiased: two draws of one distribution score about 0, sometimes below."""
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples in each set")
+    g = torch.Generator().manual_seed(seed)
+    d = a.shape[1]
+    scores = []
+    for _ in range(subsets):
+        x = a[torch.randperm(len(a), generator=g)[:m]]
+        y = b[torch.randperm(len(b), generator=g)[:m]]
+        kxx, kyy, kxy = [(p @ q.T / d + 1) ** 3 for p, q in ((x, x), (y, y), (x, y))]
+        off = m * (m - 1)
+        scores.append(((kxx.sum() - kxx.diagonal().sum()) / off + (kyy.sum() - kyy.diagonal().sum()) / off
+                       - 2 * kxy.mean()).item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _knn_radii(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Distance from each row of x to its k-th nearest other row."""
+    return torch.cat([torch.cdist(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values  # +1: itself at 0
+                      for i in range(0, len(x), chunk)])
+
+
+def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """For each point: does it lie within radius of at least one centre?"""
+    return torch.cat([(torch.cdist(points[i:i + chunk], centres) <= radii).any(1)
+                      for i in range(0, len(points), chunk)])
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al., 2019). Each set's manifold is the union
+    of balls around its points reaching their k-th nearest neighbour. Precision: the share of fake
+    points inside the real manifold (are the samples realistic?); recall: the share of real
+    points inside the fake manifold (is the data's variety covered?). Both sets should have the
+    same size, since a denser set has smaller balls."""
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points in each set")
+    precision = _inside(fake, real, _knn_radii(real, k)).double().mean().item()
+    recall = _inside(real, fake, _knn_radii(fake, k)).double().mean().item()
+    return precision, recall
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel measures for reconstructions, images float in [0, 1], (B, C, H, W)
+
+
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of a mean squared error on images in [0, 1]."""
+    return 10 * math.log10(1.0 / mse)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity per image (Wang et al., 2004): local means, variances and covariance
+    under an 11x11 Gaussian window (sigma 1.5), C1 = (0.01)^2, C2 = (0.03)^2, averaged over valid
+    positions and channels. Returns (B,); 1 for identical images."""
+    c = x.shape[1]
+    t = torch.arange(window, dtype=x.dtype, device=x.device) - (window - 1) / 2
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window)
+    blur = lambda img: F.conv2d(img, kernel, groups=c)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Class make-up
+
+
+def class_shares(labels: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(N,) class ids -> (8,) shares summing to 1."""
+    counts = np.bincount(np.asarray(labels).reshape(-1), minlength=NUM_CLASSES)
+    return counts / max(1, counts.sum())
+
+
+def proportional_labels(n: int, shares: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """n labels in the given class shares (largest remainders), in a seeded random order: what a
+    conditional model is asked for so that its samples can be compared with the real split."""
+    exact = np.asarray(shares) * n
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(counts - exact)[:n - counts.sum()]] += 1
+    labels = torch.from_numpy(np.repeat(np.arange(len(shares)), counts))
+    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+
+
+# ---------------------------------------------------------------------------------------------
+# KID during training (--eval-every)
+
+
+class KIDProbe:
+    """KID of a generator's samples against the test split, for --eval-every in the training
+    scripts. The feature network and the test features are computed once; each call draws
+    --eval-n images from fixed latents (the same every time, without touching the run's RNG)."""
+
+    def __init__(self, args, latent_dim: int, device: torch.device):
+        self.every, self.epochs = args.eval_every, args.epochs
+        self.model, _ = feature_network(args.data_root, device, args.feature_cache)
+        splits = load_bloodmnist(args.data_root, splits=("train", "test"))
+        if not len(splits["test"]):
+            raise utils.UserError("--eval-every needs test images; the data file's test split is empty")
+        self.real = predict(self.model, splits["test"].images)[0]
+        self.z = utils.fixed_noise(args.eval_n, latent_dim, args.seed + 1, device)
+        self.y = (proportional_labels(args.eval_n, class_shares(splits["train"].labels), args.seed).to(device)
+                  if args.conditional else None)
+
+    def due(self, epoch: int) -> bool:
+        """After `epoch` (counted from 1) epochs?"""
+        return epoch % self.every == 0 or epoch == self.epochs
+
+    @torch.no_grad()
+    def __call__(self, generate, batch_size: int = 250) -> dict[str, float]:
+        """generate(z, y) -> uint8 images; returns {"kid": mean, "kid_std": std over subsets}."""
+        images = torch.cat([generate(self.z[i:i + batch_size], None if self.y is None else self.y[i:i + batch_size])
+                            for i in range(0, len(self.z), batch_size)])
+        mean, std = kid(predict(self.model, images)[0], self.real, subsets=50)
+        return {"kid": mean, "kid_std": std}
