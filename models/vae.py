@@ -22,7 +22,7 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 
 class VAE(nn.Module):
     def __init__(self, latent_dim: int = 128, widths: tuple[int, ...] = (32, 64), nc: int = 3,
-                 image_size: int = 64, num_classes: int = 0, likelihood: str = "bernoulli"):
+                 image_size: int = 64, num_classes: int = 0, likelihood: str = "gaussian"):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")

@@ -73,6 +73,30 @@ TINY_GAN = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "16"]
 TINY_VAE = ["--widths", "8,16", "--latent-dim", "8", "--batch-size", "16"]
 
 
+@pytest.fixture(scope="session")
+def ckpts(data_root, tmp_path_factory):
+    """One epoch each of a conditional GAN with EMA, an unconditional GAN, and both VAEs."""
+    import train_gan
+    import train_vae
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "1"]
+    runs = {"cgan": (train_gan, TINY_GAN + ["--conditional", "--ema", "0.9"]), "gan": (train_gan, TINY_GAN),
+            "vae": (train_vae, TINY_VAE), "cvae": (train_vae, TINY_VAE + ["--conditional"])}
+    for name, (module, extra) in runs.items():
+        module.main([*common, *extra, "--out", str(root / name)])
+    return {name: root / name / "ckpt.pt" for name in runs}
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory):
+    """A folder for the feature network, and a small recipe for it (in this process only):
+    evaluate.py and --eval-every then train it once, in seconds, and reuse it."""
+    import metrics
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics, "RECIPE", {**metrics.RECIPE, "widths": [16, 32], "epochs": 4, "batch_size": 16, "lr": 1e-2})
+        yield tmp_path_factory.mktemp("features")
+
+
 def states_equal(a: dict, b: dict) -> bool:
     """Model and optimiser states of two checkpoints are identical, bit for bit."""
     flat = lambda ckpt: [t for part in ("models", "optimizers") for t in _tensors(ckpt[part])]

@@ -58,12 +58,33 @@ def test_vae_kl_matches_torch_distributions():
     mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
     x = torch.rand(4, 3, 8, 8)
     logits = torch.randn(4, 3, 8, 8)
-    parts = VAE().loss(x, logits, mu, logvar, beta=0.5)
+    parts = VAE(likelihood="bernoulli").loss(x, logits, mu, logvar, beta=0.5)
     q, p = Normal(mu, torch.exp(0.5 * logvar)), Normal(torch.zeros(4, 6), torch.ones(4, 6))
     torch.testing.assert_close(parts["kl"], kl_divergence(q, p).sum(1).mean())
     bernoulli = torch.distributions.Bernoulli(logits=logits, validate_args=False)  # x is not binary
     torch.testing.assert_close(parts["recon"], -bernoulli.log_prob(x).sum() / 4)
     torch.testing.assert_close(parts["loss"], parts["recon"] + 0.5 * parts["kl"])
+
+
+def test_gaussian_likelihood_is_the_normal_density_at_the_best_sigma():
+    torch.manual_seed(0)
+    x, logits = torch.rand(4, 3, 8, 8), torch.randn(4, 3, 8, 8, requires_grad=True)
+    mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
+    parts = VAE(likelihood="gaussian").loss(x, logits, mu, logvar)
+    mean = torch.sigmoid(logits)
+    sigma = (mean - x).pow(2).mean().sqrt()
+    torch.testing.assert_close(parts["recon"], -Normal(mean, sigma).log_prob(x).sum() / 4)
+    # that sigma maximises the likelihood: any other is worse
+    for other in (0.9 * sigma, 1.1 * sigma):
+        assert -Normal(mean, other).log_prob(x).sum() / 4 > parts["recon"]
+    # and holding it fixed in the gradient gives the gradient of the full expression
+    parts["recon"].backward()
+    held = logits.grad.clone()
+    logits.grad = None
+    (-Normal(torch.sigmoid(logits), (torch.sigmoid(logits) - x).pow(2).mean().sqrt()).log_prob(x).sum() / 4).backward()
+    torch.testing.assert_close(held, logits.grad)
+    with pytest.raises(ValueError, match="likelihood"):
+        VAE(likelihood="laplace")
 
 
 def test_gradient_reaches_mu_and_logvar_through_sampling():

@@ -8,22 +8,8 @@ from PIL import Image
 
 import data
 import sample
-import train_gan
-import train_vae
 import utils
 from conftest import TINY_GAN, TINY_VAE, run_script
-
-
-@pytest.fixture(scope="module")
-def ckpts(data_root, tmp_path_factory):
-    """One epoch each of a conditional GAN with EMA, an unconditional GAN, and both VAEs."""
-    root = tmp_path_factory.mktemp("runs")
-    common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "1"]
-    runs = {"cgan": (train_gan, TINY_GAN + ["--conditional", "--ema", "0.9"]), "gan": (train_gan, TINY_GAN),
-            "vae": (train_vae, TINY_VAE), "cvae": (train_vae, TINY_VAE + ["--conditional"])}
-    for name, (module, extra) in runs.items():
-        module.main([*common, *extra, "--out", str(root / name)])
-    return {name: root / name / "ckpt.pt" for name in runs}
 
 
 def run(*argv):

@@ -1,0 +1,76 @@
+"""evaluate.py on tiny checkpoints of every kind (table, JSON, eval.json, reference rows, EMA
+choice, conditional class accuracy, VAE measures), --eval-every in both training scripts, and
+the one-line refusals."""
+import json
+
+import pytest
+
+import evaluate
+import train_gan
+import train_vae
+import utils
+from conftest import TINY_GAN, TINY_VAE, run_script
+
+
+def run(data_root, cache, *argv):
+    evaluate.main(["--device", "cpu", "--data-root", str(data_root), "--feature-cache", str(cache),
+                   "--kid-subsets", "5", "--kid-subset-size", "12", *map(str, argv)])
+
+
+def test_every_kind_of_checkpoint_is_scored(ckpts, data_root, feature_cache, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    run(data_root, feature_cache, *ckpts.values(), "--n", 40, "--json", out)
+    table = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    rows = {r["name"]: r for r in results["results"]}
+    assert list(rows) == ["cgan (EMA)", "gan", "vae", "cvae",
+                          "reference: real train images", "reference: pixel noise"]
+    for name, row in rows.items():
+        assert name in table
+        assert {"fid", "kid", "kid_std", "precision", "recall", "class_shares", "class_tv"} <= set(row)
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+        assert sum(row["class_shares"]) == pytest.approx(1, abs=1e-3)
+        assert row["n"] == 40
+    for name in ("cgan (EMA)", "cvae"):
+        assert len(rows[name]["class_accuracy_per_class"]) == 8
+    for name in ("vae", "cvae"):
+        assert {"test_nelbo", "test_mse", "test_psnr", "test_ssim"} <= set(rows[name])
+        assert "test_psnr" not in rows["gan"]
+    # the real images sit far closer to the test split than noise does
+    assert rows["reference: real train images"]["fid"] < rows["reference: pixel noise"]["fid"]
+    assert results["feature_network"]["test_accuracy"] is not None
+    beside = json.loads((ckpts["gan"].parent / "eval.json").read_text())
+    assert beside["fid"] == rows["gan"]["fid"]
+
+
+def test_no_ema_scores_the_raw_generator_and_no_reference_skips_rows(ckpts, data_root, feature_cache, tmp_path):
+    for flag, name in (([], "cgan (EMA)"), (["--no-ema"], "cgan (raw G)")):
+        run(data_root, feature_cache, ckpts["cgan"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", *flag)
+        rows = json.loads((tmp_path / "r.json").read_text())["results"]
+        assert [r["name"] for r in rows] == [name]
+
+
+def test_same_seed_same_numbers_at_any_batch_size(ckpts, data_root, feature_cache, tmp_path):
+    scores = []
+    for argv in ([], ["--batch-size", "7"], ["--seed", "1"]):
+        run(data_root, feature_cache, ckpts["gan"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", *argv)
+        scores.append(json.loads((tmp_path / "r.json").read_text())["results"][0])
+    assert scores[0]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)  # eval-mode BN: batch-independent
+    assert scores[0]["kid"] == pytest.approx(scores[1]["kid"], rel=1e-6)
+    assert scores[2]["fid"] != scores[0]["fid"]  # other latents
+
+
+def test_bad_checkpoint_is_one_line_error(tmp_path):
+    r = run_script("evaluate.py", tmp_path / "missing.pt")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'missing.pt'} not found"]
+
+
+@pytest.mark.parametrize("module,tiny", [(train_gan, TINY_GAN), (train_vae, TINY_VAE)])
+def test_eval_every_logs_kid(module, tiny, data_root, feature_cache, tmp_path):
+    out = tmp_path / "run"
+    module.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3", *tiny, "--eval-every", "2",
+                 "--eval-n", "24", "--feature-cache", str(feature_cache), "--out", str(out)])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ["kid" in r for r in records] == [False, True, True]  # every 2nd epoch and the last
+    assert all(r["kid_std"] >= 0 for r in records[1:])
+    assert (out / "curves.png").is_file()
