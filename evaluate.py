@@ -83,8 +83,8 @@ def references(splits: dict, real: dict, fnet, args) -> list[dict]:
     mean, std = pixels.mean(0), pixels.std(0)
     noise = torch.stack([(mean + std * torch.randn(mean.shape, generator=g)).round().clamp(0, 255)
                          for _ in range(args.n)]).to(torch.uint8)
-    return [{"name": "reference: real train images", **score(fnet, real_train, real, args)},
-            {"name": "reference: pixel noise", **score(fnet, noise, real, args)}]
+    return [{"name": "ref: real train images", **score(fnet, real_train, real, args)},
+            {"name": "ref: pixel noise", **score(fnet, noise, real, args)}]
 
 
 def row_name(path: str, sampler: Sampler) -> str:
@@ -107,12 +107,12 @@ def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print("\nClass shares under the classifier (test split: true labels)")
-    names = class_names()
-    short = [r["name"][:28] for r in rows]
-    w = max(12, *map(len, short))
-    print("class".ljust(14) + "test".rjust(7) + "".join(s.rjust(w + 2) for s in short))
-    for c, name in enumerate(names):
-        print(name[:14].ljust(14) + f"{real_shares[c]:7.3f}" + "".join(f"{r['class_shares'][c]:{w + 2}.3f}" for r in rows))
+    heads = ["test"] + [r["name"].removeprefix("ref: ")[:22] for r in rows]
+    shares = [real_shares] + [r["class_shares"] for r in rows]
+    w = [max(6, len(h)) for h in heads]
+    print("class".ljust(14) + "".join(h.rjust(wi + 2) for h, wi in zip(heads, w)))
+    for c, name in enumerate(class_names()):
+        print(name[:14].ljust(14) + "".join(f"{s[c]:{wi + 2}.3f}" for s, wi in zip(shares, w)))
 
 
 def main(argv=None):

@@ -17,8 +17,14 @@ class UserError(Exception):
     """A problem the user can fix (a flag, a file); reported as one line, no traceback."""
 
 
+_warned = set()
+
+
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    """One line on stderr, once per process however often the cause is met."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def run_main(main) -> None:

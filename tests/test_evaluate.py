@@ -24,7 +24,7 @@ def test_every_kind_of_checkpoint_is_scored(ckpts, data_root, feature_cache, tmp
     results = json.loads(out.read_text())
     rows = {r["name"]: r for r in results["results"]}
     assert list(rows) == ["cgan (EMA)", "gan", "vae", "cvae",
-                          "reference: real train images", "reference: pixel noise"]
+                          "ref: real train images", "ref: pixel noise"]
     for name, row in rows.items():
         assert name in table
         assert {"fid", "kid", "kid_std", "precision", "recall", "class_shares", "class_tv"} <= set(row)
@@ -37,7 +37,7 @@ def test_every_kind_of_checkpoint_is_scored(ckpts, data_root, feature_cache, tmp
         assert {"test_nelbo", "test_mse", "test_psnr", "test_ssim"} <= set(rows[name])
         assert "test_psnr" not in rows["gan"]
     # the real images sit far closer to the test split than noise does
-    assert rows["reference: real train images"]["fid"] < rows["reference: pixel noise"]["fid"]
+    assert rows["ref: real train images"]["fid"] < rows["ref: pixel noise"]["fid"]
     assert results["feature_network"]["test_accuracy"] is not None
     beside = json.loads((ckpts["gan"].parent / "eval.json").read_text())
     assert beside["fid"] == rows["gan"]["fid"]
