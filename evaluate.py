@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=utils.positive_int, default=10_000, help="images generated per checkpoint")
     p.add_argument("--data-root", default="data", metavar="PATH", help="as in the training scripts")
     p.add_argument("--no-ema", action="store_true", help="score the raw generator of an --ema run")
+    p.add_argument("--standard-prior", action="store_true",
+                   help="VAE: sample z from N(0, I) instead of the Gaussian fitted to the training codes")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
     p.add_argument("--kid-subsets", type=utils.positive_int, default=100, help="subsets KID is averaged over")
     p.add_argument("--kid-subset-size", type=utils.positive_int, default=1000, help="images per KID subset")
@@ -89,7 +91,11 @@ def references(splits: dict, real: dict, fnet, args) -> list[dict]:
 
 def row_name(path: str, sampler: Sampler) -> str:
     name = Path(path).parent.name or Path(path).stem
-    return name + (" (EMA)" if sampler.ema else " (raw G)") if sampler.has_ema else name
+    if sampler.has_ema:
+        name += " (EMA)" if sampler.ema else " (raw G)"
+    if sampler.kind == "vae":
+        name += " (fitted prior)" if sampler.fitted_prior else " (N(0, I))"
+    return name
 
 
 def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
@@ -118,7 +124,7 @@ def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
 def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
-    samplers = [Sampler(path, device, use_ema=not args.no_ema) for path in args.checkpoints]  # bad paths fail first
+    samplers = [Sampler(path, device, not args.no_ema, args.standard_prior) for path in args.checkpoints]  # bad paths fail first
     fnet, info = metrics.feature_network(args.data_root, device, args.feature_cache)
     fnet.to(device)
     splits = load_bloodmnist(args.data_root)
@@ -138,7 +144,7 @@ def main(argv=None):
         images = sampler.decode(sampler.latents(args.n, args.seed), labels, args.batch_size, uint8=True)
         row = {"name": row_name(path, sampler), "checkpoint": str(path), "kind": sampler.kind,
                "conditional": sampler.conditional, "epochs": sampler.args["epochs"],
-               "ema": sampler.ema,
+               "ema": sampler.ema, "fitted_prior": sampler.fitted_prior,
                **score(fnet, images, real, args, labels)}
         if sampler.kind == "vae":
             row.update(vae_measures(sampler, splits["test"], args))

@@ -44,6 +44,8 @@ def parse_args(argv=None):
                    help="split for --arithmetic means (default train) and --latent-map (default test)")
     p.add_argument("--data-root", default="data", metavar="PATH", help="as in the training scripts")
     p.add_argument("--no-ema", action="store_true", help="use the raw generator of an --ema run")
+    p.add_argument("--standard-prior", action="store_true",
+                   help="VAE: draw z from N(0, I) instead of the Gaussian fitted to the training codes")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="output PNG (default: a name for the mode, beside the checkpoint)")
     p.add_argument("--seed", type=int, default=0, help="seeds the latent draws")
@@ -55,11 +57,11 @@ def parse_args(argv=None):
 class Sampler:
     """A checkpoint's generator (the GAN's G, or the VAE's decoder) behind one interface."""
 
-    def __init__(self, path: str, device: torch.device, use_ema: bool = True):
+    def __init__(self, path: str, device: torch.device, use_ema: bool = True, standard_prior: bool = False):
         ckpt = utils.load_checkpoint(path, map_location=device)
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
         self.conditional = bool(self.args.get("conditional"))
-        self.has_ema = False
+        self.has_ema, self.fitted_prior = False, False
         try:
             if self.kind == "gan":
                 self.model, _ = train_gan.build_models(self.args)
@@ -69,8 +71,10 @@ class Sampler:
                 self.latent_dim = self.args["nz"]
             else:
                 self.model = train_vae.build_model(self.args)
-                self.model.load_state_dict(ckpt["models"]["vae"])
+                # runs from before the fitted prior lack its buffers: they sample from N(0, I)
+                self.model.load_state_dict({**self.model.state_dict(), **ckpt["models"]["vae"]})
                 self.latent_dim = self.args["latent_dim"]
+                self.fitted_prior = "prior_mean" in ckpt["models"]["vae"] and not standard_prior
         except (KeyError, RuntimeError) as e:
             raise utils.UserError(f"{path} does not match this repo's models ({type(e).__name__}); "
                                   "was it written by another version?") from None
@@ -78,8 +82,13 @@ class Sampler:
         self.ema = self.has_ema and use_ema  # drawing from the averaged generator
 
     def latents(self, n: int, seed: int) -> torch.Tensor:
-        """n standard normal latents, the same on every device for a given seed."""
-        return utils.fixed_noise(n, self.latent_dim, seed, self.device)
+        """n latents, the same on every device for a given seed: standard normal for a GAN, from
+        the fitted Gaussian for a VAE (unless standard_prior)."""
+        return self.to_latent(utils.fixed_noise(n, self.latent_dim, seed, self.device))
+
+    def to_latent(self, eps: torch.Tensor) -> torch.Tensor:
+        """Standard normal draws (..., latent_dim) -> the model's latent distribution."""
+        return self.model.prior_latents(eps) if self.fitted_prior else eps
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256,
@@ -171,8 +180,9 @@ def draw(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
 
 def interpolate(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
     """Rows that walk on great circles between pairs of latent points; a class per row."""
-    z = sampler.latents(2 * args.n, args.seed)
-    z = slerp(z[:args.n], z[args.n:], torch.linspace(0, 1, args.steps, device=sampler.device))
+    eps = utils.fixed_noise(2 * args.n, sampler.latent_dim, args.seed, sampler.device)
+    eps = slerp(eps[:args.n], eps[args.n:], torch.linspace(0, 1, args.steps, device=sampler.device))
+    z = sampler.to_latent(eps)  # the great circles of N(0, I), carried into the fitted Gaussian
     y = labels_for(args.n, cls, sampler.device)
     images = sampler.decode(z.flatten(0, 1), y.repeat_interleave(args.steps), args.batch_size)
     out = Path(args.out or folder / "interpolation.png")
@@ -242,7 +252,7 @@ def latent_map(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
-    sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema)
+    sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema, standard_prior=args.standard_prior)
     folder = Path(args.checkpoint).parent
     if args.cls is not None and not sampler.conditional:
         raise utils.UserError(f"--class needs a conditional checkpoint; {args.checkpoint} was trained "

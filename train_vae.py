@@ -11,6 +11,7 @@ recon_epoch_NNN.png (validation images over their reconstructions), metrics.json
 validation ELBO and PSNR, curves.png and ckpt.pt into --out.
 """
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def build_parser():
     p.add_argument("--likelihood", choices=LIKELIHOODS, default="gaussian",
                    help="p(x|z): Gaussian with the batch's best variance (sharper reconstructions), "
                         "or Bernoulli per pixel as in Kingma & Welling")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning rate over the run: cosine decay from --lr to 0, or constant")
     p.add_argument("--beta", type=utils.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
     return p
 
@@ -94,6 +97,14 @@ def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
     return means
 
 
+@torch.no_grad()
+def fit_prior(model: VAE, batches: Batches) -> None:
+    """Fit the VAE's sampling Gaussian to the encoder means of the training split."""
+    model.eval()
+    mu = [model.encode(x, y if model.num_classes else None)[0] for x, y in batches.epoch(0)]
+    model.fit_prior(torch.cat(mu))
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -105,6 +116,7 @@ def main(argv=None):
 
     splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset)
     batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed)
+    in_order = Batches(splits["train"], 500, device, VALUE_RANGE, shuffle=False)  # for fit_prior
     val = Batches(splits["val"], 256, device, VALUE_RANGE, shuffle=False) if len(splits["val"]) else None
     if val is None:
         utils.warn("the data file has no validation images; the validation ELBO is not logged")
@@ -135,6 +147,9 @@ def main(argv=None):
             model.train()
             bar = utils.epoch_bar(batches, epoch, step, args.epochs)
             for step, (x, y) in enumerate(bar, start=step + 1):
+                if args.schedule == "cosine":  # a function of the step alone, so resume needs no state
+                    progress = (epoch * len(batches) + step - 1) / (args.epochs * len(batches))
+                    opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
                 logits, mu, logvar = model(x, y if args.conditional else None)
                 parts = model.loss(x, logits, mu, logvar, beta=args.beta)
                 opt.zero_grad(set_to_none=True)
@@ -146,20 +161,21 @@ def main(argv=None):
                 stop.exit_if_requested(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()
 
-            # End of epoch: validation ELBO, prior samples, reconstructions, curves, checkpoint
+            # End of epoch: sampling Gaussian, validation ELBO, samples, reconstructions, curves, checkpoint
+            fit_prior(model, in_order)
             record = {"epoch": epoch + 1, **meter.means()}
             if val is not None:
                 record.update(evaluate(model, val, args.seed))
             if probe is not None and probe.due(epoch + 1):
                 model.eval()
-                record.update(probe(lambda z, y: to_uint8(model.decode(z, y), VALUE_RANGE)))
+                record.update(probe(lambda eps, y: to_uint8(model.decode(model.prior_latents(eps), y), VALUE_RANGE)))
             record["seconds"] = round(time.time() - t0, 2)
             log.write(record)
             tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
             meter, step = utils.Meter(), 0
             model.eval()
             with torch.no_grad():
-                utils.save_grid(model.decode(noise, noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
+                utils.save_grid(model.decode(model.prior_latents(noise), noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
                                 row_labels=class_names() if args.conditional else None)
                 # rows of originals, each over its row of mean reconstructions
                 recon = model.decode(model.encode(shown, shown_labels)[0], shown_labels)

@@ -8,6 +8,12 @@ mean squared error of the batch (the "optimal sigma" decoder of Rybkin et al., 2
 continuous colour images the Bernoulli's fixed, wide noise lets the model ignore detail; the
 calibrated Gaussian weighs reconstruction as sharply as the decoder can currently reconstruct.
 
+Sampling: the KL term pulls the codes towards N(0, I) but, with a sharp likelihood, does not get
+them there (for the default model the codes' mean has norm about 4), so decoding N(0, I) draws
+lands where no image was encoded. After training the VAE fits a full-covariance Gaussian to the
+encoder means of the training images (ex-post density estimation, Ghosh et al., 2020) and draws
+its samples from it; before fit_prior it is N(0, I).
+
 Conditioning (num_classes > 0, a CVAE as in Sohn et al., 2015): the encoder sees the label as
 constant one-hot planes beside the image channels, and the decoder reads [z, one_hot(y)].
 """
@@ -48,6 +54,9 @@ class VAE(nn.Module):
             c = w
         dec += [nn.ConvTranspose2d(c, nc, 4, 2, 1)]  # logits; the Sigmoid is applied in decode()
         self.decoder = nn.Sequential(*dec)
+        # the sampling distribution of z: prior_mean + prior_scale @ eps, eps ~ N(0, I)
+        self.register_buffer("prior_mean", torch.zeros(latent_dim))
+        self.register_buffer("prior_scale", torch.eye(latent_dim))
 
     def _one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y, self.num_classes).to(like.dtype)
@@ -83,9 +92,21 @@ class VAE(nn.Module):
         return self.decode_logits(self.reparameterize(mu, logvar), y), mu, logvar
 
     @torch.no_grad()
+    def fit_prior(self, mu: torch.Tensor) -> None:
+        """Fit the sampling Gaussian to encoder means mu (N, latent_dim) of training images."""
+        mu = mu.double()
+        cov = torch.cov(mu.T) + 1e-6 * torch.eye(mu.shape[1], dtype=mu.dtype, device=mu.device)
+        self.prior_mean.copy_(mu.mean(0))
+        self.prior_scale.copy_(torch.linalg.cholesky(cov))
+
+    def prior_latents(self, eps: torch.Tensor) -> torch.Tensor:
+        """Standard normal eps (B, latent_dim) -> draws of the fitted Gaussian (B, latent_dim)."""
+        return self.prior_mean + eps @ self.prior_scale.T
+
+    @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """n images from the prior N(0, I) (of classes y when conditional), in [0, 1]."""
-        return self.decode(torch.randn(n, self.latent_dim, device=device), y)
+        """n images from the sampling Gaussian (of classes y when conditional), in [0, 1]."""
+        return self.decode(self.prior_latents(torch.randn(n, self.latent_dim, device=device)), y)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
              beta: float = 1.0) -> dict[str, torch.Tensor]:

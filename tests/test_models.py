@@ -87,6 +87,20 @@ def test_gaussian_likelihood_is_the_normal_density_at_the_best_sigma():
         VAE(likelihood="laplace")
 
 
+def test_fitted_prior_matches_the_codes_it_was_fitted_to():
+    torch.manual_seed(0)
+    vae = VAE(latent_dim=3, widths=(8, 16))
+    eps = torch.randn(20000, 3)
+    torch.testing.assert_close(vae.prior_latents(eps), eps)  # before fitting: N(0, I)
+    mix = torch.tensor([[2.0, 0.0, 0.0], [0.5, 1.0, 0.0], [0.0, -0.3, 0.2]])
+    codes = torch.randn(20000, 3) @ mix.T + torch.tensor([4.0, -1.0, 0.5])
+    vae.fit_prior(codes)
+    draws = vae.prior_latents(eps)
+    torch.testing.assert_close(draws.mean(0), codes.mean(0), atol=0.05, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), torch.cov(codes.T), atol=0.05, rtol=0.05)
+    assert "prior_mean" in vae.state_dict() and "prior_scale" in vae.state_dict()  # saved with the model
+
+
 def test_gradient_reaches_mu_and_logvar_through_sampling():
     vae = VAE(latent_dim=8, widths=(8, 16))
     x = torch.rand(4, 3, 64, 64)
