@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 def score(fnet, images: torch.Tensor, real: dict, args, requested: torch.Tensor | None = None) -> dict:
     """Feature-space measures of uint8 images (N, 3, 64, 64) against the test split."""
-    feats, logits = metrics.predict(fnet, images, args.batch_size)
+    feats, logits = metrics.predict(fnet, images, args.batch_size, desc="features")
     predicted = logits.argmax(1)
     n = min(len(feats), len(real["features"]))  # precision/recall want equal set sizes
     precision, recall = metrics.precision_recall(real["features"], feats[:n], k=3)
@@ -131,7 +131,7 @@ def main(argv=None):
     if len(splits["test"]) < 4:
         raise utils.UserError(f"the test split of {args.data_root} has {len(splits['test'])} images; "
                               "scoring needs at least 4")
-    test_feats = metrics.predict(fnet, splits["test"].images, args.batch_size)[0]
+    test_feats = metrics.predict(fnet, splits["test"].images, args.batch_size, desc="test split")[0]
     real = {"features": test_feats, "shares": metrics.class_shares(splits["test"].labels)}
     train_shares = metrics.class_shares(splits["train"].labels)
     print(f"Feature network: {info['file']} (test accuracy {info['test_accuracy']:.4f}); "
@@ -141,15 +141,18 @@ def main(argv=None):
     for path, sampler in zip(args.checkpoints, samplers):
         t0 = time.time()
         labels = metrics.proportional_labels(args.n, train_shares, args.seed).to(device) if sampler.conditional else None
-        images = sampler.decode(sampler.latents(args.n, args.seed), labels, args.batch_size, uint8=True)
-        row = {"name": row_name(path, sampler), "checkpoint": str(path), "kind": sampler.kind,
-               "conditional": sampler.conditional, "epochs": sampler.args["epochs"],
+        name = row_name(path, sampler)
+        images = sampler.decode(sampler.latents(args.n, args.seed), labels, args.batch_size, uint8=True,
+                                desc=f"{name}: generating")
+        row = {"name": name, "checkpoint": str(path), "kind": sampler.kind,
+               "conditional": sampler.conditional, "epochs": sampler.epochs_trained,
                "ema": sampler.ema, "fitted_prior": sampler.fitted_prior,
                **score(fnet, images, real, args, labels)}
         if sampler.kind == "vae":
             row.update(vae_measures(sampler, splits["test"], args))
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
+        print(f"{name}: FID {row['fid']:.2f}, KID {row['kid']:.2e} ({row['seconds']} s)")
         utils.atomic_write_text(Path(path).parent / "eval.json", json.dumps(
             {"feature_network": info, "seed": args.seed, **row}, indent=2) + "\n")
     if not args.no_reference:

@@ -68,16 +68,17 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
 
 
 @torch.no_grad()
-def predict(model: Classifier, images: torch.Tensor | np.ndarray, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: Classifier, images: torch.Tensor | np.ndarray, batch_size: int = 500,
+            desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 3, 64, 64) (or an (N, 64, 64, 3) array as in the npz) -> features
-    (N, D) float64 and logits (N, 8), on the CPU."""
+    (N, D) float64 and logits (N, 8), on the CPU. `desc` shows a progress bar."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images).permute(0, 3, 1, 2)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     feats, logits = [], []
-    for i in range(0, len(images), batch_size):
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
         f = model.features(to_float(images[i:i + batch_size].to(device), VALUE_RANGE))
         feats.append(f.double().cpu())
         logits.append(model.head(f).cpu())

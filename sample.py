@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import train_gan
 import train_vae
@@ -60,6 +61,7 @@ class Sampler:
     def __init__(self, path: str, device: torch.device, use_ema: bool = True, standard_prior: bool = False):
         ckpt = utils.load_checkpoint(path, map_location=device)
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
+        self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
         self.conditional = bool(self.args.get("conditional"))
         self.has_ema, self.fitted_prior = False, False
         try:
@@ -92,12 +94,12 @@ class Sampler:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256,
-               uint8: bool = False) -> torch.Tensor:
+               uint8: bool = False, desc: str | None = None) -> torch.Tensor:
         """Latents (N, latent_dim) [and labels (N,)] -> images (N, 3, 64, 64) in [0, 1], or as
         uint8 0..255 (a quarter of the memory, for large exports)."""
         y = y if self.conditional else None
         parts = []
-        for i in range(0, len(z), batch_size):
+        for i in tqdm(range(0, len(z), batch_size), desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
             zi, yi = z[i:i + batch_size], None if y is None else y[i:i + batch_size]
             images = self.model(zi, yi) * 0.5 + 0.5 if self.kind == "gan" else self.model.decode(zi, yi)
             parts.append(to_uint8(images, (0.0, 1.0)) if uint8 else images.clamp(0, 1))
