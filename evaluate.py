@@ -99,12 +99,12 @@ def row_name(path: str, sampler: Sampler) -> str:
 
 
 def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
-    cols = [("FID", "fid", "{:.2f}"), ("KID x1e3", "kid", None), ("prec", "precision", "{:.3f}"),
+    cols = [("FID", "fid", "{:.2f}"), ("KID", "kid", None), ("prec", "precision", "{:.3f}"),
             ("recall", "recall", "{:.3f}"), ("class TV", "class_tv", "{:.3f}"), ("min share", "min_share_ratio", "{:.2f}"),
             ("cls acc", "class_accuracy", "{:.3f}"), ("PSNR", "test_psnr", "{:.2f}"), ("SSIM", "test_ssim", "{:.3f}"),
             ("-ELBO", "test_nelbo", "{:.1f}")]
     cols = [c for c in cols if any(c[1] in r for r in rows)]
-    cell = lambda r, key, fmt: ("-" if key not in r else f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f}"
+    cell = lambda r, key, fmt: ("-" if key not in r else f"{r['kid']:.3f} ± {r['kid_std']:.3f}"
                                 if key == "kid" else fmt.format(r[key]))
     table = [["model"] + [c[0] for c in cols]] + [[r["name"]] + [cell(r, k, f) for _, k, f in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
