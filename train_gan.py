@@ -43,9 +43,9 @@ def build_parser():
                    help="D steps per G step (default: 1; 5 for wgan-gp)")
     p.add_argument("--gp-weight", type=utils.non_negative_float, default=10.0,
                    help="lambda of the WGAN-GP gradient penalty")
-    p.add_argument("--ema", type=utils.unit_interval, default=0.0, metavar="DECAY",
-                   help="keep an exponential moving average of G (e.g. 0.999) for grids and "
-                        "samples; 0 turns it off")
+    p.add_argument("--ema", type=utils.unit_interval, default=0.999, metavar="DECAY",
+                   help="decay of the exponential moving average of G used for grids, samples and "
+                        "evaluation (the raw G is kept too); 0 turns it off")
     p.add_argument("--nz", type=utils.positive_int, default=100, help="size of the noise vector z")
     p.add_argument("--ngf", type=utils.positive_int, default=64, help="generator width")
     p.add_argument("--ndf", type=utils.positive_int, default=64, help="discriminator width")

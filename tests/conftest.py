@@ -75,12 +75,12 @@ TINY_VAE = ["--widths", "8,16", "--latent-dim", "8", "--batch-size", "16"]
 
 @pytest.fixture(scope="session")
 def ckpts(data_root, tmp_path_factory):
-    """One epoch each of a conditional GAN with EMA, an unconditional GAN, and both VAEs."""
+    """One epoch each of a conditional GAN with EMA, an unconditional GAN without, and both VAEs."""
     import train_gan
     import train_vae
     root = tmp_path_factory.mktemp("runs")
     common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "1"]
-    runs = {"cgan": (train_gan, TINY_GAN + ["--conditional", "--ema", "0.9"]), "gan": (train_gan, TINY_GAN),
+    runs = {"cgan": (train_gan, TINY_GAN + ["--conditional", "--ema", "0.9"]), "gan": (train_gan, TINY_GAN + ["--ema", "0"]),
             "vae": (train_vae, TINY_VAE), "cvae": (train_vae, TINY_VAE + ["--conditional"])}
     for name, (module, extra) in runs.items():
         module.main([*common, *extra, "--out", str(root / name)])
