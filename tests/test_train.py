@@ -2,6 +2,7 @@
 finished run and after Ctrl-C mid-epoch), atomic checkpoints, NaN stops, and the one-line
 errors a user gets for a bad file or a bad --resume."""
 import json
+import os
 import signal
 import subprocess
 import time
@@ -15,7 +16,9 @@ import train_vae
 import utils
 from conftest import TINY_GAN, TINY_VAE, run_script, script_command, states_equal, write_npz
 
-SCRIPTS = {"gan": (train_gan, TINY_GAN), "vae": (train_vae, TINY_VAE)}
+# These tests extend runs with a new --epochs, which stretches the VAE's cosine schedule, so
+# they use a constant learning rate; test_cosine_schedule_resumes_exactly covers the cosine.
+SCRIPTS = {"gan": (train_gan, TINY_GAN), "vae": (train_vae, TINY_VAE + ["--schedule", "constant"])}
 
 
 def test_gan_script_writes_its_run(data_root, tmp_path):
@@ -93,6 +96,31 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(data_root, tmp_pat
     assert states_equal(a, utils.load_checkpoint(tmp_path / "straight" / "ckpt.pt"))
 
 
+def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch):
+    """Stopped mid-run (as by Ctrl-C) and resumed with the same --epochs, the cosine schedule and
+    the fitted prior pick up where they were: the weights end as in an uninterrupted run."""
+    common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "3", *TINY_VAE]
+    train_vae.main([*common, "--out", str(tmp_path / "straight")])
+    steps = {"n": 0}
+    real_show = utils.show_progress
+
+    def stop_at_step_6(*args, **kwargs):  # in the second epoch of 4 steps
+        steps["n"] += 1
+        if steps["n"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_show(*args, **kwargs)
+    monkeypatch.setattr(utils, "show_progress", stop_at_step_6)
+    with pytest.raises(SystemExit) as e:
+        train_vae.main([*common, "--out", str(tmp_path / "resumed")])
+    assert e.value.code == 130 and utils.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 2
+    train_vae.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
+    a = utils.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = utils.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    assert states_equal(a, b) and a["args"]["schedule"] == "cosine"
+    assert torch.equal(a["models"]["vae"]["prior_scale"], b["models"]["vae"]["prior_scale"])
+    assert a["optimizers"]["vae"]["param_groups"][0]["lr"] < 0.2 * a["args"]["lr"]  # decayed near 0
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     utils.save_checkpoint(path, {"kind": "gan", "x": torch.ones(3)})
@@ -116,7 +144,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_root, tmp_pat
         if calls["n"] > 6:  # the first epoch (4 steps) and its validation (1 batch) are fine
             parts["loss"] = parts["loss"] * float("nan")
         return parts
-    monkeypatch.setattr(train_vae.VAE, "loss", staticmethod(loss_that_breaks))
+    monkeypatch.setattr(train_vae.VAE, "loss", loss_that_breaks)
     out = tmp_path / "vae"
     with pytest.raises(utils.UserError, match="diverged.*last good checkpoint"):
         train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3",
