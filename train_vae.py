@@ -53,8 +53,8 @@ def build_parser():
     p.add_argument("--likelihood", choices=LIKELIHOODS, default="gaussian",
                    help="p(x|z): Gaussian with the batch's best variance (sharper reconstructions), "
                         "or Bernoulli per pixel as in Kingma & Welling")
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
-                   help="learning rate over the run: cosine decay from --lr to 0, or constant")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning rate over the run: constant, or cosine decay from --lr to 0")
     p.add_argument("--beta", type=utils.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
     return p
 
