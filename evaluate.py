@@ -4,7 +4,8 @@
     python evaluate.py outputs/cgan/ckpt.pt --n 2000 --json results.json
 
 For each checkpoint it draws --n images and reports, in the feature space of a BloodMNIST
-classifier trained here (metrics.py; trained once per data file, minutes on a CPU, then cached):
+classifier trained here (metrics.py; once per data file, about 25 minutes on a 2-core CPU, then
+cached):
 FID, KID (mean and std over subsets), precision and recall (k = 3), the generated images' class
 shares under the classifier against the real ones, and for conditional models how often the
 classifier finds the class that was asked for. VAEs also get test-split negative ELBO,
@@ -35,13 +36,15 @@ def parse_args(argv=None):
     p.add_argument("--standard-prior", action="store_true",
                    help="VAE: sample z from N(0, I) instead of the Gaussian fitted to the training codes")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
-    p.add_argument("--kid-subsets", type=utils.positive_int, default=100, help="subsets KID is averaged over")
-    p.add_argument("--kid-subset-size", type=utils.positive_int, default=1000, help="images per KID subset")
+    p.add_argument("--kid-subsets", type=utils.positive_int, default=100, metavar="N",
+                   help="subsets KID is averaged over")
+    p.add_argument("--kid-subset-size", type=utils.positive_int, default=1000, metavar="N",
+                   help="images per KID subset")
     p.add_argument("--json", metavar="FILE", default=None, help="also write every result to this file")
     p.add_argument("--feature-cache", default="outputs/features", metavar="DIR",
                    help="where the feature network is cached, keyed by the data file's MD5")
     p.add_argument("--seed", type=int, default=0, help="seeds the latents and the KID subsets")
-    p.add_argument("--batch-size", type=utils.positive_int, default=250, help="images per forward pass")
+    p.add_argument("--batch-size", type=utils.positive_int, default=250, metavar="N", help="images per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     return p.parse_args(argv)
 
