@@ -116,7 +116,7 @@ def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print("\nClass shares under the classifier (test split: true labels)")
-    heads = ["test"] + [r["name"].removeprefix("ref: ")[:22] for r in rows]
+    heads = ["test"] + [r["name"].removeprefix("ref: ")[:30] for r in rows]
     shares = [real_shares] + [r["class_shares"] for r in rows]
     w = [max(6, len(h)) for h in heads]
     print("class".ljust(14) + "".join(h.rjust(wi + 2) for h, wi in zip(heads, w)))

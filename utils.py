@@ -438,11 +438,11 @@ def plot_curves(records: list[dict], path: Path, panels: list[tuple[str, list[st
 
     panels = [p for p in panels if any(k in r for k in p[1] for r in records)]  # e.g. no KID logged
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    epochs = [r["epoch"] for r in records]
     for ax, (title, keys, hline) in zip(axes[0], panels):
         for k in keys:
-            if any(k in r for r in records):
-                ax.plot(epochs, [r.get(k, float("nan")) for r in records], marker=".", label=k)
+            logged = [r for r in records if k in r]  # e.g. KID only every --eval-every epochs
+            if logged:
+                ax.plot([r["epoch"] for r in logged], [r[k] for r in logged], marker=".", label=k)
         if hline is not None:
             ax.axhline(hline, color="gray", linestyle="--", linewidth=1)
         ax.set_title(title)
