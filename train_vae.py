@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import metrics
 import utils
-from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
+from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_float, to_uint8
 from models.vae import LIKELIHOODS, VAE
 
 VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
@@ -98,10 +98,14 @@ def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def fit_prior(model: VAE, batches: Batches) -> None:
-    """Fit the VAE's sampling Gaussian to the encoder means of the training split."""
+def fit_prior(model: VAE, batches: Batches, chunk: int = 500) -> None:
+    """Fit the VAE's sampling Gaussian to the encoder means of the training split (read in order
+    from the batches' own copy of it)."""
     model.eval()
-    mu = [model.encode(x, y if model.num_classes else None)[0] for x, y in batches.epoch(0)]
+    mu = []
+    for i in range(0, len(batches.labels), chunk):
+        x, y = to_float(batches.images[i:i + chunk], VALUE_RANGE), batches.labels[i:i + chunk]
+        mu.append(model.encode(x, y if model.num_classes else None)[0])
     model.fit_prior(torch.cat(mu))
 
 
@@ -116,7 +120,6 @@ def main(argv=None):
 
     splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset)
     batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed)
-    in_order = Batches(splits["train"], 500, device, VALUE_RANGE, shuffle=False)  # for fit_prior
     val = Batches(splits["val"], 256, device, VALUE_RANGE, shuffle=False) if len(splits["val"]) else None
     if val is None:
         utils.warn("the data file has no validation images; the validation ELBO is not logged")
@@ -162,7 +165,7 @@ def main(argv=None):
             bar.close()
 
             # End of epoch: sampling Gaussian, validation ELBO, samples, reconstructions, curves, checkpoint
-            fit_prior(model, in_order)
+            fit_prior(model, batches)
             record = {"epoch": epoch + 1, **meter.means()}
             if val is not None:
                 record.update(evaluate(model, val, args.seed))
