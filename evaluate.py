@@ -69,7 +69,6 @@ def score(fnet, images: torch.Tensor, real: dict, args, requested: torch.Tensor 
     return out
 
 
-@torch.no_grad()
 def vae_measures(sampler: Sampler, test, args) -> dict:
     """Test-split negative ELBO (nats per image), its parts, and the MSE, PSNR and SSIM of the
     mean reconstructions, as train_vae.py logs them for the validation split."""
@@ -129,7 +128,6 @@ def main(argv=None):
     device = utils.pick_device(args.device)
     samplers = [Sampler(path, device, not args.no_ema, args.standard_prior) for path in args.checkpoints]  # bad paths fail first
     fnet, info = metrics.feature_network(args.data_root, device, args.feature_cache)
-    fnet.to(device)
     splits = load_bloodmnist(args.data_root)
     if len(splits["test"]) < 4:
         raise utils.UserError(f"the test split of {args.data_root} has {len(splits['test'])} images; "
@@ -137,7 +135,7 @@ def main(argv=None):
     test_feats = metrics.predict(fnet, splits["test"].images, args.batch_size, desc="test split")[0]
     real = {"features": test_feats, "shares": metrics.class_shares(splits["test"].labels)}
     train_shares = metrics.class_shares(splits["train"].labels)
-    print(f"Feature network: {info['file']} (test accuracy {info['test_accuracy']:.4f}); "
+    print(f"Feature network: {info['file']} (test accuracy {metrics.percent(info['test_accuracy'])}); "
           f"{len(splits['test']):,} test images; {args.n:,} generated images per checkpoint")
 
     rows = []

@@ -86,6 +86,11 @@ def predict(model: Classifier, images: torch.Tensor | np.ndarray, batch_size: in
     return torch.cat(feats), torch.cat(logits)
 
 
+def percent(accuracy: float | None) -> str:
+    """An accuracy for people; None where the split was empty (e.g. an exported synthetic npz)."""
+    return "n/a (empty split)" if accuracy is None else f"{100 * accuracy:.2f} %"
+
+
 def accuracy(model: Classifier, split: Split) -> float:
     logits = predict(model, split.images)[1]
     return (logits.argmax(1).numpy() == split.labels).mean().item()
@@ -118,7 +123,8 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
     info = {"file": str(file), "data_md5": digest, "recipe": recipe,
             "val_accuracy": accuracy(model, splits["val"]) if len(splits["val"]) else None,
             "test_accuracy": accuracy(model, splits["test"]) if len(splits["test"]) else None}
-    print(f"Feature network: test accuracy {info['test_accuracy']:.4f}, val accuracy {info['val_accuracy']:.4f}")
+    print(f"Feature network: test accuracy {percent(info['test_accuracy'])}, "
+          f"val accuracy {percent(info['val_accuracy'])}")
     file.parent.mkdir(parents=True, exist_ok=True)
     with utils.atomic_write(file) as tmp:
         torch.save({"model": model.state_dict(), "recipe": recipe, "data_md5": digest, "info": info}, tmp)

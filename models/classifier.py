@@ -8,7 +8,6 @@ each followed by 2x2 max pooling, then global average pooling:
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class Classifier(nn.Module):
@@ -22,7 +21,6 @@ class Classifier(nn.Module):
             c_in = c_out
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, num_classes)
-        self.feature_dim = c_in
         self.apply(self._init_weights)
 
     @staticmethod
@@ -32,7 +30,7 @@ class Classifier(nn.Module):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """x in [-1, 1], (B, 3, H, W) -> (B, feature_dim), the space FID/KID/precision are taken in."""
+        """x in [-1, 1], (B, 3, H, W) -> (B, widths[-1]), the space FID/KID/precision are taken in."""
         return self.body(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +45,3 @@ def random_symmetry(x: torch.Tensor, generator: torch.Generator | None = None) -
     x = torch.where(coins[0], x.flip(3), x)
     x = torch.where(coins[1], x.flip(2), x)
     return torch.where(coins[2], x.transpose(2, 3), x)
-
-
-def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y)

@@ -9,7 +9,7 @@ import evaluate
 import train_gan
 import train_vae
 import utils
-from conftest import TINY_GAN, TINY_VAE, run_script
+from conftest import TINY_GAN, TINY_VAE, run_script, write_npz
 
 
 def run(data_root, cache, *argv):
@@ -67,6 +67,13 @@ def test_same_seed_same_numbers_at_any_batch_size(ckpts, data_root, feature_cach
     assert scores[0]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)  # eval-mode BN: batch-independent
     assert scores[0]["kid"] == pytest.approx(scores[1]["kid"], rel=1e-6)
     assert scores[2]["fid"] != scores[0]["fid"]  # other latents
+
+
+def test_data_without_a_test_split_is_refused_in_one_line(ckpts, feature_cache, tmp_path):
+    """An exported synthetic npz has empty val and test splits: nothing to score against."""
+    synthetic = write_npz(tmp_path / "synthetic.npz", sizes=(64, 0, 0))
+    with pytest.raises(utils.UserError, match="test split .* has 0 images"):
+        run(synthetic, feature_cache, ckpts["gan"], "--n", 24)
 
 
 def test_bad_checkpoint_is_one_line_error(tmp_path):
