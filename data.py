@@ -162,20 +162,27 @@ def to_uint8(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Te
 class Batches:
     """Minibatches of one split as float tensors on `device`, with their labels.
 
-    The uint8 images sit on the device once, channels first. Each epoch's order comes from a
-    generator seeded by (seed, epoch), so any epoch, or the rest of one, can be replayed exactly:
-    that is what makes --resume bit-exact. With shuffle=False the split is walked in order and
-    the last short batch is kept (evaluation); with shuffle=True it is dropped (training), unless
-    the split is smaller than one batch.
+    The uint8 images are copied to the device once (150 MB for the training split) when they
+    fit in a quarter of its free memory, so a step never waits for a host-to-device copy or a
+    per-image transform; otherwise they stay in pinned host memory and each batch is copied
+    asynchronously. channels_last keeps them NHWC, the npz's own layout and the fast one for
+    convolutions. Each epoch's order comes from a generator seeded by (seed, epoch), so any epoch,
+    or the rest of one, can be replayed exactly: that is what makes --resume bit-exact. With
+    shuffle=False the split is walked in order and the last short batch is kept (evaluation);
+    with shuffle=True it is dropped (training), unless the split is smaller than one batch.
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device | str,
-                 value_range: tuple[float, float], shuffle: bool = True, seed: int = 0):
-        self.images = torch.from_numpy(split.images).permute(0, 3, 1, 2).contiguous().to(device)
-        self.labels = torch.from_numpy(split.labels).to(device)
+                 value_range: tuple[float, float], shuffle: bool = True, seed: int = 0,
+                 channels_last: bool = False):
+        self.device = torch.device(device)
+        images = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # a NHWC view, no copy
+        images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.resident = self.device.type == "cpu" or _fits(images, self.device)
+        self.images = images.to(self.device) if self.resident else images.pin_memory()
+        self.labels = torch.from_numpy(split.labels).to(self.device)
         self.batch_size, self.value_range = batch_size, value_range
         self.shuffle, self.seed = shuffle, seed
-        self.device = torch.device(device)
 
     def __len__(self) -> int:
         n, b = len(self.labels), self.batch_size
@@ -189,7 +196,20 @@ class Batches:
 
     def epoch(self, epoch: int, start: int = 0):
         """Yields (x, y) for steps start..len(self)-1 of this epoch."""
-        order = self.order(epoch).to(self.device)
+        order = self.order(epoch)
+        if self.resident:
+            order = order.to(self.device)
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield to_float(self.images[idx], self.value_range), self.labels[idx]
+            x = self.images[idx]
+            if not self.resident:
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            yield to_float(x, self.value_range), self.labels[idx.to(self.device)]
+
+
+def _fits(images: torch.Tensor, device: torch.device) -> bool:
+    """Whether the uint8 images take at most a quarter of the device's free memory."""
+    if device.type != "cuda":
+        return True  # MPS shares the host's memory
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.numel() * images.element_size() <= free // 4

@@ -69,6 +69,64 @@ def build_models(args) -> tuple[Generator, Discriminator]:
     return G, D
 
 
+class GANTrainer:
+    """The networks, optimisers and precision of a run, and its step (shared with bench.py).
+
+    One step sees one batch of real images: D always learns from it, G on every n_critic-th
+    batch. Losses stay on the device in `meter`; nothing in a step waits for the device.
+    """
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        fmt = utils.memory_format(args.channels_last)
+        self.G, self.D = (m.to(device, memory_format=fmt) for m in build_models(vars(args)))
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if args.ema else None
+        betas = (args.beta1, args.beta2)
+        self.opt_g, self.opt_d = utils.adam(self.G.parameters(), args.lr, betas), utils.adam(self.D.parameters(), args.lr, betas)
+        self.precision = utils.Precision(args.precision, device)
+        self.scaler_g, self.scaler_d = self.precision.scaler(), self.precision.scaler()
+        # The gradient penalty differentiates D twice, which torch.compile does not support.
+        self.g = utils.compiled(self.G, args.compile)
+        self.d = utils.compiled(self.D, args.compile and args.loss != "wgan-gp")
+        self.g_params = list(self.G.parameters())
+
+    def state(self) -> tuple[dict, dict, dict]:
+        """Models, optimisers and scalers, as the checkpoint names them."""
+        models = {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {})}
+        return models, {"G": self.opt_g, "D": self.opt_d}, {"G": self.scaler_g, "D": self.scaler_d}
+
+    def step(self, real: torch.Tensor, y: torch.Tensor | None, batch_index: int, meter: utils.Meter) -> None:
+        """batch_index counts batches from 1 over the whole run."""
+        args, G, D = self.args, self.g, self.d
+        g_step = batch_index % args.n_critic == 0  # G learns on every n_critic-th batch
+        with self.precision.autocast():
+            with torch.set_grad_enabled(g_step):
+                fake = G(torch.randn(real.shape[0], args.nz, device=real.device), y)
+
+            # (1) Update D on every batch: real images against generated ones of the same labels
+            logits_real, logits_fake = D(real, y), D(fake.detach(), y)
+            loss_d = discriminator_loss(args.loss, logits_real, logits_fake)
+            if args.loss == "wgan-gp":
+                gp = gradient_penalty(self.D, real, fake.detach(), y)
+                meter.update(wasserstein=-loss_d, gp=gp)
+                loss_d = loss_d + args.gp_weight * gp
+            elif args.loss == "bce":
+                meter.update(d_x=torch.sigmoid(logits_real.float()).mean(), d_g_z=torch.sigmoid(logits_fake.float()).mean())
+            else:
+                meter.update(d_real=logits_real.mean(), d_fake=logits_fake.mean())
+        utils.backward_step(loss_d, self.opt_d, self.scaler_d)
+        meter.update(loss_d=loss_d)
+
+        # (2) Update G: make D score the generated images as real. Only G's weights get gradients.
+        if g_step:
+            with self.precision.autocast():
+                loss_g = generator_loss(args.loss, D(fake, y))
+            utils.backward_step(loss_g, self.opt_g, self.scaler_g, inputs=self.g_params)
+            if self.G_ema is not None:
+                utils.ema_update(self.G_ema, self.G, utils.ema_decay(args.ema, batch_index // args.n_critic - 1))
+            meter.update(loss_g=loss_g)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -79,28 +137,26 @@ def main(argv=None):
     utils.set_seed(args.seed)
 
     splits = load_bloodmnist(args.data_root, splits=("train",), subset=args.subset)
-    batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed)
-
-    G, D = (m.to(device) for m in build_models(vars(args)))
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False) if args.ema else None
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed,
+                      channels_last=args.channels_last)
+    trainer = GANTrainer(args, device)
+    G, D, G_ema = trainer.G, trainer.D, trainer.G_ema
+    models, optimizers, scalers = trainer.state()
     noise = utils.fixed_noise(GRID, args.nz, args.seed, device)
     noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
-    models = {"G": G, "D": D, **({"G_ema": G_ema} if G_ema is not None else {})}
-    optimizers = {"G": opt_g, "D": opt_d}
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
-        epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device)
+        epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
     log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
     probe = metrics.KIDProbe(args, args.nz, device) if args.eval_every else None
     print(f"GAN ({args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
-          f"parameters; {len(batches.labels):,} training images, {len(batches)} steps per epoch on {device}")
+          f"parameters; {len(batches.labels):,} training images, {len(batches)} steps per epoch on {device}, "
+          f"{trainer.precision.name}")
 
     def checkpoint(epoch: int, step: int) -> None:
-        utils.save_training_state(ckpt_path, "gan", args, epoch, step, models, optimizers, meter, device)
+        utils.save_training_state(ckpt_path, "gan", args, epoch, step, models, optimizers, meter, device, scalers)
 
     with utils.GracefulStop() as stop:
         for epoch in range(epoch, args.epochs):
@@ -108,39 +164,7 @@ def main(argv=None):
             G.train(), D.train()
             bar = utils.epoch_bar(batches, epoch, step, args.epochs)
             for step, (real, y) in enumerate(bar, start=step + 1):
-                y = y if args.conditional else None
-                batch_index = epoch * len(batches) + step  # counts from 1 over the whole run
-                g_step = batch_index % args.n_critic == 0  # G learns on every n_critic-th batch
-                with torch.set_grad_enabled(g_step):
-                    fake = G(torch.randn(real.shape[0], args.nz, device=device), y)
-
-                # (1) Update D on every batch: real images against generated ones of the same labels
-                logits_real, logits_fake = D(real, y), D(fake.detach(), y)
-                loss_d = discriminator_loss(args.loss, logits_real, logits_fake)
-                if args.loss == "wgan-gp":
-                    gp = gradient_penalty(D, real, fake.detach(), y)
-                    meter.update(wasserstein=-loss_d, gp=gp)
-                    loss_d = loss_d + args.gp_weight * gp
-                elif args.loss == "bce":
-                    meter.update(d_x=torch.sigmoid(logits_real).mean(), d_g_z=torch.sigmoid(logits_fake).mean())
-                else:
-                    meter.update(d_real=logits_real.mean(), d_fake=logits_fake.mean())
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-                meter.update(loss_d=loss_d)
-
-                # (2) Update G: make D score the generated images as real
-                if g_step:
-                    loss_g = generator_loss(args.loss, D(fake, y))
-                    opt_g.zero_grad(set_to_none=True)
-                    loss_g.backward()
-                    opt_g.step()
-                    if G_ema is not None:
-                        decay = utils.ema_decay(args.ema, batch_index // args.n_critic - 1)
-                        utils.ema_update(G_ema, G, decay)
-                    meter.update(loss_g=loss_g)
-
+                trainer.step(real, y if args.conditional else None, epoch * len(batches) + step, meter)
                 utils.show_progress(bar, meter, epoch, step, ckpt_path, force=stop.requested)
                 stop.exit_if_requested(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()

@@ -109,6 +109,29 @@ def fit_prior(model: VAE, batches: Batches, chunk: int = 500) -> None:
     model.fit_prior(torch.cat(mu))
 
 
+class VAETrainer:
+    """The model, optimiser and precision of a run, and its step (shared with bench.py)."""
+
+    def __init__(self, args, device: torch.device):
+        self.args = args
+        self.model = build_model(vars(args)).to(device, memory_format=utils.memory_format(args.channels_last))
+        self.opt = utils.adam(self.model.parameters(), args.lr)
+        self.precision = utils.Precision(args.precision, device)
+        self.scaler = self.precision.scaler()
+        self.net = utils.compiled(self.model, args.compile)
+
+    def state(self) -> tuple[dict, dict, dict]:
+        """Models, optimisers and scalers, as the checkpoint names them."""
+        return {"vae": self.model}, {"vae": self.opt}, {"vae": self.scaler}
+
+    def step(self, x: torch.Tensor, y: torch.Tensor | None, meter: utils.Meter) -> None:
+        with self.precision.autocast():
+            logits, mu, logvar = self.net(x, y)
+            parts = self.model.loss(x, logits, mu, logvar, beta=self.args.beta)
+        utils.backward_step(parts["loss"], self.opt, self.scaler)
+        meter.update(**parts)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -119,19 +142,22 @@ def main(argv=None):
     utils.set_seed(args.seed)
 
     splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset)
-    batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed)
-    val = Batches(splits["val"], 256, device, VALUE_RANGE, shuffle=False) if len(splits["val"]) else None
+    batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed,
+                      channels_last=args.channels_last)
+    val = Batches(splits["val"], 256, device, VALUE_RANGE, shuffle=False,
+                  channels_last=args.channels_last) if len(splits["val"]) else None
     if val is None:
         utils.warn("the data file has no validation images; the validation ELBO is not logged")
 
-    model = build_model(vars(args)).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    trainer = VAETrainer(args, device)
+    model, opt = trainer.model, trainer.opt
+    models, optimizers, scalers = trainer.state()
     noise = utils.fixed_noise(GRID, args.latent_dim, args.seed, device)
     noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
-        epoch, step = utils.restore_training_state(ckpt, {"vae": model}, {"vae": opt}, meter, device)
+        epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
     log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
     probe = metrics.KIDProbe(args, args.latent_dim, device) if args.eval_every else None
     shown, shown_labels = next(iter((val if val is not None else batches).epoch(0)))
@@ -139,10 +165,10 @@ def main(argv=None):
     keep = min(RECON, len(shown) - len(shown) % nrow)
     shown, shown_labels = shown[:keep], shown_labels[:keep] if args.conditional else None
     print(f"VAE: {sum(p.numel() for p in model.parameters()):,} parameters; {len(batches.labels):,} "
-          f"training images, {len(batches)} steps per epoch on {device}")
+          f"training images, {len(batches)} steps per epoch on {device}, {trainer.precision.name}")
 
     def checkpoint(epoch: int, step: int) -> None:
-        utils.save_training_state(ckpt_path, "vae", args, epoch, step, {"vae": model}, {"vae": opt}, meter, device)
+        utils.save_training_state(ckpt_path, "vae", args, epoch, step, models, optimizers, meter, device, scalers)
 
     with utils.GracefulStop() as stop:
         for epoch in range(epoch, args.epochs):
@@ -153,13 +179,7 @@ def main(argv=None):
                 if args.schedule == "cosine":  # a function of the step alone, so resume needs no state
                     progress = (epoch * len(batches) + step - 1) / (args.epochs * len(batches))
                     opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-                logits, mu, logvar = model(x, y if args.conditional else None)
-                parts = model.loss(x, logits, mu, logvar, beta=args.beta)
-                opt.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                opt.step()
-
-                meter.update(**parts)
+                trainer.step(x, y if args.conditional else None, meter)
                 utils.show_progress(bar, meter, epoch, step, ckpt_path, force=stop.requested)
                 stop.exit_if_requested(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()

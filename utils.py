@@ -1,5 +1,6 @@
-"""What both training scripts share: flags, seeding, device, run folder, checkpoints, stopping,
-running means, metrics log, sample grids and curves. Only the models and the steps differ."""
+"""What both training scripts share: flags, seeding, device, speed (precision, memory format,
+fused optimisers, compilation), run folder, checkpoints, stopping, running means, metrics log,
+sample grids and curves. Only the models and the steps differ."""
 import argparse
 import contextlib
 import json
@@ -113,13 +114,16 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
     p.add_argument("--eval-n", type=positive_int, default=2000, metavar="N", help="samples per --eval-every KID")
     p.add_argument("--feature-cache", default="outputs/features", metavar="DIR",
                    help="where evaluate.py's feature network is cached")
+    add_speed_args(p)
     p.add_argument("--out", default=out, metavar="DIR", help="run folder: config, metrics, grids, curves, ckpt.pt")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its ckpt.pt, with that run's settings")
 
 
 # Settings a resumed run may change when given; everything else comes from the checkpoint.
-RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "eval_every", "eval_n", "feature_cache"}
+# How a run computes (precision, memory format, compilation) may change too: it is not what it learns.
+RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "eval_every", "eval_n", "feature_cache",
+                     "precision", "channels_last", "compile"}
 
 
 def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str,
@@ -180,6 +184,102 @@ def pick_device(name: str = "auto") -> torch.device:
     elif name == "mps" and not mps:
         raise UserError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
     return torch.device(name)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_speed_args(p: argparse.ArgumentParser) -> None:
+    """How the training scripts and bench.py compute; none of these changes what a model learns
+    beyond rounding (README, "Speed")."""
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="autocast dtype of the forward passes (weights and optimiser stay fp32): auto is "
+                        "bf16 where the hardware computes it natively (recent NVIDIA GPUs, CPUs with "
+                        "AVX512-BF16 or AMX), else fp32; fp16 adds a gradient scaler")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep images and convolution weights in channels-last (NHWC) memory format")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the networks (pays on GPUs; slower on the 2-core CPU we measured)")
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPUs on which bf16 matrix products are native, not emulated."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """--precision as a dtype for this device; 'auto' picks bf16 only where it is native."""
+    if name == "auto":
+        native = (torch.cuda.is_bf16_supported() if device.type == "cuda" else
+                  cpu_has_bf16() if device.type == "cpu" else False)
+        return torch.bfloat16 if native else torch.float32
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU has no bf16; use --precision fp16 or auto")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+class Precision:
+    """Mixed precision for one run: autocast() around forward passes and losses, and for fp16 a
+    gradient scaler per optimiser (fp16 gradients underflow without one; bf16 has fp32's range)."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.device, self.dtype = device, resolve_precision(name, device)
+        self.name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def scaler(self):
+        """A GradScaler for fp16, else None."""
+        return torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None, inputs=None) -> None:
+    """loss.backward() and optimizer.step(), through the fp16 scaler when there is one. `inputs`
+    limits the backward pass to those tensors' gradients (e.g. G's weights only, so D's weight
+    gradients, which G's step would throw away, are never computed)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward(inputs=inputs)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward(inputs=inputs)
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam with fused=True (one kernel for all parameters) where this PyTorch has it for the
+    parameters' device (CUDA, and CPU and MPS in recent versions), else the default."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def compiled(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """torch.compile(module) when enabled. The compiled wrapper shares the module's parameters;
+    keep saving and averaging the module itself (the wrapper's state_dict keys differ)."""
+    if not enabled:
+        return module
+    if not hasattr(torch, "compile"):
+        raise UserError("--compile needs PyTorch 2.0 or newer")
+    return torch.compile(module)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (for timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def rng_state(device: torch.device) -> dict:
@@ -308,31 +408,42 @@ def ema_decay(decay: float, updates: int) -> float:
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, for the weights and the floating-point buffers
     (BatchNorm running statistics); integer buffers (batch counters) are copied."""
-    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
-        if e.dtype.is_floating_point:
-            e.lerp_(m, 1.0 - decay)
-        else:
+    pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
+    floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
+    torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - decay)  # one launch, not one per tensor
+    for e, m in pairs:
+        if not e.dtype.is_floating_point:
             e.copy_(m)
 
 
 def save_training_state(path: Path, kind: str, args: argparse.Namespace, epoch: int, step: int,
-                        models: dict, optimizers: dict, meter: "Meter", device: torch.device) -> None:
-    """One dict that resumes a run exactly: the networks, their optimisers, where the run stands
-    (`epoch` finished epochs and `step` steps into the next), its settings and random states."""
+                        models: dict, optimizers: dict, meter: "Meter", device: torch.device,
+                        scalers: dict | None = None) -> None:
+    """One dict that resumes a run exactly: the networks, their optimisers (and fp16 gradient
+    scalers), where the run stands (`epoch` finished epochs and `step` steps into the next), its
+    settings and random states."""
     save_checkpoint(path, {
         "kind": kind, "args": vars(args), "epoch": epoch, "step": step,
         "models": {k: m.state_dict() for k, m in models.items()},
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "scalers": {k: s.state_dict() for k, s in (scalers or {}).items() if s is not None},
         "meter": meter.state_dict(), "rng": rng_state(device)})
 
 
 def restore_training_state(ckpt: dict, models: dict, optimizers: dict, meter: "Meter",
-                           device: torch.device) -> tuple[int, int]:
+                           device: torch.device, scalers: dict | None = None) -> tuple[int, int]:
     """Load what save_training_state wrote into live objects; returns (epoch, step)."""
     for k, m in models.items():
         m.load_state_dict(ckpt["models"][k])
     for k, o in optimizers.items():
+        # the saved param groups carry how the saving machine stepped (fused or not); keep ours
+        how = [{f: g[f] for f in ("fused", "foreach") if f in g} for g in o.param_groups]
         o.load_state_dict(ckpt["optimizers"][k])
+        for g, h in zip(o.param_groups, how):
+            g.update(h)
+    for k, s in (scalers or {}).items():
+        if s is not None and k in ckpt.get("scalers", {}):
+            s.load_state_dict(ckpt["scalers"][k])
     meter.load_state_dict(ckpt["meter"], device)
     set_rng_state(ckpt["rng"], device)
     return ckpt["epoch"], ckpt["step"]

@@ -107,7 +107,9 @@ class Discriminator(nn.Module):
 
 
 def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """D's loss from its logits on real and generated images (the penalty is added separately)."""
+    """D's loss from its logits on real and generated images (the penalty is added separately).
+    Computed in fp32 whatever precision the logits came in."""
+    real, fake = real.float(), fake.float()
     if kind == "bce":  # -log D(x) - log(1 - D(G(z))), with D = sigmoid(logit)
         return F.softplus(-real).mean() + F.softplus(fake).mean()
     if kind == "hinge":  # Lim & Ye 2017
@@ -119,6 +121,7 @@ def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> tor
 
 def generator_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
     """G's loss from D's logits on generated images; for bce the non-saturating -log D(G(z))."""
+    fake = fake.float()
     return F.softplus(-fake).mean() if kind == "bce" else -fake.mean()
 
 
@@ -130,4 +133,4 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
     x_hat = (e * real + (1 - e) * fake).requires_grad_(True)
     out = critic(x_hat, y) if y is not None else critic(x_hat)
     (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
-    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+    return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()

@@ -120,6 +120,7 @@ class VAE(nn.Module):
             -1/2 * sum(1 + log sigma^2 - mu^2 - sigma^2).
         """
         b = x.shape[0]
+        logits, mu, logvar = logits.float(), mu.float(), logvar.float()  # fp32 sums under autocast
         if self.likelihood == "bernoulli":
             recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / b
         else:
