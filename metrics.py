@@ -68,6 +68,7 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
 
 
 @torch.no_grad()
+@torch.no_grad()
 def predict(model: Classifier, images: torch.Tensor | np.ndarray, batch_size: int = 500,
             desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 3, 64, 64) (or an (N, 64, 64, 3) array as in the npz) -> features
@@ -111,9 +112,9 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
         except Exception as e:
             raise utils.UserError(f"{file} is not readable ({type(e).__name__}); delete it to retrain") from None
         if saved.get("recipe") == recipe and saved.get("data_md5") == digest:
-            model = Classifier(NUM_CLASSES, widths=tuple(recipe["widths"])).to(device)
+            model = Classifier(NUM_CLASSES, widths=tuple(recipe["widths"]))
             model.load_state_dict(saved["model"])
-            return model.eval(), saved["info"]
+            return model.to(device, memory_format=torch.channels_last).eval(), saved["info"]
     print(f"Training the feature network on {path.name} ({recipe['epochs']} epochs; once, then "
           f"cached in {file})")
     splits = load_bloodmnist(data_root)
@@ -129,7 +130,7 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
     with utils.atomic_write(file) as tmp:
         torch.save({"model": model.state_dict(), "recipe": recipe, "data_md5": digest, "info": info}, tmp)
     utils.atomic_write_text(file.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
-    return model, info
+    return model.to(memory_format=torch.channels_last), info  # the faster layout for the feature pass
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""How fast this repo trains and evaluates, against the training loop most tutorials write.
+
+    python bench.py                                     # every workload on the best device
+    python bench.py --workloads vae gan-bce --device cpu --json outputs/bench.json
+    python bench.py --precision bf16 --compile          # the trade-offs the training scripts offer
+
+For each workload it times two ways of doing the same work on the same model and batch size:
+
+  ours      the training scripts' own step (GANTrainer, VAETrainer) with their defaults: images
+            resident on the device as uint8, channels-last, fused Adam, --precision (auto: bf16
+            where the hardware has it), losses left on the device; for "features", evaluate.py's
+            feature pass (metrics.predict) on uint8 images.
+  baseline  the usual loop: a Dataset that turns each image into a PIL image and runs
+            torchvision transforms, a DataLoader with 2 workers, fp32, the default memory format,
+            plain Adam, and .item() on the losses after every step.
+
+Warm-up steps are not timed; each figure is the median of --repeats timings of --steps steps,
+ours and the baseline taking turns. "s/epoch" is the training split (11,959 images) divided by
+the rate. This is a benchmark, not a test: it prints numbers and asserts nothing about them.
+"""
+import itertools
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from tqdm import tqdm
+
+import metrics
+import train_gan
+import train_vae
+import utils
+from data import Batches, load_bloodmnist
+from models.classifier import Classifier
+from models.dcgan import discriminator_loss, generator_loss, gradient_penalty
+
+WORKLOADS = ("gan-bce", "gan-hinge", "gan-wgan-gp", "vae", "features")
+TRAIN_IMAGES = 11_959  # the official BloodMNIST training split, for s/epoch
+
+
+def build_parser():
+    p = utils.make_parser(__doc__)
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), metavar="NAME",
+                   help=f"what to time, any of: {', '.join(WORKLOADS)}")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--data-root", default="data", metavar="PATH",
+                   help="folder holding bloodmnist_64.npz (downloaded there if missing), or the .npz itself")
+    p.add_argument("--batch-size", type=utils.positive_int, default=128, metavar="N",
+                   help="images per training step (the training scripts' default)")
+    p.add_argument("--feature-batch-size", type=utils.positive_int, default=500, metavar="N",
+                   help="images per batch of the feature pass (evaluate.py's)")
+    p.add_argument("--steps", type=utils.positive_int, default=10, metavar="N", help="steps per timing")
+    p.add_argument("--repeats", type=utils.positive_int, default=3, metavar="R", help="timings per number (median)")
+    p.add_argument("--warmup", type=utils.positive_int, default=3, metavar="N", help="untimed steps first")
+    p.add_argument("--workers", type=utils.non_negative_int, default=2, metavar="N",
+                   help="DataLoader workers of the baseline (pytorch/examples uses 2)")
+    p.add_argument("--no-baseline", action="store_true", help="time our path only")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
+    utils.add_speed_args(p)
+    return p
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------- the usual loop, as tutorials write it
+
+class PILDataset(torch.utils.data.Dataset):
+    """Each image becomes a PIL image and goes through torchvision transforms, one at a time."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def forever(loader):
+    """Batches of a DataLoader epoch after epoch (a new epoch restarts its workers, as in a real loop)."""
+    while True:
+        yield from loader
+
+
+def baseline_loader(split, transform, batch_size: int, workers: int, shuffle: bool = True):
+    dataset = PILDataset(split.images, split.labels, transform)
+    return forever(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                               num_workers=workers, drop_last=shuffle))
+
+
+def baseline_gan(args, split, device, workers: int):
+    """pytorch/examples' DCGAN loop (and its WGAN-GP cousin) on our G and D."""
+    G, D = (m.to(device) for m in train_gan.build_models(vars(args)))
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    normalize = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    batches = baseline_loader(split, normalize, args.batch_size, workers)
+    counter = itertools.count(1)
+
+    def step():
+        real, _ = next(batches)
+        real = real.to(device)
+        fake = G(torch.randn(real.size(0), args.nz, device=device))
+        D.zero_grad()
+        loss_d = discriminator_loss(args.loss, D(real), D(fake.detach()))
+        if args.loss == "wgan-gp":
+            loss_d = loss_d + args.gp_weight * gradient_penalty(D, real, fake.detach())
+        loss_d.backward()
+        opt_d.step()
+        stats = [loss_d.item()]
+        if next(counter) % args.n_critic == 0:
+            G.zero_grad()
+            loss_g = generator_loss(args.loss, D(fake))
+            loss_g.backward()
+            opt_g.step()
+            stats.append(loss_g.item())
+        return stats
+    return step
+
+
+def baseline_vae(args, split, device, workers: int):
+    """pytorch/examples' VAE loop on our VAE and its loss."""
+    model = train_vae.build_model(vars(args)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    batches = baseline_loader(split, T.ToTensor(), args.batch_size, workers)
+
+    def step():
+        x, _ = next(batches)
+        x = x.to(device)
+        opt.zero_grad()
+        logits, mu, logvar = model(x)
+        loss = model.loss(x, logits, mu, logvar)["loss"]
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+def baseline_features(model, split, batch_size: int, device, workers: int):
+    normalize = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    batches = baseline_loader(split, normalize, batch_size, workers, shuffle=False)
+
+    @torch.no_grad()
+    def step():
+        x, _ = next(batches)
+        return model.features(x.to(device)).cpu()
+    return step
+
+
+# ---------------------------------------------------------------- our path: the training scripts' own steps
+
+def cycle_batches(batches):
+    for epoch in itertools.count():
+        yield from batches.epoch(epoch)
+
+
+def ours_gan(args, split, device):
+    batches = cycle_batches(Batches(split, args.batch_size, device, train_gan.VALUE_RANGE,
+                                    channels_last=args.channels_last))
+    trainer, meter, counter = train_gan.GANTrainer(args, device), utils.Meter(), itertools.count(1)
+
+    def step():
+        real, _ = next(batches)
+        trainer.step(real, None, next(counter), meter)
+    return step
+
+
+def ours_vae(args, split, device):
+    batches = cycle_batches(Batches(split, args.batch_size, device, train_vae.VALUE_RANGE,
+                                    channels_last=args.channels_last))
+    trainer, meter = train_vae.VAETrainer(args, device), utils.Meter()
+
+    def step():
+        x, _ = next(batches)
+        trainer.step(x, None, meter)
+    return step
+
+
+def ours_features(model, images: torch.Tensor, batch_size: int):
+    starts = itertools.cycle(range(0, len(images) - batch_size + 1, batch_size))
+
+    def step():
+        i = next(starts)
+        return metrics.predict(model, images[i:i + batch_size], batch_size)
+    return step
+
+
+# ---------------------------------------------------------------- timing
+
+def rate(step, images_per_step: int, steps: int, device: torch.device) -> float:
+    """Images per second over `steps` calls of step, waiting for the device at both ends."""
+    utils.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    utils.synchronize(device)
+    return steps * images_per_step / (time.perf_counter() - t0)
+
+
+def training_args(workload: str, opts) -> object:
+    """The training script's own defaults for this workload, with the bench's speed flags."""
+    flags = ["--batch-size", str(opts.batch_size), "--precision", opts.precision,
+             "--channels-last" if opts.channels_last else "--no-channels-last"] + (["--compile"] if opts.compile else [])
+    if workload == "vae":
+        return train_vae.build_parser().parse_args(flags)
+    args = train_gan.build_parser().parse_args(flags + ["--loss", workload.removeprefix("gan-")])
+    train_gan.fill_defaults(args)
+    return args
+
+
+def main(argv=None):
+    opts = build_parser().parse_args(argv)
+    device = utils.pick_device(opts.device)
+    split = load_bloodmnist(opts.data_root, splits=("train",))["train"]
+    if len(split) < max(opts.batch_size, opts.feature_batch_size):
+        raise utils.UserError(f"the training split has {len(split)} images, fewer than one batch; "
+                              "lower --batch-size / --feature-batch-size")
+    name = device_name(device)
+    precision = utils.Precision(opts.precision, device).name
+    print(f"bench on {device} ({name}), ours in {precision}{', compiled' if opts.compile else ''}"
+          f"{', channels-last' if opts.channels_last else ''}; baseline fp32 with {opts.workers} DataLoader workers")
+    rows = []
+    for workload in opts.workloads:
+        utils.set_seed(0)
+        if workload == "features":
+            batch = opts.feature_batch_size
+            net = Classifier(widths=tuple(metrics.RECIPE["widths"])).to(device).eval()
+            fast = Classifier(widths=tuple(metrics.RECIPE["widths"])).to(device, memory_format=torch.channels_last).eval()
+            fast.load_state_dict(net.state_dict())
+            images = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # uint8 NHWC, as evaluate.py holds them
+            ours = ours_features(fast, images, batch)
+            base = baseline_features(net, split, batch, device, opts.workers)
+        else:
+            args = training_args(workload, opts)
+            batch = args.batch_size
+            make_ours, make_base = (ours_vae, baseline_vae) if workload == "vae" else (ours_gan, baseline_gan)
+            ours = make_ours(args, split, device)
+            base = make_base(args, split, device, opts.workers)
+        paths = {"ours": ours} if opts.no_baseline else {"ours": ours, "baseline": base}
+        rates = {k: [] for k in paths}
+        with tqdm(total=len(paths) * (opts.warmup + opts.repeats * opts.steps), desc=workload,
+                  dynamic_ncols=True, leave=False) as bar:
+            for k, step in paths.items():
+                for _ in range(opts.warmup):
+                    step()
+                    bar.update()
+            for _ in range(opts.repeats):
+                for k, step in paths.items():
+                    rates[k].append(rate(step, batch, opts.steps, device))
+                    bar.update(opts.steps)
+                    bar.set_postfix({k: f"{statistics.median(v):.0f} img/s" for k, v in rates.items() if v})
+        ours_rate = statistics.median(rates["ours"])
+        base_rate = statistics.median(rates["baseline"]) if "baseline" in rates else None
+        rows.append({"workload": workload, "device": name, "precision": precision, "compile": opts.compile,
+                     "channels_last": opts.channels_last, "batch_size": batch,
+                     "images_per_s": round(ours_rate, 1),
+                     "baseline_images_per_s": None if base_rate is None else round(base_rate, 1),
+                     "speedup": None if base_rate is None else round(ours_rate / base_rate, 2),
+                     "epoch_s": round(TRAIN_IMAGES / ours_rate, 2),
+                     "baseline_epoch_s": None if base_rate is None else round(TRAIN_IMAGES / base_rate, 2)})
+        print_row(rows[-1], header=len(rows) == 1)
+    if opts.json:
+        path = Path(opts.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        utils.atomic_write_text(path, json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def print_row(row: dict, header: bool) -> None:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+    if header:
+        print(f"{'workload':<12} {'ours img/s':>11} {'baseline img/s':>15} {'speedup':>8} {'s/epoch':>8} {'baseline s/epoch':>17}")
+    print(f"{row['workload']:<12} {row['images_per_s']:>11.1f} {fmt(row['baseline_images_per_s'], '>15.1f')} "
+          f"{fmt(row['speedup'], '>7.2f')}{'' if row['speedup'] is None else 'x'} {row['epoch_s']:>8.2f} "
+          f"{fmt(row['baseline_epoch_s'], '>17.2f')}")
+
+
+if __name__ == "__main__":
+    utils.run_main(main)
