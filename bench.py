@@ -20,6 +20,7 @@ the rate. This is a benchmark, not a test: it prints numbers and asserts nothing
 """
 import itertools
 import json
+import multiprocessing
 import platform
 import statistics
 import time
@@ -227,56 +228,108 @@ def training_args(workload: str, opts) -> object:
     return args
 
 
+def make_step(path: str, workload: str, opts, device: torch.device, split):
+    """(step, images per step) of one path for one workload."""
+    if workload == "features":
+        net = Classifier(widths=tuple(metrics.RECIPE["widths"])).to(device).eval()
+        if path == "baseline":
+            return baseline_features(net, split, opts.feature_batch_size, device, opts.workers), opts.feature_batch_size
+        images = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # uint8 NHWC, as evaluate.py holds them
+        net = net.to(memory_format=utils.memory_format(opts.channels_last))
+        return ours_features(net, images, opts.feature_batch_size), opts.feature_batch_size
+    args = training_args(workload, opts)
+    if path == "baseline":
+        make = baseline_vae if workload == "vae" else baseline_gan
+        return make(args, split, device, opts.workers), args.batch_size
+    make = ours_vae if workload == "vae" else ours_gan
+    return make(args, split, device), args.batch_size
+
+
+def serve(path: str, workload: str, opts, conn, warned: set) -> None:
+    """One path of one workload in a process of its own (so that neither path's allocator
+    settings, threads or DataLoader workers touch the other's timings): build, warm up, say
+    'ready', then answer each 'time' with images per second until 'stop'."""
+    utils._warned.update(warned)  # the parent has already said what there was to say
+    try:
+        if path == "ours":
+            utils.keep_freed_memory()
+        device = utils.pick_device(opts.device)
+        split = load_bloodmnist(opts.data_root, splits=("train",))["train"]
+        utils.set_seed(0)
+        step, batch = make_step(path, workload, opts, device, split)
+        for _ in range(opts.warmup):
+            step()
+        conn.send("ready")
+        while conn.recv() == "time":
+            conn.send(rate(step, batch, opts.steps, device))
+    except Exception as e:  # reported by the parent in one line
+        conn.send(f"error: {type(e).__name__}: {e}")
+
+
+def time_workload(workload: str, opts) -> dict[str, list[float]]:
+    """Median-ready lists of images/s per path, the paths taking turns."""
+    paths = ["ours"] if opts.no_baseline else ["ours", "baseline"]
+    ctx = multiprocessing.get_context("spawn")
+    conns, procs = {}, []
+    for path in paths:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=serve, args=(path, workload, opts, child, set(utils._warned)), daemon=False)
+        proc.start()
+        conns[path], procs = parent, procs + [proc]
+    rates = {path: [] for path in paths}
+    try:
+        for path in paths:  # every path is warm before any is timed
+            reply = conns[path].recv()
+            if reply != "ready":
+                raise utils.UserError(f"{workload}, {path}: {reply}")
+        with tqdm(total=len(paths) * opts.repeats, desc=workload, dynamic_ncols=True, leave=False) as bar:
+            for _ in range(opts.repeats):
+                for path in paths:
+                    conns[path].send("time")
+                    reply = conns[path].recv()
+                    if isinstance(reply, str):
+                        raise utils.UserError(f"{workload}, {path}: {reply}")
+                    rates[path].append(reply)
+                    bar.update()
+                    bar.set_postfix({k: f"{statistics.median(v):.0f} img/s" for k, v in rates.items() if v})
+    finally:
+        for path, proc in zip(paths, procs):
+            if proc.is_alive():
+                try:
+                    conns[path].send("stop")
+                except OSError:
+                    pass
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+    return rates
+
+
 def main(argv=None):
     opts = build_parser().parse_args(argv)
     device = utils.pick_device(opts.device)
-    split = load_bloodmnist(opts.data_root, splits=("train",))["train"]
+    split = load_bloodmnist(opts.data_root, splits=("train",))["train"]  # checks the file before any process starts
     if len(split) < max(opts.batch_size, opts.feature_batch_size):
         raise utils.UserError(f"the training split has {len(split)} images, fewer than one batch; "
                               "lower --batch-size / --feature-batch-size")
     name = device_name(device)
     precision = utils.Precision(opts.precision, device).name
-    print(f"bench on {device} ({name}), ours in {precision}{', compiled' if opts.compile else ''}"
-          f"{', channels-last' if opts.channels_last else ''}; baseline fp32 with {opts.workers} DataLoader workers")
+    print(f"bench on {device} ({name}): ours in {precision}{', compiled' if opts.compile else ''}"
+          f"{', channels-last' if opts.channels_last else ''}; the baseline in fp32 with {opts.workers} "
+          f"DataLoader workers; median of {opts.repeats} x {opts.steps} steps after {opts.warmup} warm-up")
     rows = []
     for workload in opts.workloads:
-        utils.set_seed(0)
-        if workload == "features":
-            batch = opts.feature_batch_size
-            net = Classifier(widths=tuple(metrics.RECIPE["widths"])).to(device).eval()
-            fast = Classifier(widths=tuple(metrics.RECIPE["widths"])).to(device, memory_format=torch.channels_last).eval()
-            fast.load_state_dict(net.state_dict())
-            images = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # uint8 NHWC, as evaluate.py holds them
-            ours = ours_features(fast, images, batch)
-            base = baseline_features(net, split, batch, device, opts.workers)
-        else:
-            args = training_args(workload, opts)
-            batch = args.batch_size
-            make_ours, make_base = (ours_vae, baseline_vae) if workload == "vae" else (ours_gan, baseline_gan)
-            ours = make_ours(args, split, device)
-            base = make_base(args, split, device, opts.workers)
-        paths = {"ours": ours} if opts.no_baseline else {"ours": ours, "baseline": base}
-        rates = {k: [] for k in paths}
-        with tqdm(total=len(paths) * (opts.warmup + opts.repeats * opts.steps), desc=workload,
-                  dynamic_ncols=True, leave=False) as bar:
-            for k, step in paths.items():
-                for _ in range(opts.warmup):
-                    step()
-                    bar.update()
-            for _ in range(opts.repeats):
-                for k, step in paths.items():
-                    rates[k].append(rate(step, batch, opts.steps, device))
-                    bar.update(opts.steps)
-                    bar.set_postfix({k: f"{statistics.median(v):.0f} img/s" for k, v in rates.items() if v})
-        ours_rate = statistics.median(rates["ours"])
-        base_rate = statistics.median(rates["baseline"]) if "baseline" in rates else None
+        rates = time_workload(workload, opts)
+        ours = statistics.median(rates["ours"])
+        base = statistics.median(rates["baseline"]) if "baseline" in rates else None
+        batch = opts.feature_batch_size if workload == "features" else opts.batch_size
         rows.append({"workload": workload, "device": name, "precision": precision, "compile": opts.compile,
                      "channels_last": opts.channels_last, "batch_size": batch,
-                     "images_per_s": round(ours_rate, 1),
-                     "baseline_images_per_s": None if base_rate is None else round(base_rate, 1),
-                     "speedup": None if base_rate is None else round(ours_rate / base_rate, 2),
-                     "epoch_s": round(TRAIN_IMAGES / ours_rate, 2),
-                     "baseline_epoch_s": None if base_rate is None else round(TRAIN_IMAGES / base_rate, 2)})
+                     "images_per_s": round(ours, 1),
+                     "baseline_images_per_s": None if base is None else round(base, 1),
+                     "speedup": None if base is None else round(ours / base, 2),
+                     "epoch_s": round(TRAIN_IMAGES / ours, 2),
+                     "baseline_epoch_s": None if base is None else round(TRAIN_IMAGES / base, 2)})
         print_row(rows[-1], header=len(rows) == 1)
     if opts.json:
         path = Path(opts.json)
