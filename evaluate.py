@@ -126,7 +126,7 @@ def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
 def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
-    utils.keep_freed_memory()
+    utils.speed_up(device)
     samplers = [Sampler(path, device, not args.no_ema, args.standard_prior) for path in args.checkpoints]  # bad paths fail first
     fnet, info = metrics.feature_network(args.data_root, device, args.feature_cache)
     splits = load_bloodmnist(args.data_root)

@@ -139,7 +139,7 @@ def main(argv=None):
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
     device = utils.pick_device(args.device)
-    utils.keep_freed_memory()
+    utils.speed_up(device)
     utils.set_seed(args.seed)
 
     splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset)

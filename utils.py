@@ -295,6 +295,15 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)  # and never shrink the heap
 
 
+def speed_up(device: torch.device) -> None:
+    """Process-wide settings that make the same computation faster: freed CPU memory is kept
+    (above), and on NVIDIA GPUs cuDNN times its convolution algorithms once for our fixed shapes
+    and keeps the fastest."""
+    keep_freed_memory()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (for timing)."""
     if device.type == "cuda":
