@@ -181,18 +181,23 @@ def ours_gan(args, split, device):
 
     def step():
         real, _ = next(batches)
-        trainer.step(real, None, next(counter), meter)
+        i = next(counter)
+        trainer.step(real, None, i, meter)
+        if i % 10 == 0:  # the training loop reads its losses every 10 steps
+            meter.means()
     return step
 
 
 def ours_vae(args, split, device):
     batches = cycle_batches(Batches(split, args.batch_size, device, train_vae.VALUE_RANGE,
                                     channels_last=args.channels_last))
-    trainer, meter = train_vae.VAETrainer(args, device), utils.Meter()
+    trainer, meter, counter = train_vae.VAETrainer(args, device), utils.Meter(), itertools.count(1)
 
     def step():
         x, _ = next(batches)
         trainer.step(x, None, meter)
+        if next(counter) % 10 == 0:  # the training loop reads its losses every 10 steps
+            meter.means()
     return step
 
 
