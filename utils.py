@@ -230,7 +230,9 @@ class Precision:
         self.name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        if self.dtype == torch.float32:  # no autocast at all (older PyTorch has none for MPS)
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def scaler(self):
         """A GradScaler for fp16, else None."""
