@@ -174,29 +174,16 @@ def cycle_batches(batches):
         yield from batches.epoch(epoch)
 
 
-def ours_gan(args, split, device):
-    batches = cycle_batches(Batches(split, args.batch_size, device, train_gan.VALUE_RANGE,
-                                    channels_last=args.channels_last))
-    trainer, meter, counter = train_gan.GANTrainer(args, device), utils.Meter(), itertools.count(1)
+def ours_training(train, batches: Batches):
+    """train(x, batch_index, meter) on the run's own batches, reading the losses every 10 steps
+    as the training loop does."""
+    data, meter, counter = cycle_batches(batches), utils.Meter(), itertools.count(1)
 
     def step():
-        real, _ = next(batches)
+        x, _ = next(data)
         i = next(counter)
-        trainer.step(real, None, i, meter)
-        if i % 10 == 0:  # the training loop reads its losses every 10 steps
-            meter.means()
-    return step
-
-
-def ours_vae(args, split, device):
-    batches = cycle_batches(Batches(split, args.batch_size, device, train_vae.VALUE_RANGE,
-                                    channels_last=args.channels_last))
-    trainer, meter, counter = train_vae.VAETrainer(args, device), utils.Meter(), itertools.count(1)
-
-    def step():
-        x, _ = next(batches)
-        trainer.step(x, None, meter)
-        if next(counter) % 10 == 0:  # the training loop reads its losses every 10 steps
+        train(x, i, meter)
+        if i % 10 == 0:
             meter.means()
     return step
 
@@ -246,8 +233,13 @@ def make_step(path: str, workload: str, opts, device: torch.device, split):
     if path == "baseline":
         make = baseline_vae if workload == "vae" else baseline_gan
         return make(args, split, device, opts.workers), args.batch_size
-    make = ours_vae if workload == "vae" else ours_gan
-    return make(args, split, device), args.batch_size
+    script = train_vae if workload == "vae" else train_gan
+    batches = Batches(split, args.batch_size, device, script.VALUE_RANGE, channels_last=args.channels_last)
+    if workload == "vae":
+        trainer = train_vae.VAETrainer(args, device)
+        return ours_training(lambda x, i, meter: trainer.step(x, None, meter), batches), args.batch_size
+    trainer = train_gan.GANTrainer(args, device)
+    return ours_training(lambda x, i, meter: trainer.step(x, None, i, meter), batches), args.batch_size
 
 
 def serve(path: str, workload: str, opts, conn, warned: set) -> None:
