@@ -164,12 +164,13 @@ class Batches:
 
     The uint8 images are copied to the device once (150 MB for the training split) when they
     fit in a quarter of its free memory, so a step never waits for a host-to-device copy or a
-    per-image transform; otherwise they stay in pinned host memory and each batch is copied
-    asynchronously. channels_last keeps them NHWC, the npz's own layout and the fast one for
-    convolutions. Each epoch's order comes from a generator seeded by (seed, epoch), so any epoch,
-    or the rest of one, can be replayed exactly: that is what makes --resume bit-exact. With
-    shuffle=False the split is walked in order and the last short batch is kept (evaluation);
-    with shuffle=True it is dropped (training), unless the split is smaller than one batch.
+    per-image transform; otherwise they stay in host memory and each batch is copied through
+    pinned memory, asynchronously. channels_last keeps them NHWC, the npz's own layout and the
+    fast one for convolutions. Each epoch's order comes from a generator seeded by (seed,
+    epoch), so any epoch, or the rest of one, can be replayed exactly: that is what makes
+    --resume bit-exact. With shuffle=False the split is walked in order and the last short batch
+    is kept (evaluation); with shuffle=True it is dropped (training), unless the split is smaller
+    than one batch.
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device | str,
@@ -179,7 +180,7 @@ class Batches:
         images = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # a NHWC view, no copy
         images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.resident = self.device.type == "cpu" or _fits(images, self.device)
-        self.images = images.to(self.device) if self.resident else images.pin_memory()
+        self.images = images.to(self.device) if self.resident else images
         self.labels = torch.from_numpy(split.labels).to(self.device)
         self.batch_size, self.value_range = batch_size, value_range
         self.shuffle, self.seed = shuffle, seed

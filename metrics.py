@@ -68,7 +68,6 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
 
 
 @torch.no_grad()
-@torch.no_grad()
 def predict(model: Classifier, images: torch.Tensor | np.ndarray, batch_size: int = 500,
             desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 3, 64, 64) (or an (N, 64, 64, 3) array as in the npz) -> features

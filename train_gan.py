@@ -77,7 +77,7 @@ class GANTrainer:
     """
 
     def __init__(self, args, device: torch.device):
-        self.args, self.device = args, device
+        self.args = args
         fmt = utils.memory_format(args.channels_last)
         self.G, self.D = (m.to(device, memory_format=fmt) for m in build_models(vars(args)))
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if args.ema else None
