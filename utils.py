@@ -270,11 +270,7 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 def compiled(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
     """torch.compile(module) when enabled. The compiled wrapper shares the module's parameters;
     keep saving and averaging the module itself (the wrapper's state_dict keys differ)."""
-    if not enabled:
-        return module
-    if not hasattr(torch, "compile"):
-        raise UserError("--compile needs PyTorch 2.0 or newer")
-    return torch.compile(module)
+    return torch.compile(module) if enabled else module
 
 
 def keep_freed_memory() -> None:
