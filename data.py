@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import UserError, atomic_write, warn
+from utils import UserError, atomic_write, memory_format, warn
 
 FLAG = "bloodmnist"
 IMAGE_SIZE = 64
@@ -178,7 +178,7 @@ class Batches:
                  channels_last: bool = False):
         self.device = torch.device(device)
         images = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # a NHWC view, no copy
-        images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        images = images.contiguous(memory_format=memory_format(channels_last))
         self.resident = self.device.type == "cpu" or _fits(images, self.device)
         self.images = images.to(self.device) if self.resident else images
         self.labels = torch.from_numpy(split.labels).to(self.device)
