@@ -171,11 +171,18 @@ class Batches:
     --resume bit-exact. With shuffle=False the split is walked in order and the last short batch
     is kept (evaluation); with shuffle=True it is dropped (training), unless the split is smaller
     than one batch.
+
+    Under torchrun, batch_size is the global batch: every process draws the same order and
+    takes its own equal, disjoint share of each batch (rank r of n: images r*b..(r+1)*b-1 of it,
+    b = batch_size / n), so all take the same number of steps.
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device | str,
                  value_range: tuple[float, float], shuffle: bool = True, seed: int = 0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, rank: int = 0, world_size: int = 1):
+        if world_size > 1 and len(split) < batch_size:
+            raise UserError(f"the training split has {len(split)} images, fewer than one global batch "
+                            f"(--batch-size {batch_size}); lower --batch-size")
         self.device = torch.device(device)
         images = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # a NHWC view, no copy
         images = images.contiguous(memory_format=memory_format(channels_last))
@@ -184,6 +191,7 @@ class Batches:
         self.labels = torch.from_numpy(split.labels).to(self.device)
         self.batch_size, self.value_range = batch_size, value_range
         self.shuffle, self.seed = shuffle, seed
+        self.rank, self.share = rank, batch_size // world_size
 
     def __len__(self) -> int:
         n, b = len(self.labels), self.batch_size
@@ -201,7 +209,8 @@ class Batches:
         if self.resident:
             order = order.to(self.device)
         for i in range(start, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            first = i * self.batch_size + self.rank * self.share  # this process's share of batch i
+            idx = order[first:first + self.share]
             x = self.images[idx]
             if not self.resident:
                 x = x.pin_memory().to(self.device, non_blocking=True)

@@ -4,6 +4,7 @@
     python train_gan.py --loss wgan-gp --out outputs/wgan # critic without BatchNorm, 5 critic steps
     python train_gan.py --conditional --ema 0.999 --out outputs/cgan
     python train_gan.py --resume                          # continue outputs/gan/ after Ctrl-C
+    torchrun --standalone --nproc_per_node 4 train_gan.py --sync-bn   # 4 GPUs, global batch 128
 
 Every epoch writes samples_epoch_NNN.png (the same fixed noise each time, so epochs compare; a
 class per row when conditional), metrics.jsonl, curves.png and ckpt.pt into --out.
@@ -18,6 +19,7 @@ import metrics
 import utils
 from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
 from models.dcgan import LOSSES, Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
+from models.sync_batchnorm import convert_sync_batchnorm
 
 VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
 GRID = 64  # images in each sample grid, 8 x 8
@@ -49,6 +51,10 @@ def build_parser():
     p.add_argument("--nz", type=utils.positive_int, default=100, help="size of the noise vector z")
     p.add_argument("--ngf", type=utils.positive_int, default=64, help="generator width")
     p.add_argument("--ndf", type=utils.positive_int, default=64, help="discriminator width")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, take BatchNorm statistics over the global batch of all processes, "
+                        "as one process would; without it each process normalises its own share "
+                        "(--batch-size / processes images), a different and noisier model")
     return p
 
 
@@ -79,16 +85,27 @@ class GANTrainer:
     def __init__(self, args, device: torch.device):
         self.args = args
         fmt = utils.memory_format(args.channels_last)
-        self.G, self.D = (m.to(device, memory_format=fmt) for m in build_models(vars(args)))
+        models = build_models(vars(args))
+        if args.sync_bn:
+            models = map(convert_sync_batchnorm, models)
+        self.G, self.D = (m.to(device, memory_format=fmt) for m in models)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if args.ema else None
         betas = (args.beta1, args.beta2)
         self.opt_g, self.opt_d = utils.adam(self.G.parameters(), args.lr, betas), utils.adam(self.D.parameters(), args.lr, betas)
         self.precision = utils.Precision(args.precision, device)
         self.scaler_g, self.scaler_d = self.precision.scaler(), self.precision.scaler()
-        # The gradient penalty differentiates D twice, which torch.compile does not support.
-        self.g = utils.compiled(self.G, args.compile)
-        self.d = utils.compiled(self.D, args.compile and args.loss != "wgan-gp")
+        # Under torchrun, G and D learn through DDP, which averages their gradients over the
+        # processes. G's step runs D as a plain module: D's weights get no gradient there, and
+        # DDP would wait for them. The gradient penalty differentiates D twice, which
+        # torch.compile does not support.
+        compile_d = args.compile and args.loss != "wgan-gp"
+        self.g = utils.compiled(utils.ddp(self.G, device), args.compile)
+        self.d = utils.compiled(utils.ddp(self.D, device), compile_d)
+        self.d_plain = utils.compiled(self.D, compile_d) if utils.world_size() > 1 else self.d
         self.g_params = list(self.G.parameters())
+        # Without --sync-bn each process's BatchNorm statistics come from its own share of the
+        # batch; averaging them after every step keeps G, D and G's EMA identical everywhere.
+        self.average_buffers = utils.world_size() > 1 and not args.sync_bn
 
     def state(self) -> tuple[dict, dict, dict]:
         """Models, optimisers and scalers, as the checkpoint names them."""
@@ -99,15 +116,17 @@ class GANTrainer:
         """batch_index counts batches from 1 over the whole run."""
         args, G, D = self.args, self.g, self.d
         g_step = batch_index % args.n_critic == 0  # G learns on every n_critic-th batch
+        b = real.shape[0]  # this process's share of the batch
         with self.precision.autocast():
             with torch.set_grad_enabled(g_step):
-                fake = G(torch.randn(real.shape[0], args.nz, device=real.device), y)
+                fake = G(utils.batch_noise(torch.randn, b, args.nz, device=real.device), y)
 
             # (1) Update D on every batch: real images against generated ones of the same labels
             logits_real, logits_fake = D(real, y), D(fake.detach(), y)
             loss_d = discriminator_loss(args.loss, logits_real, logits_fake)
             if args.loss == "wgan-gp":
-                gp = gradient_penalty(self.D, real, fake.detach(), y)
+                e = utils.batch_noise(torch.rand, b, 1, 1, 1, device=real.device)
+                gp = gradient_penalty(self.D, real, fake.detach(), y, e)  # on the plain module, outside DDP
                 meter.update(wasserstein=-loss_d, gp=gp)
                 loss_d = loss_d + args.gp_weight * gp
             elif args.loss == "bce":
@@ -120,11 +139,13 @@ class GANTrainer:
         # (2) Update G: make D score the generated images as real. Only G's weights get gradients.
         if g_step:
             with self.precision.autocast():
-                loss_g = generator_loss(args.loss, D(fake, y))
+                loss_g = generator_loss(args.loss, self.d_plain(fake, y))
             utils.backward_step(loss_g, self.opt_g, self.scaler_g, inputs=self.g_params)
-            if self.G_ema is not None:
-                utils.ema_update(self.G_ema, self.G, utils.ema_decay(args.ema, batch_index // args.n_critic - 1))
             meter.update(loss_g=loss_g)
+        if self.average_buffers:
+            utils.average_buffers(self.G, self.D)
+        if g_step and self.G_ema is not None:
+            utils.ema_update(self.G_ema, self.G, utils.ema_decay(args.ema, batch_index // args.n_critic - 1))
 
 
 def main(argv=None):
@@ -133,13 +154,14 @@ def main(argv=None):
     ckpt = utils.start_run(args, parser, kind="gan", fill_defaults=fill_defaults)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
-    device = utils.pick_device(args.device)
+    device = utils.init_distributed(args)  # and joins the other processes under torchrun
     utils.speed_up(device)
     utils.set_seed(args.seed)
 
-    splits = load_bloodmnist(args.data_root, splits=("train",), subset=args.subset)
+    with utils.main_first():  # only rank 0 may download; the others then read its file
+        splits = load_bloodmnist(args.data_root, splits=("train",), subset=args.subset, download=utils.is_main())
     batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed,
-                      channels_last=args.channels_last)
+                      channels_last=args.channels_last, rank=utils.rank(), world_size=utils.world_size())
     trainer = GANTrainer(args, device)
     G, D, G_ema = trainer.G, trainer.D, trainer.G_ema
     models, optimizers, scalers = trainer.state()
@@ -149,12 +171,13 @@ def main(argv=None):
     epoch, step = 0, 0
     if ckpt is not None:
         epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
-    log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
-    probe = metrics.KIDProbe(args, args.nz, device) if args.eval_every else None
+    if utils.is_main():  # rank 0 alone logs, draws and evaluates
+        log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
+        probe = metrics.KIDProbe(args, args.nz, device) if args.eval_every else None
     print(f"GAN ({args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
-          f"parameters; {len(batches.labels):,} training images, {len(batches)} steps per epoch on {device}, "
-          f"{trainer.precision.name}")
+          f"parameters; {len(batches.labels):,} training images, {len(batches)} steps per epoch on {device}"
+          f"{utils.processes_note(args.batch_size)}, {trainer.precision.name}")
 
     def checkpoint(epoch: int, step: int) -> None:
         utils.save_training_state(ckpt_path, "gan", args, epoch, step, models, optimizers, meter, device, scalers)
@@ -166,23 +189,26 @@ def main(argv=None):
             bar = utils.epoch_bar(batches, epoch, step, args.epochs)
             for step, (real, y) in enumerate(bar, start=step + 1):
                 trainer.step(real, y if args.conditional else None, epoch * len(batches) + step, meter)
-                utils.show_progress(bar, meter, epoch, step, ckpt_path, force=stop.requested)
-                stop.exit_if_requested(bar, checkpoint, epoch, step, ckpt_path)
+                stopping = stop.due(step, len(batches))
+                utils.show_progress(bar, meter, epoch, step, ckpt_path, force=stopping)
+                if stopping:
+                    stop.save_and_exit(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()
 
             # End of epoch: metrics (and KID), a sample grid from the fixed noise, curves, checkpoint
             record = {"epoch": epoch + 1, **meter.means(), "seconds": round(time.time() - t0, 2)}
-            shown = G_ema if G_ema is not None else G.eval()
-            if probe is not None and probe.due(epoch + 1):
-                record.update(probe(lambda z, y: to_uint8(shown(z, y), VALUE_RANGE)))
-            log.write(record)
             meter, step = utils.Meter(), 0
-            with torch.no_grad():
-                utils.save_grid(shown(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
-                                row_labels=class_names() if args.conditional else None)
-            keys, line = D_PANEL[args.loss]
-            utils.plot_curves(log.records, out / "curves.png", [
-                ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line), metrics.KID_PANEL])
+            if utils.is_main():
+                shown = G_ema if G_ema is not None else G.eval()
+                if probe is not None and probe.due(epoch + 1):
+                    record.update(probe(lambda z, y: to_uint8(shown(z, y), VALUE_RANGE)))
+                log.write(record)
+                with torch.no_grad():
+                    utils.save_grid(shown(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
+                                    row_labels=class_names() if args.conditional else None)
+                keys, line = D_PANEL[args.loss]
+                utils.plot_curves(log.records, out / "curves.png", [
+                    ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line), metrics.KID_PANEL])
             checkpoint(epoch + 1, 0)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 

@@ -4,6 +4,7 @@
     python train_vae.py --conditional --out outputs/cvae  # decoder and encoder see the cell type
     python train_vae.py --data-root ../my_data --epochs 5 --out outputs/vae_quick
     python train_vae.py --resume                          # continue outputs/vae/ after Ctrl-C
+    torchrun --standalone --nproc_per_node 4 train_vae.py # 4 GPUs, global batch 128
 
 Every epoch writes samples_epoch_NNN.png (decoded from the same prior draws each time; a
 class per row when conditional),
@@ -118,16 +119,19 @@ class VAETrainer:
         self.opt = utils.adam(self.model.parameters(), args.lr)
         self.precision = utils.Precision(args.precision, device)
         self.scaler = self.precision.scaler()
-        self.net = utils.compiled(self.model, args.compile)
+        self.net = utils.compiled(utils.ddp(self.model, device), args.compile)  # DDP under torchrun
 
     def state(self) -> tuple[dict, dict, dict]:
         """Models, optimisers and scalers, as the checkpoint names them."""
         return {"vae": self.model}, {"vae": self.opt}, {"vae": self.scaler}
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None, meter: utils.Meter) -> None:
+        """x is this process's share of the batch; the posterior noise and the Gaussian
+        likelihood's variance are those of the global batch."""
+        eps = utils.batch_noise(torch.randn, x.shape[0], self.model.latent_dim, device=x.device)
         with self.precision.autocast():
-            logits, mu, logvar = self.net(x, y)
-            parts = self.model.loss(x, logits, mu, logvar, beta=self.args.beta)
+            logits, mu, logvar = self.net(x, y, eps)
+            parts = self.model.loss(x, logits, mu, logvar, beta=self.args.beta, batch_mean=utils.batch_mean)
         utils.backward_step(parts["loss"], self.opt, self.scaler)
         meter.update(**parts)
 
@@ -138,13 +142,14 @@ def main(argv=None):
     ckpt = utils.start_run(args, parser, kind="vae")
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
-    device = utils.pick_device(args.device)
+    device = utils.init_distributed(args)  # and joins the other processes under torchrun
     utils.speed_up(device)
     utils.set_seed(args.seed)
 
-    splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset)
+    with utils.main_first():  # only rank 0 may download; the others then read its file
+        splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset, download=utils.is_main())
     batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed,
-                      channels_last=args.channels_last)
+                      channels_last=args.channels_last, rank=utils.rank(), world_size=utils.world_size())
     val = Batches(splits["val"], 256, device, VALUE_RANGE, shuffle=False,
                   channels_last=args.channels_last) if len(splits["val"]) else None
     if val is None:
@@ -159,14 +164,16 @@ def main(argv=None):
     epoch, step = 0, 0
     if ckpt is not None:
         epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
-    log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
-    probe = metrics.KIDProbe(args, args.latent_dim, device) if args.eval_every else None
+    if utils.is_main():  # rank 0 alone logs, draws and evaluates
+        log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
+        probe = metrics.KIDProbe(args, args.latent_dim, device) if args.eval_every else None
     shown, shown_labels = next(iter((val if val is not None else batches).epoch(0)))
     nrow = min(8, len(shown))
     keep = min(RECON, len(shown) - len(shown) % nrow)
     shown, shown_labels = shown[:keep], shown_labels[:keep] if args.conditional else None
     print(f"VAE: {sum(p.numel() for p in model.parameters()):,} parameters; {len(batches.labels):,} "
-          f"training images, {len(batches)} steps per epoch on {device}, {trainer.precision.name}")
+          f"training images, {len(batches)} steps per epoch on {device}{utils.processes_note(args.batch_size)}, "
+          f"{trainer.precision.name}")
 
     def checkpoint(epoch: int, step: int) -> None:
         utils.save_training_state(ckpt_path, "vae", args, epoch, step, models, optimizers, meter, device, scalers)
@@ -181,31 +188,35 @@ def main(argv=None):
                     progress = (epoch * len(batches) + step - 1) / (args.epochs * len(batches))
                     opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
                 trainer.step(x, y if args.conditional else None, meter)
-                utils.show_progress(bar, meter, epoch, step, ckpt_path, force=stop.requested)
-                stop.exit_if_requested(bar, checkpoint, epoch, step, ckpt_path)
+                stopping = stop.due(step, len(batches))
+                utils.show_progress(bar, meter, epoch, step, ckpt_path, force=stopping)
+                if stopping:
+                    stop.save_and_exit(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()
 
-            # End of epoch: sampling Gaussian, validation ELBO, samples, reconstructions, curves, checkpoint
-            fit_prior(model, batches)
+            # End of epoch: sampling Gaussian, validation ELBO, samples, reconstructions, curves,
+            # checkpoint. Rank 0 alone fits, evaluates and draws; the other processes never sample.
             record = {"epoch": epoch + 1, **meter.means()}
-            if val is not None:
-                record.update(evaluate(model, val, args.seed))
-            if probe is not None and probe.due(epoch + 1):
-                model.eval()
-                record.update(probe(lambda eps, y: to_uint8(model.decode(model.prior_latents(eps), y), VALUE_RANGE)))
-            record["seconds"] = round(time.time() - t0, 2)
-            log.write(record)
-            tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
             meter, step = utils.Meter(), 0
-            model.eval()
-            with torch.no_grad():
-                utils.save_grid(model.decode(model.prior_latents(noise), noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
-                                row_labels=class_names() if args.conditional else None)
-                # rows of originals, each over its row of mean reconstructions
-                recon = model.decode(model.encode(shown, shown_labels)[0], shown_labels)
-                pairs = torch.stack([shown.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
-                utils.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
-            utils.plot_curves(log.records, out / "curves.png", CURVES)
+            if utils.is_main():
+                fit_prior(model, batches)
+                if val is not None:
+                    record.update(evaluate(model, val, args.seed))
+                if probe is not None and probe.due(epoch + 1):
+                    model.eval()
+                    record.update(probe(lambda eps, y: to_uint8(model.decode(model.prior_latents(eps), y), VALUE_RANGE)))
+                record["seconds"] = round(time.time() - t0, 2)
+                log.write(record)
+                tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
+                model.eval()
+                with torch.no_grad():
+                    utils.save_grid(model.decode(model.prior_latents(noise), noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
+                                    row_labels=class_names() if args.conditional else None)
+                    # rows of originals, each over its row of mean reconstructions
+                    recon = model.decode(model.encode(shown, shown_labels)[0], shown_labels)
+                    pairs = torch.stack([shown.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
+                    utils.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
+                utils.plot_curves(log.records, out / "curves.png", CURVES)
             checkpoint(epoch + 1, 0)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, "
           f"recon_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")

@@ -1,9 +1,11 @@
 """What both training scripts share: flags, seeding, device, speed (precision, memory format,
-fused optimisers, compilation), run folder, checkpoints, stopping, running means, metrics log,
-sample grids and curves. Only the models and the steps differ."""
+fused optimisers, compilation), several processes (torchrun), run folder, checkpoints, stopping,
+running means, metrics log, sample grids and curves. Only the models and the steps differ."""
 import argparse
 import contextlib
 import ctypes
+import datetime
+import inspect
 import json
 import math
 import os
@@ -23,19 +25,26 @@ _warned = set()
 
 
 def warn(message: str) -> None:
-    """One line on stderr, once per process however often the cause is met."""
-    if message not in _warned:
+    """One line on stderr, once per process however often the cause is met (under torchrun,
+    from the first process of each machine only)."""
+    if message not in _warned and local_rank() == 0:
         _warned.add(message)
         print(f"warning: {message}", file=sys.stderr)
 
 
 def run_main(main) -> None:
-    """Call main(); a UserError becomes `error: ...` on stderr and exit status 1."""
+    """Call main(); a UserError becomes `error: ...` on stderr and exit status 1. Under torchrun
+    every process meets the same error, and the first process of each machine reports it."""
     try:
         main()
+        barrier()  # under torchrun, all leave together: no process tears down while others still talk
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if local_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +107,8 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
     """The flags both training scripts take; defaults are shown by --help."""
     p.add_argument("--epochs", type=positive_int, default=epochs, metavar="N",
                    help="passes over the training split")
-    p.add_argument("--batch-size", type=positive_int, default=128, metavar="N", help="images per step")
+    p.add_argument("--batch-size", type=positive_int, default=128, metavar="N",
+                   help="images per step, over all processes under torchrun (each takes an equal share)")
     p.add_argument("--lr", type=positive_float, default=lr, help=lr_help)
     p.add_argument("--seed", type=int, default=0, help="seeds weights, noise and data order")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
@@ -123,8 +133,9 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
 
 # Settings a resumed run may change when given; everything else comes from the checkpoint.
 # How a run computes (precision, memory format, compilation) may change too: it is not what it learns.
+# So may the number of processes, and with it whether BatchNorm statistics are synchronised.
 RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "eval_every", "eval_n", "feature_cache",
-                     "precision", "channels_last", "compile"}
+                     "precision", "channels_last", "compile", "sync_bn"}
 
 
 def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str,
@@ -157,14 +168,16 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
         if ckpt["epoch"] >= args.epochs:
             raise UserError(f"{ckpt_path} has already trained {ckpt['epoch']} epochs; pass "
                             f"--epochs N with N > {ckpt['epoch']} to train longer")
-        print(f"Resuming {ckpt_path} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+        if is_main():
+            print(f"Resuming {ckpt_path} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
     elif ckpt_path.exists():
         raise UserError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue it, "
                         "or choose another --out")
     if fill_defaults is not None:
         fill_defaults(args)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
     return ckpt
 
 
@@ -334,6 +347,171 @@ def fixed_noise(n: int, dim: int, seed: int, device: torch.device) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------
+# Several processes (torchrun)
+#
+# Under torchrun every process runs the whole script on its own device (one GPU per process, or
+# CPU), holds the whole dataset, and trains on its own equal share of every global batch;
+# DistributedDataParallel averages the gradients, so the weights stay identical everywhere. The
+# random numbers of a step are drawn for the global batch on every process, each taking its own
+# rows (batch_noise), so N processes compute what one process computes on the whole batch. Rank
+# 0 alone writes files and prints. In a plain run, this process is rank 0 of 1 and nothing here
+# initialises anything.
+
+
+def processes_note(batch_size: int) -> str:
+    """', 2 processes of 64 images each' under torchrun, '' in a plain run (for the start line)."""
+    n = world_size()
+    return f", {n} processes of {batch_size // n} images each" if n > 1 else ""
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    """This process's place among all processes (0 in a plain run). Read from torchrun's
+    environment, so it is known before the process group is joined."""
+    return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    """This process's place among the processes of its machine."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes files and prints."""
+    return rank() == 0
+
+
+def init_distributed(args: argparse.Namespace) -> torch.device:
+    """The device this process trains on. Under torchrun, also check that --batch-size divides
+    among the processes, take the GPU of this process's local rank, join the process group
+    (NCCL on GPUs, gloo on CPUs) and silence stdout on every rank but 0."""
+    device = pick_device(args.device)
+    if not launched_by_torchrun():
+        return device
+    n = world_size()
+    if args.batch_size % n:
+        below, above = args.batch_size // n * n, (args.batch_size // n + 1) * n
+        raise UserError(f"--batch-size {args.batch_size} is the global batch, shared by {n} processes, "
+                        f"and does not divide by {n}; use a multiple of {n} such as "
+                        f"{above if below == 0 else f'{below} or {above}'}")
+    if device.type == "mps":
+        raise UserError("torchrun cannot use Apple's MPS GPU (PyTorch has no process group for it); "
+                        "pass --device cpu")
+    if device.type == "cuda":
+        if local_rank() >= torch.cuda.device_count():
+            raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this "
+                            f"machine, which has {torch.cuda.device_count()} GPUs; pass --nproc_per_node "
+                            f"{torch.cuda.device_count()} or fewer")
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    # generous: the others wait while rank 0 downloads the data or trains evaluate.py's network
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(minutes=60))
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def _flag_tensor(value: float) -> torch.Tensor:
+    """A one-element tensor where the process group's backend can send it (NCCL: the GPU)."""
+    nccl = torch.distributed.get_backend() == "nccl"
+    return torch.tensor([value], device=torch.cuda.current_device() if nccl else "cpu")
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (every process must call this)."""
+    if world_size() == 1:
+        return flag
+    t = _flag_tensor(float(flag))
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Run the block on rank 0 before the other processes (so only rank 0 downloads). If it fails
+    there, the others stop too instead of waiting for rank 0 forever."""
+    if world_size() == 1:
+        yield
+        return
+    if is_main():
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            torch.distributed.broadcast(_flag_tensor(float(ok)), src=0)  # releases the others
+    else:
+        t = _flag_tensor(0.0)
+        torch.distributed.broadcast(t, src=0)
+        if not t.item():
+            raise UserError("rank 0 failed to prepare the run (see its error); stopping")
+        yield
+
+
+def ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """module wrapped in DistributedDataParallel (gradients averaged over the processes in its
+    backward pass) under torchrun with more than one process; module itself otherwise.
+
+    Buffers are not broadcast from rank 0 at every forward pass (DDP's default): the
+    discriminator runs several forward passes a step, and re-broadcasting BatchNorm's running
+    statistics between them overwrites tensors autograd has saved. The training scripts keep the
+    buffers identical themselves (average_buffers, or SyncBatchNorm)."""
+    if world_size() == 1:
+        return module
+    DDP = torch.nn.parallel.DistributedDataParallel
+    # PyTorch 2.15 renamed the switch (the new one still syncs once at the start, which is harmless)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
+
+
+@torch.no_grad()
+def average_buffers(*modules: torch.nn.Module) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) over the processes, in
+    one all-reduce. Running means are linear in the batch means, so this gives each layer the
+    running mean of the global batch."""
+    if world_size() == 1:
+        return
+    buffers = [b for m in modules for b in m.buffers() if b.dtype.is_floating_point]
+    flat = torch.cat([b.flatten() for b in buffers])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size()
+    for b, v in zip(buffers, flat.split([b.numel() for b in buffers])):
+        b.copy_(v.view_as(b))
+
+
+def batch_noise(draw, local_batch: int, *shape: int, device: torch.device) -> torch.Tensor:
+    """draw(B, *shape) (torch.randn, torch.rand) for the global batch B = local_batch x
+    processes, of which this process keeps its own rows, as it keeps its own rows of the
+    images. Every process draws the same numbers from the same seed, so the run's randomness,
+    its random state and its results do not depend on how many processes share the batch."""
+    noise = draw(local_batch * world_size(), *shape, device=device)
+    return noise[rank() * local_batch:(rank() + 1) * local_batch]
+
+
+def batch_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of t over the global batch (no gradient): the mean over processes of each
+    process's mean, since every process holds an equal share."""
+    m = t.detach().mean()
+    if world_size() > 1:
+        torch.distributed.all_reduce(m)
+        m /= world_size()
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
 # Files
 
 
@@ -402,7 +580,8 @@ class MetricsLog:
 
 class Meter:
     """Running means of scalar tensors, each over the steps that reported it. Values stay on the
-    device until read, so logging does not stall the GPU every step."""
+    device until read, so logging does not stall the GPU every step. Under torchrun the means
+    are over all processes (every process must read them at the same point)."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
@@ -414,11 +593,22 @@ class Meter:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1
 
+    def _sums(self) -> dict[str, float]:
+        """The sums averaged over the processes (every process has taken the same steps)."""
+        if not self.sums:
+            return {}
+        flat = torch.stack(list(self.sums.values()))
+        if world_size() > 1:
+            torch.distributed.all_reduce(flat)
+            flat /= world_size()
+        return dict(zip(self.sums, flat.tolist()))  # one wait for the device, not one per value
+
     def means(self) -> dict[str, float]:
-        return {k: v.item() / self.counts[k] for k, v in self.sums.items()}
+        return {k: v / self.counts[k] for k, v in self._sums().items()}
 
     def state_dict(self) -> dict:
-        return {"sums": {k: v.item() for k, v in self.sums.items()}, "counts": dict(self.counts)}
+        """Averaged over processes, so a run resumes with any number of them."""
+        return {"sums": self._sums(), "counts": dict(self.counts)}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.sums = {k: torch.tensor(v, device=device) for k, v in state["sums"].items()}
@@ -449,13 +639,18 @@ def save_training_state(path: Path, kind: str, args: argparse.Namespace, epoch: 
                         scalers: dict | None = None) -> None:
     """One dict that resumes a run exactly: the networks, their optimisers (and fp16 gradient
     scalers), where the run stands (`epoch` finished epochs and `step` steps into the next), its
-    settings and random states."""
+    settings and random states. Under torchrun every process calls this (the running means are
+    averaged over them) and rank 0 writes: the processes hold identical weights and random
+    states, so the file resumes with any number of processes."""
+    meter_state = meter.state_dict()
+    if not is_main():
+        return
     save_checkpoint(path, {
         "kind": kind, "args": vars(args), "epoch": epoch, "step": step,
         "models": {k: m.state_dict() for k, m in models.items()},
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         "scalers": {k: s.state_dict() for k, s in (scalers or {}).items() if s is not None},
-        "meter": meter.state_dict(), "rng": rng_state(device)})
+        "meter": meter_state, "rng": rng_state(device)})
 
 
 def restore_training_state(ckpt: dict, models: dict, optimizers: dict, meter: "Meter",
@@ -478,16 +673,19 @@ def restore_training_state(ckpt: dict, models: dict, optimizers: dict, meter: "M
 
 
 def epoch_bar(batches, epoch: int, start: int, epochs: int) -> tqdm:
-    """The batches of one epoch from step `start` on, behind a progress bar."""
+    """The batches of one epoch from step `start` on, behind a progress bar (rank 0's only)."""
     return tqdm(batches.epoch(epoch, start=start), total=len(batches), initial=start,
-                desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True)
+                desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True, disable=not is_main())
+
+
+SYNC_EVERY = 10  # steps between reads of the running means (and, under torchrun, stop checks)
 
 
 def show_progress(bar: tqdm, meter: "Meter", epoch: int, step: int, ckpt_path: Path,
-                  force: bool = False, every: int = 10) -> None:
-    """Every `every` steps, at the epoch's last and when forced (before a checkpoint): read the
-    running means (this waits for the device), stop the run if one is not finite, show them."""
-    if force or step % every == 0 or step == bar.total:
+                  force: bool = False) -> None:
+    """Every SYNC_EVERY steps, at the epoch's last and when forced (before a checkpoint): read
+    the running means (this waits for the device), stop the run if one is not finite, show them."""
+    if force or step % SYNC_EVERY == 0 or step == bar.total:
         means = meter.means()
         check_finite(means, epoch, step, ckpt_path)
         bar.set_postfix(format_stats(means))
@@ -504,7 +702,10 @@ def check_finite(means: dict[str, float], epoch: int, step: int, ckpt_path: Path
 
 class GracefulStop:
     """Ctrl-C (or SIGTERM from a cluster) sets `requested`; the loop finishes its step, saves a
-    checkpoint and exits. A second Ctrl-C stops at once."""
+    checkpoint and exits. A second Ctrl-C stops at once.
+
+    Under torchrun (which passes a Ctrl-C on to every process as SIGINT, and kills them 30 s
+    later) the processes agree every SYNC_EVERY steps, so all stop after the same step."""
 
     def __enter__(self):
         self.requested = False
@@ -515,22 +716,31 @@ class GracefulStop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nStopping after this step to save a checkpoint (Ctrl-C again to quit at once)",
-              file=sys.stderr)
+        if is_main():
+            when = "this step" if world_size() == 1 else f"at most {SYNC_EVERY} steps"
+            print(f"\nStopping after {when} to save a checkpoint (Ctrl-C again to quit at once)",
+                  file=sys.stderr)
 
     def __exit__(self, *exc):
         for s, handler in self._old.items():
             signal.signal(s, handler)
         return False
 
-    def exit_if_requested(self, bar: tqdm, save, epoch: int, step: int, ckpt_path: Path) -> None:
-        """Between steps: if a stop was asked for, save(epoch, step) and exit with status 130."""
-        if not self.requested:
-            return
+    def due(self, step: int, last: int) -> bool:
+        """Between steps (step `last` ends the epoch): whether to stop now, the same answer on
+        every process."""
+        if world_size() == 1:
+            return self.requested
+        return (step % SYNC_EVERY == 0 or step == last) and any_process(self.requested)
+
+    def save_and_exit(self, bar: tqdm, save, epoch: int, step: int, ckpt_path: Path) -> None:
+        """save(epoch, step) and exit with status 130, once rank 0 has written the checkpoint."""
         bar.close()
         save(epoch, step)
-        print(f"Interrupted in epoch {epoch + 1} after step {step}; checkpoint saved to {ckpt_path}. "
-              "Continue with the same command plus --resume.", file=sys.stderr)
+        barrier()  # no process exits (and gets its siblings killed by torchrun) before the file is written
+        if is_main():
+            print(f"Interrupted in epoch {epoch + 1} after step {step}; checkpoint saved to {ckpt_path}. "
+                  "Continue with the same command plus --resume.", file=sys.stderr)
         sys.exit(130)  # the shell's convention for a run ended by Ctrl-C
 
 

@@ -70,9 +70,11 @@ class VAE(nn.Module):
         return self.fc_mu(h), self.fc_logvar(h)
 
     @staticmethod
-    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """z = mu + sigma * eps with eps ~ N(0, I), so gradients reach mu and logvar."""
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mu + sigma * eps with eps ~ N(0, I) (drawn here unless given), so gradients reach
+        mu and logvar."""
+        eps = torch.randn_like(mu) if eps is None else eps
+        return mu + torch.exp(0.5 * logvar) * eps
 
     def decode_logits(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, latent_dim) -> pixel logits (B, nc, S, S)."""
@@ -85,11 +87,12 @@ class VAE(nn.Module):
         """z (B, latent_dim) -> images (B, nc, S, S) in [0, 1]."""
         return torch.sigmoid(self.decode_logits(z, y))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, eps: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the reconstruction logits, mu and logvar."""
+        """Returns the reconstruction logits, mu and logvar; eps (B, latent_dim) is the posterior
+        sample's standard normal noise (drawn here unless given)."""
         mu, logvar = self.encode(x, y)
-        return self.decode_logits(self.reparameterize(mu, logvar), y), mu, logvar
+        return self.decode_logits(self.reparameterize(mu, logvar, eps), y), mu, logvar
 
     @torch.no_grad()
     def fit_prior(self, mu: torch.Tensor) -> None:
@@ -109,13 +112,14 @@ class VAE(nn.Module):
         return self.decode(self.prior_latents(torch.randn(n, self.latent_dim, device=device)), y)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-             beta: float = 1.0) -> dict[str, torch.Tensor]:
+             beta: float = 1.0, batch_mean=torch.mean) -> dict[str, torch.Tensor]:
         """The negative ELBO with a beta-weighted KL; each part summed per image, batch-averaged.
 
         recon: -log p(x|z). Bernoulli: binary cross-entropy on the logits. Gaussian: with
             sigma^2 = the batch's mean squared error, sum((x - x_hat)^2) / (2 sigma^2) +
             D/2 log(2 pi sigma^2); sigma is held fixed in the gradient, which at the optimum
-            changes nothing (d/dsigma = 0 there).
+            changes nothing (d/dsigma = 0 there). batch_mean(squared errors) gives sigma^2; under
+            torchrun the training script passes a mean over the global batch of all processes.
         kl: KL(q(z|x) || N(0, I)) in closed form, Kingma & Welling 2014, Appendix B:
             -1/2 * sum(1 + log sigma^2 - mu^2 - sigma^2).
         """
@@ -125,7 +129,7 @@ class VAE(nn.Module):
             recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / b
         else:
             se = (torch.sigmoid(logits) - x).pow(2)
-            var = se.mean().detach().clamp_min(1e-6)
+            var = batch_mean(se.detach()).clamp_min(1e-6)
             recon = (se.sum() / (2 * var) + 0.5 * se.numel() * torch.log(2 * math.pi * var)) / b
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / b
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}

@@ -104,13 +104,13 @@ def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch):
 
     def stop_at_step_6(*args, **kwargs):  # in the second epoch of 4 steps
         steps["n"] += 1
-        if steps["n"] == 6:
+        if steps["n"] == 6:  # Ctrl-C while step 2 of epoch 2 shows its progress: stop after step 3
             os.kill(os.getpid(), signal.SIGINT)
         return real_show(*args, **kwargs)
     monkeypatch.setattr(utils, "show_progress", stop_at_step_6)
     with pytest.raises(SystemExit) as e:
         train_vae.main([*common, "--out", str(tmp_path / "resumed")])
-    assert e.value.code == 130 and utils.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 2
+    assert e.value.code == 130 and utils.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
     train_vae.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
     a = utils.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
     b = utils.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
