@@ -2,8 +2,10 @@
 
 No test reads the real data or the network."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,19 @@ def script_command(script: str, *args) -> dict:
 
 def run_script(script: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(**script_command(script, *args), capture_output=True, timeout=timeout)
+
+
+def interrupt_after_first_epoch(command: dict, out: Path) -> tuple[int, str]:
+    """Start a training run (script_command's arguments), press Ctrl-C once its first epoch is
+    logged in `out`, and return its exit status and stderr."""
+    proc = subprocess.Popen(**command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
 
 
 # Small widths keep every script run to seconds on two CPU cores.

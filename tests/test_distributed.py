@@ -5,11 +5,9 @@ processes, stop together on Ctrl-C, keep identical models on every rank, and ref
 does not divide."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ import torch.multiprocessing as mp
 
 import train_gan
 import utils
-from conftest import TINY_GAN, TINY_VAE, run_script, script_command
+from conftest import TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command
 from data import Batches, load_bloodmnist
 
 
@@ -120,14 +118,7 @@ def test_ctrl_c_under_torchrun_stops_every_process_with_one_checkpoint(data_root
     run resumes in one process as if nothing had happened."""
     common = ["--data-root", data_root, *TINY_VAE]
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(**torchrun_command(2, "train_vae.py", *common, "--epochs", 1000, "--out", out),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = interrupt_after_first_epoch(torchrun_command(2, "train_vae.py", *common, "--epochs", 1000, "--out", out), out)
     assert err.count("checkpoint saved") == 1, err[-3000:]
     ckpt = utils.load_checkpoint(out / "ckpt.pt", "vae")
     epochs = ckpt["epoch"] + 2

@@ -4,8 +4,6 @@ errors a user gets for a bad file or a bad --resume."""
 import json
 import os
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from PIL import Image
 import train_gan
 import train_vae
 import utils
-from conftest import TINY_GAN, TINY_VAE, run_script, script_command, states_equal, write_npz
+from conftest import TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command, states_equal, write_npz
 
 SCRIPTS = {"gan": (train_gan, TINY_GAN), "vae": (train_vae, TINY_VAE)}
 
@@ -73,15 +71,8 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(data_root, tmp_pat
     script = f"train_{kind}.py"
     common = ["--data-root", data_root, *tiny]
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen(**script_command(script, *common, "--epochs", 1000, "--out", out),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    code, err = interrupt_after_first_epoch(script_command(script, *common, "--epochs", 1000, "--out", out), out)
+    assert code == 130, err
     assert "Traceback" not in err and "checkpoint saved" in err
     ckpt = utils.load_checkpoint(out / "ckpt.pt", kind)
     epochs = ckpt["epoch"] + 2  # finish the interrupted epoch and one more
