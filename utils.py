@@ -705,10 +705,13 @@ class GracefulStop:
     checkpoint and exits. A second Ctrl-C stops at once.
 
     Under torchrun (which passes a Ctrl-C on to every process as SIGINT, and kills them 30 s
-    later) the processes agree every SYNC_EVERY steps, so all stop after the same step."""
+    later) the processes agree on when to stop, so all stop after the same step: on CPUs after
+    every step, on GPUs every SYNC_EVERY steps (reading the agreed flag waits for the GPU)."""
 
     def __enter__(self):
         self.requested = False
+        gpus = world_size() > 1 and torch.distributed.get_backend() == "nccl"
+        self.every = SYNC_EVERY if gpus else 1
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -717,7 +720,7 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.requested = True
         if is_main():
-            when = "this step" if world_size() == 1 else f"at most {SYNC_EVERY} steps"
+            when = "this step" if self.every == 1 else f"at most {self.every} steps"
             print(f"\nStopping after {when} to save a checkpoint (Ctrl-C again to quit at once)",
                   file=sys.stderr)
 
@@ -731,7 +734,7 @@ class GracefulStop:
         every process."""
         if world_size() == 1:
             return self.requested
-        return (step % SYNC_EVERY == 0 or step == last) and any_process(self.requested)
+        return (step % self.every == 0 or step == last) and any_process(self.requested)
 
     def save_and_exit(self, bar: tqdm, save, epoch: int, step: int, ckpt_path: Path) -> None:
         """save(epoch, step) and exit with status 130, once rank 0 has written the checkpoint."""
