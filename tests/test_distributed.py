@@ -113,6 +113,16 @@ def test_a_batch_that_does_not_divide_is_refused_in_one_line(data_root, tmp_path
     assert "[rank0]" not in r.stderr and "[rank1]" not in r.stderr  # no Python traceback from a process
 
 
+def test_only_rank_0_fetches_the_data_and_its_failure_stops_every_process(tmp_path):
+    """A data folder that cannot be created (inside a file): rank 0's download fails at once, and
+    the other process, waiting for it, stops too instead of hanging."""
+    (tmp_path / "a_file").write_text("")
+    r = torchrun(2, "train_vae.py", "--data-root", tmp_path / "a_file" / "data", *TINY_VAE, "--out", tmp_path / "run")
+    assert r.returncode != 0
+    assert r.stderr.count("error: ") == 1 and "the download failed" in r.stderr, r.stderr[-3000:]
+    assert "[rank0]" not in r.stderr and "[rank1]" not in r.stderr
+
+
 def test_ctrl_c_under_torchrun_stops_every_process_with_one_checkpoint(data_root, tmp_path):
     """torchrun passes a Ctrl-C to both processes; they agree on a step, rank 0 saves, and the
     run resumes in one process as if nothing had happened."""
