@@ -467,8 +467,9 @@ def ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     Buffers are not broadcast from rank 0 at every forward pass (DDP's default): the
     discriminator runs several forward passes a step, and re-broadcasting BatchNorm's running
-    statistics between them overwrites tensors autograd has saved. The training scripts keep the
-    buffers identical themselves (average_buffers, or SyncBatchNorm)."""
+    statistics before each would replace every process's with rank 0's (and is a known source of
+    in-place errors in autograd). The training scripts keep the buffers identical themselves
+    (average_buffers, or SyncBatchNorm)."""
     if world_size() == 1:
         return module
     DDP = torch.nn.parallel.DistributedDataParallel
