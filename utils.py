@@ -732,9 +732,7 @@ class GracefulStop:
 
     def due(self, step: int, last: int) -> bool:
         """Between steps (step `last` ends the epoch): whether to stop now, the same answer on
-        every process."""
-        if world_size() == 1:
-            return self.requested
+        every process (in one process, self.every is 1 and any_process is the flag itself)."""
         return (step % self.every == 0 or step == last) and any_process(self.requested)
 
     def save_and_exit(self, bar: tqdm, save, epoch: int, step: int, ckpt_path: Path) -> None:
