@@ -12,19 +12,46 @@ classifier finds the class that was asked for. VAEs also get test-split negative
 reconstruction MSE, PSNR and SSIM. Two reference rows place the numbers: real training images
 (the best a model can do) and noise with the training images' per-pixel mean and std (a trivial
 generator). Results go to a table, to eval.json beside each checkpoint, and to --json.
+
+Is the synthetic data useful? Is it private? (synthetic.py; see the README's section of that name)
+
+    python evaluate.py outputs/cgan/ckpt.pt --utility        # conditional checkpoints only
+    python evaluate.py outputs/gan/ckpt.pt --memorization
+
+--utility trains the feature network's classifier on a class-balanced synthetic set the size of
+the real train split and tests it on the real test split (CAS), beside the real-data ceiling and a
+noise floor, then trains on stratified real subsets (--fractions) alone and with synthetic images
+added (--synthetic-ratio), over --seeds seeds. That is 1 + (checkpoints) * (1 + fractions * seeds)
++ fractions * seeds classifiers (20 for one checkpoint, with the defaults), each as long as the feature network's
+training: minutes each on a GPU, about 25 on a 2-core CPU. --memorization compares, for the --n
+generated images, the distance to the nearest training image (in the classifier's feature space
+and in pixels) with that of the real test images, and draws the closest pairs.
 """
+import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import metrics
+import synthetic
 import train_vae
 import utils
-from data import Batches, class_names, load_bloodmnist
+from data import Batches, Split, class_names, load_bloodmnist
 from sample import Sampler
+
+
+def fraction_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions separated by commas, such as 0.01,0.1,1; got {text}") from None
+    if not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every fraction must lie in (0, 1]; got {text}")
+    return values
 
 
 def parse_args(argv=None):
@@ -46,6 +73,18 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the latents and the KID subsets")
     p.add_argument("--batch-size", type=utils.positive_int, default=250, metavar="N", help="images per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    study = p.add_argument_group("is the synthetic data useful? is it private?")
+    study.add_argument("--utility", action="store_true",
+                       help="train-on-synthetic scores (CAS) and augmentation gains; conditional checkpoints only")
+    study.add_argument("--fractions", type=fraction_list, default="0.01,0.1,1", metavar="F,F,...",
+                       help="--utility: shares of the real train split (stratified) to augment")
+    study.add_argument("--seeds", type=utils.positive_int, default=3, metavar="N",
+                       help="--utility: seeds (subset, classifier, synthetic draw) per augmentation row")
+    study.add_argument("--synthetic-ratio", type=utils.positive_float, default=1.0, metavar="R",
+                       help="--utility: synthetic images added per real image of each class")
+    study.add_argument("--memorization", action="store_true",
+                       help="distance of the --n generated images to their nearest training image, "
+                            "against real test images'; writes memorization_pairs.png beside the checkpoint")
     return p.parse_args(argv)
 
 
@@ -83,10 +122,7 @@ def references(splits: dict, real: dict, fnet, args) -> list[dict]:
     train = torch.from_numpy(splits["train"].images).permute(0, 3, 1, 2)
     g = torch.Generator().manual_seed(args.seed)
     real_train = train[torch.randperm(len(train), generator=g)[:args.n]]
-    pixels = train.float()
-    mean, std = pixels.mean(0), pixels.std(0)
-    noise = torch.stack([(mean + std * torch.randn(mean.shape, generator=g)).round().clamp(0, 255)
-                         for _ in range(args.n)]).to(torch.uint8)
+    noise = metrics.pixel_noise(splits["train"].images, args.n, g)
     return [{"name": "ref: real train images", **score(fnet, real_train, real, args)},
             {"name": "ref: pixel noise", **score(fnet, noise, real, args)}]
 
@@ -100,6 +136,15 @@ def row_name(path: str, sampler: Sampler) -> str:
     return name
 
 
+def print_aligned(table: list[list[str]], left: int = 1, write=print) -> None:
+    """A header line, a rule, then the rows; the first `left` columns flush left."""
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for i, line in enumerate(table):
+        write("  ".join(v.ljust(w) if j < left else v.rjust(w) for j, (v, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            write("  ".join("-" * w for w in widths))
+
+
 def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
     cols = [("FID", "fid", "{:.2f}"), ("KID", "kid", None), ("prec", "precision", "{:.3f}"),
             ("recall", "recall", "{:.3f}"), ("class TV", "class_tv", "{:.3f}"), ("min share", "min_share_ratio", "{:.2f}"),
@@ -108,12 +153,7 @@ def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
     cols = [c for c in cols if any(c[1] in r for r in rows)]
     cell = lambda r, key, fmt: ("-" if key not in r else f"{r['kid']:.3f} ± {r['kid_std']:.3f}"
                                 if key == "kid" else fmt.format(r[key]))
-    table = [["model"] + [c[0] for c in cols]] + [[r["name"]] + [cell(r, k, f) for _, k, f in cols] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    for i, line in enumerate(table):
-        print("  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(line, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_aligned([["model"] + [c[0] for c in cols]] + [[r["name"]] + [cell(r, k, f) for _, k, f in cols] for r in rows])
     print("\nClass shares under the classifier (test split: true labels)")
     heads = ["test"] + [r["name"].removeprefix("ref: ")[:30] for r in rows]
     shares = [real_shares] + [r["class_shares"] for r in rows]
@@ -123,11 +163,69 @@ def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
         print(name[:14].ljust(14) + "".join(f"{s[c]:{wi + 2}.3f}" for s, wi in zip(shares, w)))
 
 
+def print_cas(cas: list[dict]) -> None:
+    short = [name[:5] for name in class_names()]
+    tqdm.write("\nTrain on synthetic, test on real (CAS): the classifier's scores on the real test split")
+    print_aligned([["training set", "images", "acc", "bal acc", "AUC", *[f"{n} rec" for n in short]]] + [
+        [r["name"], f"{r['images']:,}", f"{r['accuracy']:.3f}", f"{r['balanced_accuracy']:.3f}", f"{r['auc']:.3f}",
+         *["-" if v is None else f"{v:.2f}" for v in r["recall"]]] for r in cas], write=tqdm.write)
+
+
+def print_augmentation(augmentation: list[dict]) -> None:
+    print("\nAugmentation: test accuracy, mean ± std over seeds (per seed in brackets); gain over the "
+          "real subset alone, seed by seed")
+    print_aligned([["real share", "training set", "real", "synthetic", "accuracy", "per seed", "bal acc", "gain"]] + [
+        [f"{r['fraction']:.0%}", r["training_set"], f"{r['real_images']:,}", f"{r['synthetic_images']:,}",
+         f"{r['accuracy_mean']:.3f} ± {r['accuracy_std']:.3f}", "[" + " ".join(f"{a:.3f}" for a in r["accuracy"]) + "]",
+         f"{r['balanced_accuracy_mean']:.3f} ± {r['balanced_accuracy_std']:.3f}",
+         f"{r['gain_mean']:+.3f} ± {r['gain_std']:.3f}" if "gain" in r else "-"] for r in augmentation], left=2)
+
+
+def print_memorization(rows: list[dict]) -> None:
+    print("\nMemorisation: distance to the nearest training image, generated against held-out (test) images")
+    print_aligned([["model", "space", "train images", "median gen", "median held-out", "ratio", "gen < held-out p5"]] + [
+        [r["name"], space, f"{r['train_images']:,}", f"{r[space]['median_generated']:.3f}",
+         f"{r[space]['median_heldout']:.3f}", f"{r[space]['median_ratio']:.3f}", f"{r[space]['share_below_heldout_p5']:.3f}"]
+        for r in rows for space in ("feature", "pixel")], left=2)
+    print("ratio about 1 or above: no sign of copying; near 0: the generator reproduces its training images. "
+          "Held-out images fall below their own 5th percentile 5 % of the time.")
+
+
+def generator(sampler: Sampler, name: str, batch_size: int) -> synthetic.Generate:
+    """A checkpoint as synthetic.py's generator: labels, seed -> uint8 images."""
+    def generate(labels: torch.Tensor, seed: int) -> torch.Tensor:
+        return sampler.decode(sampler.latents(len(labels), seed), labels, batch_size, uint8=True,
+                              desc=f"{name}: generating")
+    return generate
+
+
+def memorization(name: str, path: str, sampler: Sampler, images: torch.Tensor, splits: dict, fnet,
+                 args, train_features: dict) -> dict:
+    """synthetic.memorization against the images this checkpoint was trained on (the first
+    --subset of the train split, if it was trained on a subset), and the pairs picture."""
+    subset = sampler.args.get("subset")
+    train = splits["train"] if subset is None else Split(splits["train"].images[:subset], splits["train"].labels[:subset])
+    as_tensor = lambda split: torch.from_numpy(split.images).permute(0, 3, 1, 2)
+    train_images, heldout = as_tensor(train), as_tensor(splits["test"])
+    if subset not in train_features:
+        train_features[subset] = metrics.predict(fnet, train_images, args.batch_size, desc="features: training images")[0]
+    summary, pairs = synthetic.memorization(images, train_images, heldout, fnet, args.batch_size, train_features[subset])
+    picture, labels = synthetic.pairs_picture(images, train_images, heldout, pairs)
+    out = Path(path).parent / "memorization_pairs.png"
+    utils.save_grid(picture, out, nrow=len(picture) // len(labels), row_labels=labels)
+    return {"name": name, "checkpoint": str(path), "n_generated": len(images), "n_heldout": len(heldout),
+            "train_images": len(train), **summary, "pairs_png": str(out)}
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
     utils.speed_up(device)
     samplers = [Sampler(path, device, not args.no_ema, args.standard_prior) for path in args.checkpoints]  # bad paths fail first
+    if args.utility and (flat := [p for p, s in zip(args.checkpoints, samplers) if not s.conditional]):
+        raise utils.UserError(f"--utility needs conditional checkpoints: {flat[0]} was trained without "
+                              "--conditional, and a classifier trained on synthetic images needs each image's "
+                              "class; train one with --conditional")
     fnet, info = metrics.feature_network(args.data_root, device, args.feature_cache)
     splits = load_bloodmnist(args.data_root)
     if len(splits["test"]) < 4:
@@ -139,7 +237,7 @@ def main(argv=None):
     print(f"Feature network: {info['file']} (test accuracy {metrics.percent(info['test_accuracy'])}); "
           f"{len(splits['test']):,} test images; {args.n:,} generated images per checkpoint")
 
-    rows = []
+    rows, beside, remembered, train_features = [], {}, [], {}
     for path, sampler in zip(args.checkpoints, samplers):
         t0 = time.time()
         labels = metrics.proportional_labels(args.n, train_shares, args.seed).to(device) if sampler.conditional else None
@@ -155,19 +253,45 @@ def main(argv=None):
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(f"{name}: FID {row['fid']:.2f}, KID {row['kid']:.2e} ({row['seconds']} s)")
-        utils.atomic_write_text(Path(path).parent / "eval.json", json.dumps(
-            {"feature_network": info, "seed": args.seed, **row}, indent=2) + "\n")
+        beside[path] = {"feature_network": info, "seed": args.seed, **row}
+        if args.memorization:
+            remembered.append(memorization(name, path, sampler, images, splits, fnet, args, train_features))
+            beside[path]["memorization"] = remembered[-1]
+        write_beside(path, beside[path])
     if not args.no_reference:
         rows += references(splits, real, fnet, args)
-
     print()
     print_table(rows, real["shares"])
+    out = {"feature_network": info, "n": args.n, "seed": args.seed, "test_shares": real["shares"].tolist(),
+           "results": rows}
+
+    if args.memorization:
+        print_memorization(remembered)
+        out["memorization"] = remembered
+    if args.utility:
+        names = [r["name"] for r in rows[:len(samplers)]]
+        generators = {name: generator(s, name, args.batch_size) for name, s in zip(names, samplers)}
+        runs = args.fractions, range(args.seed, args.seed + args.seeds)
+        total = 1 + len(generators) + len(runs[0]) * len(runs[1]) * (1 + len(generators))
+        print(f"\nUtility: training {total} classifiers of {synthetic.recipe_steps(len(splits['train'])):,} steps each")
+        with tqdm(total=total, desc="utility: classifiers", dynamic_ncols=True) as bar:
+            out["cas"] = synthetic.cas(generators, splits["train"], splits["test"], device, args.seed, fnet, bar)
+            print_cas(out["cas"])
+            out["augmentation"] = synthetic.augmentation(generators, splits["train"], splits["test"], device,
+                                                         *runs, args.synthetic_ratio, bar)
+        print_augmentation(out["augmentation"])
+        for path, name in zip(args.checkpoints, names):
+            beside[path]["cas"] = next(r for r in out["cas"] if r["name"] == name)
+            beside[path]["augmentation"] = [r for r in out["augmentation"] if r["training_set"] in ("real only", name)]
+            write_beside(path, beside[path])
     if args.json:
-        out = {"feature_network": info, "n": args.n, "seed": args.seed, "test_shares": real["shares"].tolist(),
-               "results": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         utils.atomic_write_text(Path(args.json), json.dumps(out, indent=2) + "\n")
         print(f"\nWrote {args.json}")
+
+
+def write_beside(path: str, record: dict) -> None:
+    utils.atomic_write_text(Path(path).parent / "eval.json", json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

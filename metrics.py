@@ -35,22 +35,25 @@ RECIPE = {"version": 1, "widths": [32, 64, 128, 256, 256], "epochs": 15, "batch_
 
 def train_classifier(train: Split, device: torch.device, epochs: int, batch_size: int, lr: float,
                      weight_decay: float, seed: int, widths=RECIPE["widths"], val: Split | None = None,
-                     desc: str = "classifier") -> Classifier:
+                     desc: str = "classifier", steps: int | None = None, log_epochs: bool = True) -> Classifier:
     """Cross-entropy with AdamW and a one-cycle schedule; each image under a random symmetry of
-    the square (flips, 90 degree rotations) every time it is seen."""
+    the square (flips, 90 degree rotations) every time it is seen. `steps`, when given, replaces
+    `epochs`: that many optimiser steps whatever the set's size (the utility study compares sets
+    of different sizes at equal compute). One progress bar over all steps; with log_epochs, a
+    line per epoch."""
     utils.set_seed(seed)
     model = Classifier(NUM_CLASSES, widths=tuple(widths)).to(device)
     batches = Batches(train, batch_size, device, VALUE_RANGE, seed=seed)
+    total = steps or epochs * len(batches)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(batches), pct_start=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2)
     flips = torch.Generator().manual_seed(seed)
-    val_acc = float("nan")
-    for epoch in range(epochs):
-        model.train()
+    bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    step, epoch = 0, 0
+    model.train()
+    while step < total:
         meter = utils.Meter()
-        bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"{desc} {epoch + 1}/{epochs}",
-                   leave=False, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar, 1):
+        for x, y in batches.epoch(epoch):
             logits = model(random_symmetry(x, flips))
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -58,12 +61,18 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
             opt.step()
             sched.step()
             meter.update(loss=loss.detach(), acc=(logits.argmax(1) == y).float().mean())
-            if step % 10 == 0 or step == len(batches):
-                bar.set_postfix(utils.format_stats(meter.means()))
-        if val is not None and len(val):
-            val_acc = accuracy(model, val)
-        tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}  " + "  ".join(
-            f"{k} {v:.4f}" for k, v in {**meter.means(), "val_acc": val_acc}.items()))
+            step += 1
+            bar.update()
+            if step % 10 == 0 or step == total:
+                bar.set_postfix(epoch=epoch + 1, **utils.format_stats(meter.means()))
+            if step == total:
+                break
+        epoch += 1
+        if log_epochs:
+            val_acc = accuracy(model, val) if val is not None and len(val) else float("nan")
+            tqdm.write(f"{desc} epoch {epoch}/{-(-total // len(batches))}  " + "  ".join(
+                f"{k} {v:.4f}" for k, v in {**meter.means(), "val_acc": val_acc}.items()))
+    bar.close()
     return model.eval()
 
 
@@ -94,6 +103,44 @@ def percent(accuracy: float | None) -> str:
 def accuracy(model: Classifier, split: Split) -> float:
     logits = predict(model, split.images)[1]
     return (logits.argmax(1).numpy() == split.labels).mean().item()
+
+
+def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random
+    negative, ties counting half (the Mann-Whitney U statistic over average ranks)."""
+    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = (ends - (counts - 1) / 2)[inverse]  # 1-based, ties share their mean rank
+    n_pos = int(positive.sum())
+    n_neg = len(scores) - n_pos
+    return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def classification_scores(logits: torch.Tensor, labels: torch.Tensor | np.ndarray) -> dict:
+    """A classifier's test scores: accuracy, balanced accuracy (the mean of the per-class
+    recalls), macro one-vs-rest ROC AUC of the softmax probabilities, and each class's recall.
+    Classes missing from `labels` get no recall (None) and are left out of the means."""
+    labels = torch.as_tensor(np.asarray(labels)).reshape(-1)
+    probs = logits.double().softmax(1)
+    predicted = probs.argmax(1)
+    present = [c for c in range(NUM_CLASSES) if (labels == c).any()]
+    recall = [(predicted[labels == c] == c).double().mean().item() if c in present else None
+              for c in range(NUM_CLASSES)]
+    aucs = [roc_auc(probs[:, c], labels == c) for c in present if (labels != c).any()]
+    return {"accuracy": (predicted == labels).double().mean().item(),
+            "balanced_accuracy": float(np.mean([recall[c] for c in present])),
+            "auc": float(np.mean(aucs)) if aucs else float("nan"),
+            "recall": recall}
+
+
+def pixel_noise(images: np.ndarray, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n images of independent per-pixel Gaussian noise with the mean and std of `images`
+    ((N, 64, 64, 3) uint8, as in the npz): a generator that learned only the palette.
+    Returns uint8 (n, 3, 64, 64)."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    mean, std = pixels.mean(0), pixels.std(0)
+    return torch.stack([(mean + std * torch.randn(mean.shape, generator=generator)).round().clamp(0, 255)
+                        for _ in range(n)]).to(torch.uint8)
 
 
 def feature_network(data_root: str, device: torch.device, cache: str = "outputs/features",
