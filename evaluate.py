@@ -242,6 +242,8 @@ def main(argv=None):
         t0 = time.time()
         labels = metrics.proportional_labels(args.n, train_shares, args.seed).to(device) if sampler.conditional else None
         name = row_name(path, sampler)
+        if any(r["name"] == name for r in rows):  # two run folders of one name: rows must differ
+            name += f" [{len(rows) + 1}]"
         images = sampler.decode(sampler.latents(args.n, args.seed), labels, args.batch_size, uint8=True,
                                 desc=f"{name}: generating")
         row = {"name": name, "checkpoint": str(path), "kind": sampler.kind,
