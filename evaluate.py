@@ -21,11 +21,12 @@ Is the synthetic data useful? Is it private? (synthetic.py; see the README's sec
 --utility trains the feature network's classifier on a class-balanced synthetic set the size of
 the real train split and tests it on the real test split (CAS), beside the real-data ceiling and a
 noise floor, then trains on stratified real subsets (--fractions) alone and with synthetic images
-added (--synthetic-ratio), over --seeds seeds. That is 1 + (checkpoints) * (1 + fractions * seeds)
-+ fractions * seeds classifiers (20 for one checkpoint, with the defaults), each as long as the feature network's
-training: minutes each on a GPU, about 25 on a 2-core CPU. --memorization compares, for the --n
-generated images, the distance to the nearest training image (in the classifier's feature space
-and in pixels) with that of the real test images, and draws the closest pairs.
+added (--synthetic-ratio), over --seeds seeds. That is 1 + C * (1 + F * S) + F * S classifiers
+for C checkpoints, F fractions and S seeds (20 for one checkpoint with the defaults), each as long
+as the feature network's training: seconds on a GPU, about 25 minutes on a 2-core CPU.
+--memorization compares, for the --n generated images, the distance to the nearest training
+image (in the classifier's feature space and in pixels) with that of the real test images, and
+draws the closest pairs.
 """
 import argparse
 import json
@@ -48,7 +49,8 @@ def fraction_list(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected fractions separated by commas, such as 0.01,0.1,1; got {text}") from None
+        raise argparse.ArgumentTypeError(f"expected fractions separated by commas, such as 0.01,0.1,1; "
+                                         f"got {text}") from None
     if not all(0 < v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"every fraction must lie in (0, 1]; got {text}")
     return values
@@ -184,8 +186,8 @@ def print_augmentation(augmentation: list[dict]) -> None:
 def print_memorization(rows: list[dict]) -> None:
     print("\nMemorisation: distance to the nearest training image, generated against held-out (test) images")
     print_aligned([["model", "space", "train images", "median gen", "median held-out", "ratio", "gen < held-out p5"]] + [
-        [r["name"], space, f"{r['train_images']:,}", f"{r[space]['median_generated']:.3f}",
-         f"{r[space]['median_heldout']:.3f}", f"{r[space]['median_ratio']:.3f}", f"{r[space]['share_below_heldout_p5']:.3f}"]
+        [r["name"], space, f"{r['train_images']:,}", *[f"{r[space][key]:.3f}" for key in (
+            "median_generated", "median_heldout", "median_ratio", "share_below_heldout_p5")]]
         for r in rows for space in ("feature", "pixel")], left=2)
     print("ratio about 1 or above: no sign of copying; near 0: the generator reproduces its training images. "
           "Held-out images fall below their own 5th percentile 5 % of the time.")

@@ -108,7 +108,7 @@ def accuracy(model: Classifier, split: Split) -> float:
 def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     """Area under the ROC curve: the chance that a random positive scores above a random
     negative, ties counting half (the Mann-Whitney U statistic over average ranks)."""
-    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).double()
     ranks = (ends - (counts - 1) / 2)[inverse]  # 1-based, ties share their mean rank
     n_pos = int(positive.sum())
