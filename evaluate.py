@@ -23,7 +23,7 @@ the real train split and tests it on the real test split (CAS), beside the real-
 noise floor, then trains on stratified real subsets (--fractions) alone and with synthetic images
 added (--synthetic-ratio), over --seeds seeds. That is 1 + C * (1 + F * S) + F * S classifiers
 for C checkpoints, F fractions and S seeds (20 for one checkpoint with the defaults), each as long
-as the feature network's training: seconds on a GPU, about 25 minutes on a 2-core CPU.
+as the feature network's training: seconds on a GPU, about 16 minutes on a 2-core CPU.
 --memorization compares, for the --n generated images, the distance to the nearest training
 image (in the classifier's feature space and in pixels) with that of the real test images, and
 draws the closest pairs.
