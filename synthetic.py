@@ -195,11 +195,11 @@ def pairs_picture(generated: torch.Tensor, train: torch.Tensor, heldout: torch.T
     images (6k, 3, 64, 64) in [0, 1] for a grid of k columns, and its row labels."""
     k = max(1, min(k, len(generated) // 2, len(heldout)))
     rows, labels = [], []
-    for images, who, blocks in ((generated, "generated", 2), (heldout, "held-out", 1)):
-        dist, index = pairs["generated" if who == "generated" else "heldout"]
+    for images, who, label, blocks in ((generated, "generated", "generated", 2), (heldout, "heldout", "held-out", 1)):
+        dist, index = pairs[who]
         order = dist.argsort()[:blocks * k]
         for b in range(blocks):
             chosen = order[b * k:(b + 1) * k]
             rows += [images[chosen].cpu(), train[index[chosen]].cpu()]
-            labels += [who, "nearest train"]
+            labels += [label, "nearest train"]
     return torch.cat(rows).float() / 255, labels
