@@ -41,7 +41,7 @@ import metrics
 import synthetic
 import train_vae
 import utils
-from data import Batches, Split, class_names, load_bloodmnist
+from data import Batches, class_names, load_bloodmnist
 from sample import Sampler
 
 
@@ -90,15 +90,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def score(fnet, images: torch.Tensor, real: dict, args, requested: torch.Tensor | None = None) -> dict:
-    """Feature-space measures of uint8 images (N, 3, 64, 64) against the test split."""
-    feats, logits = metrics.predict(fnet, images, args.batch_size, desc="features")
+def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested: torch.Tensor | None = None) -> dict:
+    """Feature-space measures of images, given as metrics.predict's features and logits,
+    against the test split."""
     predicted = logits.argmax(1)
     n = min(len(feats), len(real["features"]))  # precision/recall want equal set sizes
     precision, recall = metrics.precision_recall(real["features"], feats[:n], k=3)
     kid, kid_std = metrics.kid(feats, real["features"], args.kid_subsets, args.kid_subset_size, args.seed)
     shares = metrics.class_shares(predicted)
-    out = {"n": len(images), "fid": metrics.fid(feats, real["features"]), "kid": kid, "kid_std": kid_std,
+    out = {"n": len(feats), "fid": metrics.fid(feats, real["features"]), "kid": kid, "kid_std": kid_std,
            "precision": precision, "recall": recall, "class_shares": shares.round(4).tolist(),
            # how far the class make-up is from the test split's: total variation, worst share ratio
            "class_tv": 0.5 * float(np.abs(shares - real["shares"]).sum()),
@@ -125,8 +125,11 @@ def references(splits: dict, real: dict, fnet, args) -> list[dict]:
     g = torch.Generator().manual_seed(args.seed)
     real_train = train[torch.randperm(len(train), generator=g)[:args.n]]
     noise = metrics.pixel_noise(splits["train"].images, args.n, g)
-    return [{"name": "ref: real train images", **score(fnet, real_train, real, args)},
-            {"name": "ref: pixel noise", **score(fnet, noise, real, args)}]
+    rows = []
+    for name, images in (("real train images", real_train), ("pixel noise", noise)):
+        feats, logits = metrics.predict(fnet, images, args.batch_size, desc="features")
+        rows.append({"name": f"ref: {name}", **score(feats, logits, real, args)})
+    return rows
 
 
 def row_name(path: str, sampler: Sampler) -> str:
@@ -201,18 +204,20 @@ def generator(sampler: Sampler, name: str, batch_size: int) -> synthetic.Generat
     return generate
 
 
-def memorization(name: str, path: str, sampler: Sampler, images: torch.Tensor, splits: dict, fnet,
-                 args, train_features: dict) -> dict:
+def memorization(name: str, path: str, sampler: Sampler, images: torch.Tensor, feats: torch.Tensor,
+                 splits: dict, real: dict, fnet, args, train_features: dict) -> dict:
     """synthetic.memorization against the images this checkpoint was trained on (the first
-    --subset of the train split, if it was trained on a subset), and the pairs picture."""
+    --subset of the train split, if it was trained on a subset; their features are computed
+    once per subset), and the pairs picture. The test split is the held-out set."""
     subset = sampler.args.get("subset")
-    train = splits["train"] if subset is None else Split(splits["train"].images[:subset], splits["train"].labels[:subset])
-    as_tensor = lambda split: torch.from_numpy(split.images).permute(0, 3, 1, 2)
-    train_images, heldout = as_tensor(train), as_tensor(splits["test"])
+    as_tensor = lambda array: torch.from_numpy(array).permute(0, 3, 1, 2)
+    train, heldout = as_tensor(splits["train"].images[:subset]), as_tensor(splits["test"].images)
     if subset not in train_features:
-        train_features[subset] = metrics.predict(fnet, train_images, args.batch_size, desc="features: training images")[0]
-    summary, pairs = synthetic.memorization(images, train_images, heldout, fnet, args.batch_size, train_features[subset])
-    picture, labels = synthetic.pairs_picture(images, train_images, heldout, pairs)
+        train_features[subset] = metrics.predict(fnet, train, args.batch_size, desc="features: training images")[0]
+    summary, pairs = synthetic.memorization(
+        {"generated": images, "train": train, "heldout": heldout},
+        {"generated": feats, "train": train_features[subset], "heldout": real["features"]}, sampler.device)
+    picture, labels = synthetic.pairs_picture(images, train, heldout, pairs)
     out = Path(path).parent / "memorization_pairs.png"
     utils.save_grid(picture, out, nrow=len(picture) // len(labels), row_labels=labels)
     return {"name": name, "checkpoint": str(path), "n_generated": len(images), "n_heldout": len(heldout),
@@ -248,10 +253,11 @@ def main(argv=None):
             name += f" [{len(rows) + 1}]"
         images = sampler.decode(sampler.latents(args.n, args.seed), labels, args.batch_size, uint8=True,
                                 desc=f"{name}: generating")
+        feats, logits = metrics.predict(fnet, images, args.batch_size, desc="features")
         row = {"name": name, "checkpoint": str(path), "kind": sampler.kind,
                "conditional": sampler.conditional, "epochs": sampler.epochs_trained,
                "ema": sampler.ema, "fitted_prior": sampler.fitted_prior,
-               **score(fnet, images, real, args, labels)}
+               **score(feats, logits, real, args, labels)}
         if sampler.kind == "vae":
             row.update(vae_measures(sampler, splits["test"], args))
         row["seconds"] = round(time.time() - t0, 1)
@@ -259,7 +265,7 @@ def main(argv=None):
         print(f"{name}: FID {row['fid']:.2f}, KID {row['kid']:.2e} ({row['seconds']} s)")
         beside[path] = {"feature_network": info, "seed": args.seed, **row}
         if args.memorization:
-            remembered.append(memorization(name, path, sampler, images, splits, fnet, args, train_features))
+            remembered.append(memorization(name, path, sampler, images, feats, splits, real, fnet, args, train_features))
             beside[path]["memorization"] = remembered[-1]
         write_beside(path, beside[path])
     if not args.no_reference:

@@ -168,23 +168,20 @@ def distance_summary(generated: torch.Tensor, heldout: torch.Tensor) -> dict:
             "heldout_p5": p5, "share_below_heldout_p5": (generated < p5).double().mean().item()}
 
 
-def memorization(generated: torch.Tensor, train: torch.Tensor, heldout: torch.Tensor, fnet: torch.nn.Module,
-                 batch_size: int = 500, train_features: torch.Tensor | None = None) -> tuple[dict, dict]:
-    """uint8 images (N, 3, 64, 64): generated, the generator's own training images and held-out
-    real ones. Returns (summary in the feature network's space and in pixel space, the nearest
-    pairs for pictures: {"generated" / "heldout": (distances, train indices)} in pixel space)."""
-    device = next(fnet.parameters()).device
-    if train_features is None:
-        train_features = metrics.predict(fnet, train, batch_size, desc="features: training images")[0]
-    space = {}
-    for images, who in ((generated, "generated"), (heldout, "heldout")):
-        feats = metrics.predict(fnet, images, batch_size, desc=f"features: {who}")[0]
-        space[who] = nearest(feats, train_features.to(device))[0]
-    summary = {"feature": distance_summary(space["generated"], space["heldout"])}
-    train_pixels = pixels(train, device)
-    pairs = {who: nearest(pixels(images, device), train_pixels) for images, who in
-             ((generated, "generated"), (heldout, "heldout"))}
-    summary["pixel"] = distance_summary(pairs["generated"][0], pairs["heldout"][0])
+def memorization(images: dict[str, torch.Tensor], features: dict[str, torch.Tensor],
+                 device: torch.device) -> tuple[dict, dict]:
+    """images and their classifier features, each a dict with "generated", "train" (the
+    generator's own training images) and "heldout" (real images it never saw); images uint8
+    (N, 3, 64, 64), features (N, D). Returns (summary in the feature space and in pixel space,
+    the nearest pairs for pictures: {"generated" / "heldout": (distances, train indices)} in
+    pixel space). The searches run on `device`."""
+    train_features, train_pixels = features["train"].to(device), pixels(images["train"], device)
+    space, pairs = {}, {}
+    for who in ("generated", "heldout"):
+        space[who] = nearest(features[who], train_features)[0]
+        pairs[who] = nearest(pixels(images[who], device), train_pixels)
+    summary = {"feature": distance_summary(space["generated"], space["heldout"]),
+               "pixel": distance_summary(pairs["generated"][0], pairs["heldout"][0])}
     return summary, pairs
 
 

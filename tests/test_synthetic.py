@@ -121,13 +121,17 @@ def test_memorization_ratio_is_zero_for_copies_and_about_one_for_held_out_images
     train, heldout, fresh = (torch.from_numpy(make_images(n, seed)[0]).permute(0, 3, 1, 2)
                              for n, seed in ((96, 0), (96, 1), (96, 2)))
     fnet = Classifier(widths=(8, 16)).eval()  # any fixed embedding will do for the ratio
+    check = lambda generated: synthetic.memorization(
+        {"generated": generated, "train": train, "heldout": heldout},
+        {who: metrics.predict(fnet, images)[0] for who, images in
+         (("generated", generated), ("train", train), ("heldout", heldout))}, CPU)
     copies = train[torch.randperm(96, generator=torch.Generator().manual_seed(0))]
-    summary, pairs = synthetic.memorization(copies, train, heldout, fnet, batch_size=32)
+    summary, pairs = check(copies)
     for space in ("feature", "pixel"):
         assert summary[space]["median_ratio"] == pytest.approx(0, abs=1e-6)
         assert summary[space]["share_below_heldout_p5"] == 1.0
     assert torch.equal(train[pairs["generated"][1]], copies)  # each copy found its original
-    summary, _ = synthetic.memorization(fresh, train, heldout, fnet, batch_size=32)
+    summary, _ = check(fresh)
     for space in ("feature", "pixel"):
         assert 0.8 < summary[space]["median_ratio"] < 1.25
         assert summary[space]["share_below_heldout_p5"] < 0.2
