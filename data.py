@@ -11,6 +11,7 @@ one uint8 tensor held on the training device, so there is no per-image PIL work 
 """
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,9 @@ def load_bloodmnist(data_root: str | os.PathLike = "data", splits=SPLITS,
     official = dataset_info()[f"MD5_{IMAGE_SIZE}"]
     if path.name == FILENAME and (digest := _md5(path)) != official:
         warn(f"{path} has MD5 {digest}, not the official {official}; using it as it is")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz file (a MedMNIST file is a zip archive of arrays); "
+                        "delete it to download it again, or point --data-root at a good copy")
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")
@@ -134,8 +138,14 @@ def load_bloodmnist(data_root: str | os.PathLike = "data", splits=SPLITS,
             out = {s: _check_split(path, npz, s) for s in splits}
     except UserError:
         raise
-    except Exception as e:  # zip, pickle or header errors from numpy: all mean a broken file
-        raise UserError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}); "
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise UserError(f"{path} is damaged: an array in it cannot be read (ValueError); "
+                            "delete it to download it again, or point --data-root at a good copy") from None
+        raise UserError(f"{path} holds pickled Python objects, which are never loaded (they can run "
+                        "code); store the images and labels as plain numeric arrays") from None
+    except Exception as e:  # zip or header errors from numpy: all mean a broken file
+        raise UserError(f"{path} is damaged: an array in it cannot be read ({type(e).__name__}); "
                         "delete it to download it again, or point --data-root at a good copy") from None
     if "train" in out and not len(out["train"]):
         raise UserError(f"{path} holds no training images")
@@ -143,6 +153,8 @@ def load_bloodmnist(data_root: str | os.PathLike = "data", splits=SPLITS,
         if subset < 1:
             raise UserError(f"--subset must be at least 1, got {subset}")
         t = out["train"]
+        if subset > len(t):
+            warn(f"--subset {subset} is more than the {len(t):,} training images of {path}; all are used")
         out["train"] = Split(t.images[:subset], t.labels[:subset])
     return out
 

@@ -59,17 +59,20 @@ def fraction_list(text: str) -> list[float]:
 def parse_args(argv=None):
     p = utils.make_parser(__doc__)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="ckpt.pt files of either training script")
-    p.add_argument("--n", type=utils.positive_int, default=10_000, help="images generated per checkpoint")
-    p.add_argument("--data-root", default="data", metavar="PATH", help="as in the training scripts")
+    p.add_argument("--n", type=utils.int_at_least(4), default=10_000,
+                   help="images generated per checkpoint (precision and recall need more than k = 3)")
+    p.add_argument("--data-root", default=None, metavar="PATH",
+                   help="as in the training scripts (default: the one the checkpoints were trained on)")
     p.add_argument("--no-ema", action="store_true", help="score the raw generator of an --ema run")
     p.add_argument("--standard-prior", action="store_true",
                    help="VAE: sample z from N(0, I) instead of the Gaussian fitted to the training codes")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
     p.add_argument("--kid-subsets", type=utils.positive_int, default=100, metavar="N",
                    help="subsets KID is averaged over")
-    p.add_argument("--kid-subset-size", type=utils.positive_int, default=1000, metavar="N",
+    p.add_argument("--kid-subset-size", type=utils.int_at_least(2), default=1000, metavar="N",
                    help="images per KID subset")
-    p.add_argument("--json", metavar="FILE", default=None, help="also write every result to this file")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write every result to this .json file")
+    p.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     p.add_argument("--feature-cache", default="outputs/features", metavar="DIR",
                    help="where the feature network is cached, keyed by the data file's MD5")
     p.add_argument("--seed", type=int, default=0, help="seeds the latents and the KID subsets")
@@ -233,11 +236,17 @@ def main(argv=None):
         raise utils.UserError(f"--utility needs conditional checkpoints: {flat[0]} was trained without "
                               "--conditional, and a classifier trained on synthetic images needs each image's "
                               "class; train one with --conditional")
-    fnet, info = metrics.feature_network(args.data_root, device, args.feature_cache)
-    splits = load_bloodmnist(args.data_root)
+    args.data_root = args.data_root or data_root_of(args.checkpoints, samplers)
+    if args.json:
+        utils.check_output(args.json, "--json", (".json",), args.overwrite)
+    for path in args.checkpoints:
+        utils.check_folder(Path(path).parent, "the folder of", "evaluate.py writes eval.json beside each "
+                           "checkpoint; copy the run to a folder you can write")
+    splits = load_bloodmnist(args.data_root)  # checked before the feature network takes its minutes
     if len(splits["test"]) < 4:
         raise utils.UserError(f"the test split of {args.data_root} has {len(splits['test'])} images; "
                               "scoring needs at least 4")
+    fnet, info = metrics.feature_network(args.data_root, device, args.feature_cache)
     test_feats = metrics.predict(fnet, splits["test"].images, args.batch_size, desc="test split")[0]
     real = {"features": test_feats, "shares": metrics.class_shares(splits["test"].labels)}
     train_shares = metrics.class_shares(splits["train"].labels)
@@ -296,12 +305,26 @@ def main(argv=None):
             write_beside(path, beside[path])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        note = utils.replaced_note(args.json)
         utils.atomic_write_text(Path(args.json), json.dumps(out, indent=2) + "\n")
-        print(f"\nWrote {args.json}")
+        print(f"\nWrote {args.json}{note}")
+
+
+def data_root_of(checkpoints: list[str], samplers: list[Sampler]) -> str:
+    """The data the checkpoints were trained on, when they agree (the scores need one test split)."""
+    roots = {s.args.get("data_root", "data") for s in samplers}
+    if len(roots) > 1:
+        raise utils.UserError(f"{', '.join(checkpoints)} were trained on different data ({', '.join(sorted(roots))}); "
+                              "pass --data-root to score them against one test split")
+    return roots.pop()
 
 
 def write_beside(path: str, record: dict) -> None:
-    utils.atomic_write_text(Path(path).parent / "eval.json", json.dumps(record, indent=2) + "\n")
+    """eval.json beside the checkpoint: the latest evaluation of that run."""
+    out = Path(path).parent / "eval.json"
+    note = utils.replaced_note(out)
+    utils.atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    tqdm.write(f"Wrote {out}{note}")
 
 
 if __name__ == "__main__":

@@ -157,9 +157,15 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
             saved = torch.load(file, map_location=device, weights_only=True)
         except Exception as e:
             raise utils.UserError(f"{file} is not readable ({type(e).__name__}); delete it to retrain") from None
+        if not isinstance(saved, dict) or not {"model", "info"} <= saved.keys():
+            raise utils.UserError(f"{file} is not a feature network of this repo; delete it to retrain")
         if saved.get("recipe") == recipe and saved.get("data_md5") == digest:
             model = Classifier(NUM_CLASSES, widths=tuple(recipe["widths"]))
-            model.load_state_dict(saved["model"])
+            try:
+                model.load_state_dict(saved["model"])
+            except (RuntimeError, TypeError, AttributeError) as e:
+                raise utils.UserError(f"{file} does not match the feature network ({type(e).__name__}); "
+                                      "delete it to retrain") from None
             return model.to(device, memory_format=torch.channels_last).eval(), saved["info"]
     print(f"Training the feature network on {path.name} ({recipe['epochs']} epochs; once, then "
           f"cached in {file})")
@@ -300,10 +306,11 @@ class KIDProbe:
 
     def __init__(self, args, latent_dim: int, device: torch.device):
         self.every, self.epochs = args.eval_every, args.epochs
-        self.model, _ = feature_network(args.data_root, device, args.feature_cache)
         splits = load_bloodmnist(args.data_root, splits=("train", "test"))
-        if not len(splits["test"]):
-            raise utils.UserError("--eval-every needs test images; the data file's test split is empty")
+        if len(splits["test"]) < 2:
+            raise utils.UserError(f"--eval-every needs at least 2 test images; the data file's test split "
+                                  f"has {len(splits['test'])}")
+        self.model, _ = feature_network(args.data_root, device, args.feature_cache)
         self.real = predict(self.model, splits["test"].images)[0]
         self.z = utils.fixed_noise(args.eval_n, latent_dim, args.seed + 1, device)
         self.y = (proportional_labels(args.eval_n, class_shares(splits["train"].labels), args.seed).to(device)

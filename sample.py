@@ -43,12 +43,16 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=utils.positive_int, default=8, help="columns of --interpolate / --arithmetic")
     p.add_argument("--split", choices=SPLITS, default=None,
                    help="split for --arithmetic means (default train) and --latent-map (default test)")
-    p.add_argument("--data-root", default="data", metavar="PATH", help="as in the training scripts")
+    p.add_argument("--data-root", default=None, metavar="PATH",
+                   help="as in the training scripts (default: the one the checkpoint was trained on)")
     p.add_argument("--no-ema", action="store_true", help="use the raw generator of an --ema run")
     p.add_argument("--standard-prior", action="store_true",
                    help="VAE: draw z from N(0, I) instead of the Gaussian fitted to the training codes")
     p.add_argument("--out", metavar="FILE", default=None,
-                   help="output PNG (default: a name for the mode, beside the checkpoint)")
+                   help="output .png or .jpg (default: a name for the mode beside the checkpoint, replaced "
+                        "on each call)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --out or --npz replace an existing file (never a checkpoint or a dataset)")
     p.add_argument("--seed", type=int, default=0, help="seeds the latent draws")
     p.add_argument("--batch-size", type=utils.positive_int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
@@ -77,7 +81,7 @@ class Sampler:
                 self.model.load_state_dict({**self.model.state_dict(), **ckpt["models"]["vae"]})
                 self.latent_dim = self.args["latent_dim"]
                 self.fitted_prior = "prior_mean" in ckpt["models"]["vae"] and not standard_prior
-        except (KeyError, RuntimeError) as e:
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
             raise utils.UserError(f"{path} does not match this repo's models ({type(e).__name__}); "
                                   "was it written by another version?") from None
         self.model.to(device).eval()
@@ -131,12 +135,13 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return a * z0[:, None] + b * z1[:, None]
 
 
-def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor, source: str) -> None:
     """uint8 images (N, 3, 64, 64) -> MedMNIST layout: train_images uint8 (N, 64, 64, 3),
     train_labels (N, 1); val and test present and empty, so the file loads with data.py and
-    with code written for MedMNIST."""
+    with code written for MedMNIST. `source` (the checkpoint) is kept under SYNTHETIC_MARK."""
     arrays = {"train_images": images.permute(0, 2, 3, 1).cpu().numpy(),
-              "train_labels": labels.cpu().numpy().astype(np.uint8).reshape(-1, 1)}
+              "train_labels": labels.cpu().numpy().astype(np.uint8).reshape(-1, 1),
+              utils.SYNTHETIC_MARK: np.array(source)}  # so that --overwrite may replace it, and no dataset
     for split in ("val", "test"):
         arrays[f"{split}_images"] = np.zeros((0, *arrays["train_images"].shape[1:]), np.uint8)
         arrays[f"{split}_labels"] = np.zeros((0, 1), np.uint8)
@@ -149,8 +154,9 @@ def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
 def encode_split(sampler: Sampler, args, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The VAE's mu over one split: (mu (N, D), labels (N,), images (N, 3, 64, 64) in [0, 1])."""
     data = load_bloodmnist(args.data_root, splits=(split,))[split]
-    if not len(data):
-        raise utils.UserError(f"the {split} split of {args.data_root} is empty; choose another --split")
+    if len(data) < 2:
+        raise utils.UserError(f"the {split} split of {args.data_root} has {len(data)} images, too few to "
+                              "compare; choose another --split")
     batches = Batches(data, args.batch_size, sampler.device, (0.0, 1.0), shuffle=False)
     mus = [sampler.model.encode(x, y if sampler.conditional else None)[0] for x, y in batches.epoch(0)]
     return torch.cat(mus), batches.labels, batches.images
@@ -161,7 +167,7 @@ def labels_for(n: int, cls: int | None, device, by_row: bool = False) -> torch.T
     return torch.full((n,), cls, device=device) if cls is not None else balanced_labels(n, device, by_row)
 
 
-def draw(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
+def draw(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     """N samples to a grid PNG (a class per row for conditional runs), or to a MedMNIST npz."""
     by_row = sampler.conditional and not args.npz  # the grid: a row per class when n = 64
     y = labels_for(args.n, cls, sampler.device, by_row)
@@ -170,34 +176,27 @@ def draw(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
         if not sampler.conditional:
             utils.warn("an unconditional model draws no labels; train_labels are all 0 (placeholders)")
             y = torch.zeros_like(y)
-        write_npz(Path(args.npz), images, y)
-        return Path(args.npz)
-    out = Path(args.out or folder / "samples.png")
+        write_npz(out, images, y, source=str(args.checkpoint))
+        return
     nrow, row_labels = int(math.ceil(math.sqrt(args.n))), None
     if sampler.conditional and cls is None and args.n % NUM_CLASSES == 0:
         nrow, row_labels = args.n // NUM_CLASSES, class_names()
     utils.save_grid(images, out, nrow=nrow, row_labels=row_labels)
-    return out
 
 
-def interpolate(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
+def interpolate(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     """Rows that walk on great circles between pairs of latent points; a class per row."""
     eps = utils.fixed_noise(2 * args.n, sampler.latent_dim, args.seed, sampler.device)
     eps = slerp(eps[:args.n], eps[args.n:], torch.linspace(0, 1, args.steps, device=sampler.device))
     z = sampler.to_latent(eps)  # the great circles of N(0, I), carried into the fitted Gaussian
     y = labels_for(args.n, cls, sampler.device)
     images = sampler.decode(z.flatten(0, 1), y.repeat_interleave(args.steps), args.batch_size)
-    out = Path(args.out or folder / "interpolation.png")
     row_labels = [class_names()[c] for c in y.tolist()] if sampler.conditional else None
     utils.save_grid(images, out, nrow=args.steps, row_labels=row_labels)
-    return out
 
 
-def arithmetic(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
+def arithmetic(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     """Real FROM images (first column), then decode(z + t * (mean(TO) - mean(FROM))), t = 0..1."""
-    if sampler.conditional:
-        raise utils.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
-                              "class out of z (decode with --class instead)")
     a, b = (parse_class(c) for c in args.arithmetic)
     names, split = class_names(), args.split or "train"
     mu, labels, images = encode_split(sampler, args, split)
@@ -209,14 +208,12 @@ def arithmetic(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
     z = mu[rows][:, None] + t[None, :, None] * shift  # (R, T, D)
     decoded = sampler.decode(z.flatten(0, 1), None, args.batch_size).unflatten(0, (len(rows), args.steps))
     real = images[rows].float()[:, None] / 255
-    out = Path(args.out or folder / f"arithmetic_{names[a]}_to_{names[b]}.png".replace(" ", "_"))
     utils.save_grid(torch.cat([real, decoded], 1).flatten(0, 1), out, nrow=args.steps + 1)
     print(f"Rows: real {names[a]} images (first column), then z + t * (mean({names[b]}) - "
           f"mean({names[a]})) for t = 0..1 in {args.steps} steps")
-    return out
 
 
-def latent_map(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
+def latent_map(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     """The encoder's mu over --split (default test) in 2-D, PCA and t-SNE, coloured by class."""
     import matplotlib
     matplotlib.use("Agg")
@@ -245,33 +242,50 @@ def latent_map(sampler: Sampler, args, folder: Path, cls: int | None) -> Path:
     axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=4, frameon=False)
     fig.suptitle(f"VAE posterior means mu over the {split} split ({len(mu):,} images)")
     fig.tight_layout()
-    out = Path(args.out or folder / "latent_map.png")
-    fig.savefig(out, dpi=100)
+    utils.save_figure(out, lambda f, fmt: fig.savefig(f, dpi=100, format=fmt))
     plt.close(fig)
-    return out
+
+
+def output_path(args, folder: Path) -> Path:
+    """Where this call writes, checked before any work: --npz or --out as given (an existing file
+    only with --overwrite), else the mode's own name beside the checkpoint, replaced each time."""
+    if args.npz:
+        return utils.check_output(args.npz, "--npz", (".npz",), args.overwrite, inputs=(args.checkpoint,))
+    if args.out:
+        return utils.check_output(args.out, "--out", utils.PICTURES, args.overwrite, inputs=(args.checkpoint,))
+    if args.arithmetic:
+        name = "arithmetic_{}_to_{}.png".format(*(class_names()[parse_class(c)] for c in args.arithmetic))
+    else:
+        name = "latent_map.png" if args.latent_map else "interpolation.png" if args.interpolate else "samples.png"
+    return utils.check_output(folder / name.replace(" ", "_"), "the output", utils.PICTURES, overwrite=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = utils.pick_device(args.device)
     sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema, standard_prior=args.standard_prior)
-    folder = Path(args.checkpoint).parent
+    args.data_root = args.data_root or sampler.args.get("data_root", "data")
     if args.cls is not None and not sampler.conditional:
         raise utils.UserError(f"--class needs a conditional checkpoint; {args.checkpoint} was trained "
                               "without --conditional")
     if (args.arithmetic or args.latent_map) and sampler.kind != "vae":
         raise utils.UserError(f"--{'arithmetic' if args.arithmetic else 'latent-map'} works on the VAE's "
                               f"encoder; {args.checkpoint} is a GAN")
+    if args.arithmetic and sampler.conditional:
+        raise utils.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
+                              "class out of z (decode with --class instead)")
     if args.npz and (args.interpolate or args.arithmetic or args.latent_map):
         raise utils.UserError("--npz writes drawn samples; it does not combine with the other modes")
     cls = parse_class(args.cls) if args.cls is not None else None
+    out = output_path(args, Path(args.checkpoint).parent)
     if args.n is None:
         args.n = 8 if args.interpolate or args.arithmetic else 64
 
     mode = latent_map if args.latent_map else arithmetic if args.arithmetic else \
         interpolate if args.interpolate else draw
-    out = mode(sampler, args, folder, cls)
-    print(f"Wrote {out}")
+    note = utils.replaced_note(out)
+    mode(sampler, args, out, cls)
+    print(f"Wrote {out}{note}")
 
 
 if __name__ == "__main__":

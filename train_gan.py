@@ -23,6 +23,7 @@ from models.sync_batchnorm import convert_sync_batchnorm
 
 VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
 GRID = 64  # images in each sample grid, 8 x 8
+CALIBRATION = 8  # batches of noise that set the drawn generator's BatchNorm statistics
 # Per loss: learning rate, Adam betas, D steps per G step. WGAN-GP: Gulrajani et al. 2017, Alg. 1.
 LOSS_DEFAULTS = {"bce": (2e-4, 0.5, 0.999, 1), "hinge": (2e-4, 0.5, 0.999, 1),
                  "wgan-gp": (1e-4, 0.0, 0.9, 5)}
@@ -148,10 +149,21 @@ class GANTrainer:
             utils.ema_update(self.G_ema, self.G, utils.ema_decay(args.ema, batch_index // args.n_critic - 1))
 
 
+def calibration_batches(args, device: torch.device) -> list[tuple]:
+    """CALIBRATION batches of fixed noise (and balanced labels), the same every epoch, over which
+    the shown generator's BatchNorm statistics are re-estimated before it draws. Under torchrun
+    each process takes its own share of each batch, as in training."""
+    z = utils.fixed_noise(CALIBRATION * args.batch_size, args.nz, args.seed + 2, device)
+    y = balanced_labels(len(z), device) if args.conditional else None
+    share, r = args.batch_size // utils.world_size(), utils.rank()
+    return [(z[i + r * share:i + (r + 1) * share], None if y is None else y[i + r * share:i + (r + 1) * share])
+            for i in range(0, len(z), args.batch_size)]
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    ckpt = utils.start_run(args, parser, kind="gan", fill_defaults=fill_defaults)
+    ckpt = utils.start_run(args, parser, "gan", utils.given_flags(parser, argv), fill_defaults)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
     device = utils.init_distributed(args)  # and joins the other processes under torchrun
@@ -160,20 +172,28 @@ def main(argv=None):
 
     with utils.main_first():  # only rank 0 may download; the others then read its file
         splits = load_bloodmnist(args.data_root, splits=("train",), subset=args.subset, download=utils.is_main())
+    args.subset = args.subset and len(splits["train"])  # the number used, for config.json
     batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed,
                       channels_last=args.channels_last, rank=utils.rank(), world_size=utils.world_size())
+    if args.n_critic > args.epochs * len(batches):
+        raise utils.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(batches)} "
+                              "steps, so G would never learn; lower --n-critic or train longer")
     trainer = GANTrainer(args, device)
     G, D, G_ema = trainer.G, trainer.D, trainer.G_ema
+    shown = G_ema if G_ema is not None else G  # the generator that grids, KID and sample.py draw from
     models, optimizers, scalers = trainer.state()
     noise = utils.fixed_noise(GRID, args.nz, args.seed, device)
     noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
+    calibration = calibration_batches(args, device)
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
-        epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
-    if utils.is_main():  # rank 0 alone logs, draws and evaluates
-        log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
+        epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers, ckpt_path)
+    if utils.is_main():  # rank 0 alone evaluates, logs and draws
         probe = metrics.KIDProbe(args, args.nz, device) if args.eval_every else None
+    utils.claim_run(args, ckpt)  # nothing in --out has changed before this line
+    if utils.is_main():
+        log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
     print(f"GAN ({args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
           f"parameters; {len(batches.labels):,} training images, {len(batches)} steps per epoch on {device}"
@@ -195,11 +215,15 @@ def main(argv=None):
                     stop.save_and_exit(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()
 
-            # End of epoch: metrics (and KID), a sample grid from the fixed noise, curves, checkpoint
+            # End of epoch: BatchNorm statistics of the shown generator, metrics (and KID), a
+            # sample grid from the fixed noise, curves, checkpoint
+            utils.recalibrate_batchnorm(shown, calibration)
+            if trainer.average_buffers:
+                utils.average_buffers(shown)
             record = {"epoch": epoch + 1, **meter.means(), "seconds": round(time.time() - t0, 2)}
             meter, step = utils.Meter(), 0
             if utils.is_main():
-                shown = G_ema if G_ema is not None else G.eval()
+                shown.eval()
                 if probe is not None and probe.due(epoch + 1):
                     record.update(probe(lambda z, y: to_uint8(shown(z, y), VALUE_RANGE)))
                 log.write(record)

@@ -139,7 +139,7 @@ class VAETrainer:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    ckpt = utils.start_run(args, parser, kind="vae")
+    ckpt = utils.start_run(args, parser, "vae", utils.given_flags(parser, argv))
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
     device = utils.init_distributed(args)  # and joins the other processes under torchrun
@@ -148,6 +148,7 @@ def main(argv=None):
 
     with utils.main_first():  # only rank 0 may download; the others then read its file
         splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset, download=utils.is_main())
+    args.subset = args.subset and len(splits["train"])  # the number used, for config.json
     batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed,
                       channels_last=args.channels_last, rank=utils.rank(), world_size=utils.world_size())
     val = Batches(splits["val"], 256, device, VALUE_RANGE, shuffle=False,
@@ -163,10 +164,12 @@ def main(argv=None):
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
-        epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
-    if utils.is_main():  # rank 0 alone logs, draws and evaluates
-        log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
+        epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers, ckpt_path)
+    if utils.is_main():  # rank 0 alone evaluates, logs and draws
         probe = metrics.KIDProbe(args, args.latent_dim, device) if args.eval_every else None
+    utils.claim_run(args, ckpt)  # nothing in --out has changed before this line
+    if utils.is_main():
+        log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
     shown, shown_labels = next(iter((val if val is not None else batches).epoch(0)))
     nrow = min(8, len(shown))
     keep = min(RECON, len(shown) - len(shown) % nrow)

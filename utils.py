@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -33,18 +34,28 @@ def warn(message: str) -> None:
 
 
 def run_main(main) -> None:
-    """Call main(); a UserError becomes `error: ...` on stderr and exit status 1. Under torchrun
-    every process meets the same error, and the first process of each machine reports it."""
+    """Call main(); a UserError becomes `error: ...` on stderr and exit status 1, and so does an
+    operating-system error on a file (a read-only folder, a full disk): both name what to fix, and
+    a traceback would only hide that. Under torchrun every process meets the same error, and the
+    first process of each machine reports it."""
     try:
         main()
         barrier()  # under torchrun, all leave together: no process tears down while others still talk
-    except UserError as e:
+    except (UserError, OSError) as e:
         if local_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e if isinstance(e, UserError) else describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
     finally:
+        release_folders()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def describe_os_error(e: OSError) -> str:
+    """'cannot write out/ckpt.pt: permission denied; ...' from an OSError, in one line."""
+    what = e.strerror.lower() if e.strerror else type(e).__name__
+    where = f" {e.filename}" if e.filename else ""
+    return f"{type(e).__name__} on{where}: {what}; check that the path exists, is writable and has free space"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,6 +83,17 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= low (a value below cannot work, e.g. KID needs 2 images)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
+        return value
+    parse.__name__ = f"integer >= {low}"  # how argparse names the type in its own errors
+    return parse
 
 
 def non_negative_int(text: str) -> int:
@@ -122,7 +144,7 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
     p.add_argument("--eval-every", type=non_negative_int, default=0, metavar="K",
                    help="every K epochs and after the last, log the KID of --eval-n samples against the "
                         "test split (evaluate.py's feature network; trained once if not cached); 0: off")
-    p.add_argument("--eval-n", type=positive_int, default=2000, metavar="N", help="samples per --eval-every KID")
+    p.add_argument("--eval-n", type=int_at_least(2), default=2000, metavar="N", help="samples per --eval-every KID")
     p.add_argument("--feature-cache", default="outputs/features", metavar="DIR",
                    help="where evaluate.py's feature network is cached")
     add_speed_args(p)
@@ -131,54 +153,81 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
                    help="continue the run in --out from its ckpt.pt, with that run's settings")
 
 
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The options typed on the command line (as `dest` names), told apart from those left at
+    their defaults even when a typed value equals the default: argparse fills in a default only
+    where the namespace it is handed lacks the attribute."""
+    unset = object()
+    dests = vars(parser.parse_args(argv))
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in dests}))
+    return {k for k, v in vars(typed).items() if v is not unset}
+
+
 # Settings a resumed run may change when given; everything else comes from the checkpoint.
 # How a run computes (precision, memory format, compilation) may change too: it is not what it learns.
 # So may the number of processes, and with it whether BatchNorm statistics are synchronised.
 RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "eval_every", "eval_n", "feature_cache",
                      "precision", "channels_last", "compile", "sync_bn"}
+# Never taken from the checkpoint: where a run continues is this machine's choice (--device auto
+# picks what this machine has), and --out/--resume name the run itself.
+THIS_MACHINE = {"device", "out", "resume"}
 
 
-def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str,
+def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str, given: set[str],
               fill_defaults=None) -> dict | None:
-    """Prepare --out and return the checkpoint to resume from (None for a new run).
+    """Check --out and --resume and return the checkpoint to resume from (None for a new run);
+    nothing is written yet (claim_run does that, once the data and models are ready).
 
     A new run refuses a folder that already holds a checkpoint, so no run is overwritten by
-    accident. With --resume, the run's own settings are restored into `args`. Then
-    `fill_defaults(args)` may fill defaults that depend on other flags, before config.json.
+    accident. With --resume, the run's own settings are restored into `args`: a flag in `given`
+    (typed on the command line) must agree with them unless it is in RESUME_MAY_CHANGE. Then
+    `fill_defaults(args)` may fill defaults that depend on other flags.
     """
     out = Path(args.out)
+    check_folder(out, "--out")
+    if is_main() and out.is_dir():
+        lock_folder(out)  # before reading its checkpoint: no other run may be writing it meanwhile
     ckpt_path = out / "ckpt.pt"
     ckpt = None
     if args.resume:
         if not ckpt_path.is_file():
             raise UserError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
-        ckpt = load_checkpoint(ckpt_path, kind)
+        ckpt = load_checkpoint(ckpt_path, kind, training=True)
         saved = ckpt["args"]
-        defaults = vars(parser.parse_args([]))  # parsed, so string defaults get their types
         for key, value in vars(args).items():
-            if key in ("out", "resume") or key not in saved:
+            if key in THIS_MACHINE or key not in saved:
                 continue
-            given = value != defaults[key]
-            if given and key not in RESUME_MAY_CHANGE and value != saved[key]:
+            if key not in given:
+                setattr(args, key, saved[key])
+            elif key not in RESUME_MAY_CHANGE and value != saved[key]:
                 raise UserError(f"--resume keeps the run's own settings, but --{key.replace('_', '-')} "
                                 f"{value} differs from its {saved[key]}; drop the flag, or start a "
                                 "new run with another --out")
-            if not given:
-                setattr(args, key, saved[key])
         if ckpt["epoch"] >= args.epochs:
             raise UserError(f"{ckpt_path} has already trained {ckpt['epoch']} epochs; pass "
                             f"--epochs N with N > {ckpt['epoch']} to train longer")
-        if is_main():
-            print(f"Resuming {ckpt_path} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
     elif ckpt_path.exists():
         raise UserError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue it, "
                         "or choose another --out")
     if fill_defaults is not None:
         fill_defaults(args)
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
     return ckpt
+
+
+def claim_run(args: argparse.Namespace, ckpt: dict | None) -> None:
+    """The run has really started (its data, models and checkpoint are loaded): make --out, hold
+    its lock for the rest of the process, and write config.json. Rank 0 alone writes."""
+    if not is_main():
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock_folder(out)
+    if ckpt is None and (out / "ckpt.pt").exists():  # another run got there first, and has finished
+        raise UserError(f"{out} already holds a run ({out / 'ckpt.pt'}); pass --resume to continue it, "
+                        "or choose another --out")
+    if ckpt is not None:
+        print(f"Resuming {out / 'ckpt.pt'} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
+    atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,15 +582,118 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def check_folder(folder: Path, flag: str, fix: str | None = None) -> None:
+    """Refuse, before any work, a folder that cannot be made or written: a file stands at its
+    place or above it, or the nearest existing folder above it is read-only. `fix` says what to
+    do (default: choose another `flag`)."""
+    folder, fix = Path(folder), fix or f"choose another {flag}"
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder; {fix}")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: cannot write into {existing} (read-only); {fix}")
+
+
+def is_precious(path: Path) -> bool:
+    """A checkpoint or a dataset, which no output may replace: a zip archive (torch.save and
+    np.savez both write one) holding a pickled state or MedMNIST arrays, unless it is a
+    synthetic set that sample.py wrote (and marked)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    checkpoint = any(n.endswith("data.pkl") for n in names)
+    dataset = any(n.endswith("_images.npy") for n in names) and SYNTHETIC_MARK + ".npy" not in names
+    return checkpoint or dataset
+
+
+SYNTHETIC_MARK = "synthetic_source"  # the npz key that marks sample.py's exports
+
+
+def check_output(path: str | os.PathLike, flag: str, suffixes: tuple[str, ...], overwrite: bool,
+                 inputs: tuple = ()) -> Path:
+    """Refuse, before any work, an output file that cannot or should not be written: a name
+    without one of `suffixes`, a folder, a place under a file or in a read-only folder, one of
+    the command's `inputs`, a checkpoint or a dataset; an existing file only with `overwrite`
+    (the caller then says that it replaced it). Missing folders are made when writing."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{flag} {path}: name a {' or '.join(suffixes)} file")
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name a file in it, such as {path / ('out' + suffixes[0])}")
+    check_folder(path.parent, flag)
+    if path.exists():
+        if any(Path(i).exists() and path.samefile(i) for i in inputs):
+            raise UserError(f"{flag} {path} is an input of this command; choose another name")
+        if is_precious(path):
+            raise UserError(f"{flag} {path} is a checkpoint or a dataset, which an output never "
+                            "replaces; choose another name")
+        if not overwrite:
+            raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose "
+                            "another name")
+    return path
+
+
+def replaced_note(path: Path) -> str:
+    """' (replaced the earlier one)' when `path` exists: said when an output replaces a file."""
+    return " (replaced the earlier one)" if Path(path).exists() else ""
+
+
+_locks = {}  # folder -> open descriptor holding its lock, for the life of the process
+
+
+def lock_folder(folder: Path) -> None:
+    """Hold an exclusive lock on a run folder until this process ends, so that no second run
+    writes into it meanwhile. The operating system drops the lock when the process ends, however
+    it ends, so a crashed run leaves nothing stuck. On POSIX the folder itself is locked (flock)
+    and nothing is written into it; on Windows a `.lock` file in it is."""
+    key = Path(folder).resolve()
+    if key in _locks:
+        return
+    try:
+        import fcntl
+        fd = os.open(key, os.O_RDONLY)
+        lock = lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        import msvcrt
+        fd = os.open(key / ".lock", os.O_RDWR | os.O_CREAT)
+        lock = lambda: msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    try:
+        lock()
+    except OSError:
+        os.close(fd)
+        raise UserError(f"another run is writing to {folder}; wait for it to end, or choose another "
+                        "--out") from None
+    _locks[key] = fd
+
+
+def release_folders() -> None:
+    for fd in _locks.values():
+        os.close(fd)
+    _locks.clear()
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """A crash while saving never leaves a half-written ckpt.pt: the old one stays."""
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
 
 
+KINDS = ("gan", "vae")
+# What every checkpoint holds, and what resuming a training run needs besides.
+CHECKPOINT_KEYS = {"kind": str, "args": dict, "epoch": int, "step": int, "models": dict}
+TRAINING_KEYS = {"optimizers": dict, "scalers": dict, "meter": dict, "rng": dict}
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
-                    map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint; kind ("gan" or "vae") checks its origin."""
+                    map_location: str | torch.device = "cpu", training: bool = False) -> dict:
+    """Load a checkpoint written by save_training_state and check its layout; kind ("gan" or
+    "vae") checks its origin, training that it holds what resuming needs."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
@@ -552,6 +704,13 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
                         "truncated or not from this repo") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by train_gan.py or train_vae.py")
+    wanted = {**CHECKPOINT_KEYS, **(TRAINING_KEYS if training else {})}
+    wrong = [k for k, t in wanted.items() if not isinstance(ckpt.get(k), t)]
+    if wrong or ckpt["kind"] not in KINDS:
+        what = f"its {wrong[0]!r} is missing or not a {wanted[wrong[0]].__name__}" if wrong else \
+            f"unknown kind {ckpt['kind']!r}"
+        raise UserError(f"{path} is not a checkpoint of this repo ({what}); was it written by "
+                        "train_gan.py or train_vae.py?")
     if kind is not None and ckpt["kind"] != kind:
         raise UserError(f"{path} was written by train_{ckpt['kind']}.py, not train_{kind}.py")
     return ckpt
@@ -559,14 +718,20 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
 
 class MetricsLog:
     """One JSON line per epoch in `path`. On resume, lines past the checkpoint's epoch (written
-    after its last save) are dropped, so the log always matches the weights."""
+    after its last save) are dropped, so the log always matches the weights; so is a damaged line
+    (a crash or a full disk while logging), with a warning: the log never blocks the checkpoint."""
 
     def __init__(self, path: Path, keep_epochs: int = 0):
         self.path = path
         self.records = []
         if keep_epochs and path.is_file():
-            lines = path.read_text().splitlines()
-            self.records = [r for r in map(json.loads, lines) if r["epoch"] <= keep_epochs]
+            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                    if record["epoch"] <= keep_epochs:
+                        self.records.append(record)
+                except (ValueError, TypeError, KeyError):
+                    warn(f"{path}: line {number} is damaged and is dropped")
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
@@ -635,6 +800,27 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.copy_(m)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(module: torch.nn.Module, inputs) -> None:
+    """Set every BatchNorm's running statistics to their average over the batches `inputs`
+    (argument tuples), computed in training mode ("precise BatchNorm", Wu & Johnson 2021). A
+    generator drawn in eval mode then normalises as it did in training, after a few steps as well
+    as after many, and an averaged (EMA) generator gets statistics of its own weights instead of
+    the average of the raw generator's. Weights and random state are untouched."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if not norms:
+        return
+    momenta, was_training = [m.momentum for m in norms], module.training
+    module.train()
+    for k, args in enumerate(inputs, 1):
+        for m in norms:
+            m.momentum = 1.0 / k  # running <- running + (batch - running) / k: the mean over k batches
+        module(*args)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    module.train(was_training)
+
+
 def save_training_state(path: Path, kind: str, args: argparse.Namespace, epoch: int, step: int,
                         models: dict, optimizers: dict, meter: "Meter", device: torch.device,
                         scalers: dict | None = None) -> None:
@@ -655,21 +841,27 @@ def save_training_state(path: Path, kind: str, args: argparse.Namespace, epoch: 
 
 
 def restore_training_state(ckpt: dict, models: dict, optimizers: dict, meter: "Meter",
-                           device: torch.device, scalers: dict | None = None) -> tuple[int, int]:
-    """Load what save_training_state wrote into live objects; returns (epoch, step)."""
-    for k, m in models.items():
-        m.load_state_dict(ckpt["models"][k])
-    for k, o in optimizers.items():
-        # the saved param groups carry how the saving machine stepped (fused or not); keep ours
-        how = [{f: g[f] for f in ("fused", "foreach") if f in g} for g in o.param_groups]
-        o.load_state_dict(ckpt["optimizers"][k])
-        for g, h in zip(o.param_groups, how):
-            g.update(h)
-    for k, s in (scalers or {}).items():
-        if s is not None and k in ckpt.get("scalers", {}):
-            s.load_state_dict(ckpt["scalers"][k])
-    meter.load_state_dict(ckpt["meter"], device)
-    set_rng_state(ckpt["rng"], device)
+                           device: torch.device, scalers: dict | None = None,
+                           path: Path = Path("ckpt.pt")) -> tuple[int, int]:
+    """Load what save_training_state wrote (read from `path`) into live objects; returns
+    (epoch, step)."""
+    try:
+        for k, m in models.items():
+            m.load_state_dict(ckpt["models"][k])
+        for k, o in optimizers.items():
+            # the saved param groups carry how the saving machine stepped (fused or not); keep ours
+            how = [{f: g[f] for f in ("fused", "foreach") if f in g} for g in o.param_groups]
+            o.load_state_dict(ckpt["optimizers"][k])
+            for g, h in zip(o.param_groups, how):
+                g.update(h)
+        for k, s in (scalers or {}).items():
+            if s is not None and k in ckpt["scalers"]:
+                s.load_state_dict(ckpt["scalers"][k])
+        meter.load_state_dict(ckpt["meter"], device)
+        set_rng_state(ckpt["rng"], device)
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} does not match this repo's models and optimisers ({type(e).__name__}); "
+                        "was it written by another version?") from None
     return ckpt["epoch"], ckpt["step"]
 
 
@@ -754,13 +946,25 @@ def format_stats(means: dict[str, float]) -> dict[str, str]:
 # Pictures
 
 
+def save_figure(path: Path, write) -> None:
+    """write(file, format) into a temporary file that then replaces `path` (making its folder):
+    a crash never leaves half a picture. The format follows the name (png, jpg)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        write(tmp, path.suffix.lstrip(".").lower().replace("jpg", "jpeg"))
+
+
+PICTURES = (".png", ".jpg", ".jpeg")  # what save_grid and the figures write
+
+
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, row_labels: list[str] | None = None) -> None:
-    """images (B, C, H, W) in [0, 1] -> one PNG grid, `nrow` images a row, 2-pixel gaps.
+    """images (B, C, H, W) in [0, 1] -> one picture, `nrow` images a row, 2-pixel gaps.
     With row_labels, each row is labelled on the left (a class per row)."""
     from torchvision.utils import make_grid, save_image
     images = images.detach().float().clamp(0, 1).cpu()
     if row_labels is None:
-        save_image(images, path, nrow=nrow, padding=2, pad_value=1.0)
+        save_figure(path, lambda f, fmt: save_image(images, f, nrow=nrow, padding=2, pad_value=1.0, format=fmt))
         return
     import matplotlib
     matplotlib.use("Agg")
@@ -775,7 +979,7 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, row_labels: list[
     ax.set_xticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
-    fig.savefig(path, dpi=100)
+    save_figure(path, lambda f, fmt: fig.savefig(f, dpi=100, format=fmt))
     plt.close(fig)
 
 
@@ -802,5 +1006,5 @@ def plot_curves(records: list[dict], path: Path, panels: list[tuple[str, list[st
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(path, lambda f, fmt: fig.savefig(f, dpi=100, format=fmt))
     plt.close(fig)

@@ -98,9 +98,14 @@ class VAE(nn.Module):
     def fit_prior(self, mu: torch.Tensor) -> None:
         """Fit the sampling Gaussian to encoder means mu (N, latent_dim) of training images."""
         mu = mu.double()
-        cov = torch.cov(mu.T) + 1e-6 * torch.eye(mu.shape[1], dtype=mu.dtype, device=mu.device)
+        eye = torch.eye(mu.shape[1], dtype=mu.dtype, device=mu.device)
+        cov = (torch.cov(mu.T) if len(mu) > 1 else 0 * eye) + 1e-6 * eye  # one code: a point
+        scale, info = torch.linalg.cholesky_ex(cov)
+        if info:  # not positive definite in floating point (few, nearly collinear codes)
+            w, v = torch.linalg.eigh(cov)
+            scale = v * w.clamp_min(1e-12).sqrt()  # another square root: scale @ scale.T = cov
         self.prior_mean.copy_(mu.mean(0))
-        self.prior_scale.copy_(torch.linalg.cholesky(cov))
+        self.prior_scale.copy_(scale)
 
     def prior_latents(self, eps: torch.Tensor) -> torch.Tensor:
         """Standard normal eps (B, latent_dim) -> draws of the fitted Gaussian (B, latent_dim)."""

@@ -45,7 +45,7 @@ def test_every_kind_of_checkpoint_is_scored(ckpts, data_root, feature_cache, tmp
 
 def test_no_ema_scores_the_raw_generator_and_no_reference_skips_rows(ckpts, data_root, feature_cache, tmp_path):
     for flag, name in (([], "cgan (EMA)"), (["--no-ema"], "cgan (raw G)")):
-        run(data_root, feature_cache, ckpts["cgan"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", *flag)
+        run(data_root, feature_cache, ckpts["cgan"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", "--overwrite", *flag)
         rows = json.loads((tmp_path / "r.json").read_text())["results"]
         assert [r["name"] for r in rows] == [name]
 
@@ -53,7 +53,7 @@ def test_no_ema_scores_the_raw_generator_and_no_reference_skips_rows(ckpts, data
 def test_standard_prior_scores_n01_draws(ckpts, data_root, feature_cache, tmp_path):
     fids = {}
     for flag in ([], ["--standard-prior"]):
-        run(data_root, feature_cache, ckpts["vae"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", *flag)
+        run(data_root, feature_cache, ckpts["vae"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", "--overwrite", *flag)
         row = json.loads((tmp_path / "r.json").read_text())["results"][0]
         fids[row["name"]] = row["fid"]
     assert list(fids) == ["vae (fitted prior)", "vae (N(0, I))"] and len(set(fids.values())) == 2
@@ -62,7 +62,7 @@ def test_standard_prior_scores_n01_draws(ckpts, data_root, feature_cache, tmp_pa
 def test_same_seed_same_numbers_at_any_batch_size(ckpts, data_root, feature_cache, tmp_path):
     scores = []
     for argv in ([], ["--batch-size", "7"], ["--seed", "1"]):
-        run(data_root, feature_cache, ckpts["gan"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", *argv)
+        run(data_root, feature_cache, ckpts["gan"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", "--overwrite", *argv)
         scores.append(json.loads((tmp_path / "r.json").read_text())["results"][0])
     assert scores[0]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)  # eval-mode BN: batch-independent
     assert scores[0]["kid"] == pytest.approx(scores[1]["kid"], rel=1e-6)

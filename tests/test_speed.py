@@ -46,7 +46,7 @@ def test_precision_names_resolve_on_this_machine():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_gan_and_vae_train_in_reduced_precision(data_root, tmp_path, precision):
     common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "1", "--precision", precision]
-    train_gan.main([*common, *TINY_GAN, "--loss", "wgan-gp", "--out", str(tmp_path / "gan")])
+    train_gan.main([*common, *TINY_GAN, "--loss", "wgan-gp", "--n-critic", "2", "--out", str(tmp_path / "gan")])
     train_vae.main([*common, *TINY_VAE, "--out", str(tmp_path / "vae")])
     for kind, scalers in (("gan", {"G", "D"}), ("vae", {"vae"})):
         ckpt = utils.load_checkpoint(tmp_path / kind / "ckpt.pt", kind)

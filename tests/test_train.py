@@ -112,15 +112,16 @@ def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    utils.save_checkpoint(path, {"kind": "gan", "x": torch.ones(3)})
+    state = lambda x: {"kind": "gan", "args": {}, "epoch": 1, "step": 0, "models": {"G": {"x": x}}}
+    utils.save_checkpoint(path, state(torch.ones(3)))
 
     def crash(obj, f, *args, **kwargs):
         open(f, "wb").write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        utils.save_checkpoint(path, {"kind": "gan", "x": torch.zeros(3)})
-    assert torch.equal(utils.load_checkpoint(path)["x"], torch.ones(3))  # the old one is intact
+        utils.save_checkpoint(path, state(torch.zeros(3)))
+    assert torch.equal(utils.load_checkpoint(path)["models"]["G"]["x"], torch.ones(3))  # the old one is intact
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
