@@ -23,7 +23,7 @@ from models.sync_batchnorm import convert_sync_batchnorm
 
 VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
 GRID = 64  # images in each sample grid, 8 x 8
-CALIBRATION = 8  # batches of noise that set the drawn generator's BatchNorm statistics
+CALIBRATION = 4  # batches of noise that set the drawn generator's BatchNorm statistics
 # Per loss: learning rate, Adam betas, D steps per G step. WGAN-GP: Gulrajani et al. 2017, Alg. 1.
 LOSS_DEFAULTS = {"bce": (2e-4, 0.5, 0.999, 1), "hinge": (2e-4, 0.5, 0.999, 1),
                  "wgan-gp": (1e-4, 0.0, 0.9, 5)}

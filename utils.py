@@ -74,8 +74,16 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is reported as every other mistake is: one `error: ...` line, exit status 1."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(1)
+
+
 def make_parser(doc: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+    return _Parser(description=doc, formatter_class=_HelpFormatter)
 
 
 def positive_int(text: str) -> int:
