@@ -85,8 +85,9 @@ def test_cas_of_real_images_matches_the_real_score_and_noise_sits_at_chance(reci
     assert ceiling["accuracy"] > 0.9
     assert rows["real"]["accuracy"] > ceiling["accuracy"] - 0.1
     assert rows["real"]["images"] == len(train)
-    for row in (floor, rows["noise"]):  # chance: 1/8 balanced accuracy, AUC 1/2
-        assert abs(row["balanced_accuracy"] - 1 / NUM_CLASSES) < 0.1 and abs(row["auc"] - 0.5) < 0.2
+    for row in (floor, rows["noise"]):  # no better than chance (1/8 balanced accuracy, AUC 1/2): a
+        # classifier fitted to noise maps the test images to arbitrary classes, at or below chance
+        assert row["balanced_accuracy"] < 1 / NUM_CLASSES + 0.1 and abs(row["auc"] - 0.5) < 0.2
     assert all(len(r["recall"]) == NUM_CLASSES for r in rows.values())
 
 
