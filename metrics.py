@@ -149,6 +149,7 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
     file (by MD5) and recipe, else trained now (minutes on a CPU) and saved there.
     Returns (model in eval mode on `device`, info with its accuracies and cache path)."""
     recipe = recipe or RECIPE
+    utils.check_folder(Path(cache), "--feature-cache")  # before minutes of training, not after
     path = locate(data_root)
     digest = _md5(path)
     file = Path(cache) / f"classifier_{path.stem}_{digest[:12]}.pt"

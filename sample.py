@@ -68,7 +68,7 @@ class Sampler:
         self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
         self.conditional = bool(self.args.get("conditional"))
         self.has_ema, self.fitted_prior = False, False
-        try:
+        with utils.from_checkpoint(path):
             if self.kind == "gan":
                 self.model, _ = train_gan.build_models(self.args)
                 self.has_ema = "G_ema" in ckpt["models"]
@@ -81,9 +81,6 @@ class Sampler:
                 self.model.load_state_dict({**self.model.state_dict(), **ckpt["models"]["vae"]})
                 self.latent_dim = self.args["latent_dim"]
                 self.fitted_prior = "prior_mean" in ckpt["models"]["vae"] and not standard_prior
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-            raise utils.UserError(f"{path} does not match this repo's models ({type(e).__name__}); "
-                                  "was it written by another version?") from None
         self.model.to(device).eval()
         self.ema = self.has_ema and use_ema  # drawing from the averaged generator
 

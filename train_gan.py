@@ -178,7 +178,8 @@ def main(argv=None):
     if args.n_critic > args.epochs * len(batches):
         raise utils.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(batches)} "
                               "steps, so G would never learn; lower --n-critic or train longer")
-    trainer = GANTrainer(args, device)
+    with utils.from_checkpoint(ckpt_path if ckpt else None):  # a resumed run's settings come from the file
+        trainer = GANTrainer(args, device)
     G, D, G_ema = trainer.G, trainer.D, trainer.G_ema
     shown = G_ema if G_ema is not None else G  # the generator that grids, KID and sample.py draw from
     models, optimizers, scalers = trainer.state()
@@ -188,7 +189,8 @@ def main(argv=None):
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
-        epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers, ckpt_path)
+        with utils.from_checkpoint(ckpt_path):
+            epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
     if utils.is_main():  # rank 0 alone evaluates, logs and draws
         probe = metrics.KIDProbe(args, args.nz, device) if args.eval_every else None
     utils.claim_run(args, ckpt)  # nothing in --out has changed before this line

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import metrics
 import utils
-from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_float, to_uint8
+from data import IMAGE_SIZE, NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_float, to_uint8
 from models.vae import LIKELIHOODS, VAE
 
 VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
@@ -140,6 +140,9 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     ckpt = utils.start_run(args, parser, "vae", utils.given_flags(parser, argv))
+    if IMAGE_SIZE % 2 ** len(args.widths):
+        raise utils.UserError(f"--widths {','.join(map(str, args.widths))}: {len(args.widths)} stride-2 layers do "
+                              f"not divide {IMAGE_SIZE} pixels evenly; use at most {IMAGE_SIZE.bit_length() - 1} widths")
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
     device = utils.init_distributed(args)  # and joins the other processes under torchrun
@@ -156,7 +159,8 @@ def main(argv=None):
     if val is None:
         utils.warn("the data file has no validation images; the validation ELBO is not logged")
 
-    trainer = VAETrainer(args, device)
+    with utils.from_checkpoint(ckpt_path if ckpt else None):  # a resumed run's settings come from the file
+        trainer = VAETrainer(args, device)
     model, opt = trainer.model, trainer.opt
     models, optimizers, scalers = trainer.state()
     noise = utils.fixed_noise(GRID, args.latent_dim, args.seed, device)
@@ -164,7 +168,8 @@ def main(argv=None):
     meter = utils.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
-        epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers, ckpt_path)
+        with utils.from_checkpoint(ckpt_path):
+            epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
     if utils.is_main():  # rank 0 alone evaluates, logs and draws
         probe = metrics.KIDProbe(args, args.latent_dim, device) if args.eval_every else None
     utils.claim_run(args, ckpt)  # nothing in --out has changed before this line

@@ -181,6 +181,18 @@ RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "eval_every", "eval_n", "f
 THIS_MACHINE = {"device", "out", "resume"}
 
 
+def same_kind(value, default) -> bool:
+    """Whether a saved setting has the kind of value its flag gives (a number for a number, a
+    switch for a switch, a list for a list; anything plain where the default is None)."""
+    if default is None:
+        return value is None or isinstance(value, (int, float, str))
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (list, tuple) if isinstance(default, (list, tuple)) else type(default))
+
+
 def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str, given: set[str],
               fill_defaults=None) -> dict | None:
     """Check --out and --resume and return the checkpoint to resume from (None for a new run);
@@ -201,10 +213,13 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
         if not ckpt_path.is_file():
             raise UserError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
         ckpt = load_checkpoint(ckpt_path, kind, training=True)
-        saved = ckpt["args"]
+        saved, defaults = ckpt["args"], vars(parser.parse_args([]))
         for key, value in vars(args).items():
             if key in THIS_MACHINE or key not in saved:
                 continue
+            if not same_kind(saved[key], defaults[key]):
+                raise UserError(f"{ckpt_path} is not a checkpoint of this repo (its setting {key} is "
+                                f"{saved[key]!r}); was it written by train_{kind}.py?")
             if key not in given:
                 setattr(args, key, saved[key])
             elif key not in RESUME_MAY_CHANGE and value != saved[key]:
@@ -848,28 +863,37 @@ def save_training_state(path: Path, kind: str, args: argparse.Namespace, epoch: 
         "meter": meter_state, "rng": rng_state(device)})
 
 
-def restore_training_state(ckpt: dict, models: dict, optimizers: dict, meter: "Meter",
-                           device: torch.device, scalers: dict | None = None,
-                           path: Path = Path("ckpt.pt")) -> tuple[int, int]:
-    """Load what save_training_state wrote (read from `path`) into live objects; returns
-    (epoch, step)."""
+@contextlib.contextmanager
+def from_checkpoint(path: Path | None):
+    """Around code that builds or loads models from a checkpoint's contents: an error there means
+    the file does not fit this repo (another version, or crafted), so it becomes one line that
+    names the file. With path None (a new run) errors pass through."""
     try:
-        for k, m in models.items():
-            m.load_state_dict(ckpt["models"][k])
-        for k, o in optimizers.items():
-            # the saved param groups carry how the saving machine stepped (fused or not); keep ours
-            how = [{f: g[f] for f in ("fused", "foreach") if f in g} for g in o.param_groups]
-            o.load_state_dict(ckpt["optimizers"][k])
-            for g, h in zip(o.param_groups, how):
-                g.update(h)
-        for k, s in (scalers or {}).items():
-            if s is not None and k in ckpt["scalers"]:
-                s.load_state_dict(ckpt["scalers"][k])
-        meter.load_state_dict(ckpt["meter"], device)
-        set_rng_state(ckpt["rng"], device)
-    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} does not match this repo's models and optimisers ({type(e).__name__}); "
-                        "was it written by another version?") from None
+        yield
+    except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        if path is None:
+            raise
+        raise UserError(f"{path} does not match this repo's models ({type(e).__name__}); was it "
+                        "written by another version?") from None
+
+
+def restore_training_state(ckpt: dict, models: dict, optimizers: dict, meter: "Meter",
+                           device: torch.device, scalers: dict | None = None) -> tuple[int, int]:
+    """Load what save_training_state wrote into live objects (inside from_checkpoint); returns
+    (epoch, step)."""
+    for k, m in models.items():
+        m.load_state_dict(ckpt["models"][k])
+    for k, o in optimizers.items():
+        # the saved param groups carry how the saving machine stepped (fused or not); keep ours
+        how = [{f: g[f] for f in ("fused", "foreach") if f in g} for g in o.param_groups]
+        o.load_state_dict(ckpt["optimizers"][k])
+        for g, h in zip(o.param_groups, how):
+            g.update(h)
+    for k, s in (scalers or {}).items():
+        if s is not None and k in ckpt["scalers"]:
+            s.load_state_dict(ckpt["scalers"][k])
+    meter.load_state_dict(ckpt["meter"], device)
+    set_rng_state(ckpt["rng"], device)
     return ckpt["epoch"], ckpt["step"]
 
 
