@@ -63,6 +63,7 @@ def build_parser():
                    help="DataLoader workers of the baseline (pytorch/examples uses 2)")
     p.add_argument("--no-baseline", action="store_true", help="time our path only")
     p.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
+    p.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     utils.add_speed_args(p)
     return p
 
@@ -305,6 +306,8 @@ def time_workload(workload: str, opts) -> dict[str, list[float]]:
 def main(argv=None):
     opts = build_parser().parse_args(argv)
     device = utils.pick_device(opts.device)
+    if opts.json:
+        utils.check_output(opts.json, "--json", (".json",), opts.overwrite)
     split = load_bloodmnist(opts.data_root, splits=("train",))["train"]  # checks the file before any process starts
     if len(split) < max(opts.batch_size, opts.feature_batch_size):
         raise utils.UserError(f"the training split has {len(split)} images, fewer than one batch; "
@@ -331,8 +334,9 @@ def main(argv=None):
     if opts.json:
         path = Path(opts.json)
         path.parent.mkdir(parents=True, exist_ok=True)
+        note = utils.replaced_note(path)
         utils.atomic_write_text(path, json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {path}{note}")
 
 
 def print_row(row: dict, header: bool) -> None:
