@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -42,8 +43,11 @@ def run_main(main) -> None:
         main()
         barrier()  # under torchrun, all leave together: no process tears down while others still talk
     except (UserError, OSError) as e:
-        if local_rank() == 0:
-            print(f"error: {e if isinstance(e, UserError) else describe_os_error(e)}", file=sys.stderr)
+        if local_rank() != 0:
+            # The first process meets the same error and reports it; when it exits, torchrun ends
+            # this one. An error this process alone met is reported after the wait.
+            time.sleep(30)
+        print(f"error: {e if isinstance(e, UserError) else describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
     finally:
         release_folders()
