@@ -49,6 +49,11 @@ def run_main(main) -> None:
             time.sleep(30)
         print(f"error: {e if isinstance(e, UserError) else describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside it
+        if local_rank() == 0:
+            print("\ninterrupted: every file is written whole or not at all, so nothing is left "
+                  "half-written", file=sys.stderr)
+        sys.exit(130)
     finally:
         release_folders()
         if torch.distributed.is_initialized():

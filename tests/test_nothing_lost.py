@@ -280,3 +280,12 @@ def test_a_two_epoch_gan_grid_is_not_one_flat_colour(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "gan" / "samples_epoch_002.png")).astype(float) / 255
     cells = [grid[2 + 66 * r:66 * (r + 1), 2 + 66 * c:66 * (c + 1)] for r in range(8) for c in range(8)]
     assert min(cell.std() for cell in cells) > 0.02  # every image has structure, not one grey
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
+    def main():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(main)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1 and err[0].startswith("interrupted: ")
