@@ -32,10 +32,14 @@ import torchvision.transforms as T
 from PIL import Image
 from tqdm import tqdm
 
+import cli
+import errors
+import files
+import hardware
+import loop
 import metrics
 import train_gan
 import train_vae
-import utils
 from data import Batches, load_bloodmnist
 from models.classifier import Classifier
 from models.dcgan import discriminator_loss, generator_loss, gradient_penalty
@@ -45,26 +49,26 @@ TRAIN_IMAGES = 11_959  # the official BloodMNIST training split, for s/epoch
 
 
 def build_parser():
-    p = utils.make_parser(__doc__)
+    p = cli.make_parser(__doc__)
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), metavar="NAME",
                    help=f"what to time, any of: {', '.join(WORKLOADS)}")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto picks cuda, then mps, then cpu")
     p.add_argument("--data-root", default="data", metavar="PATH",
                    help="folder holding bloodmnist_64.npz (downloaded there if missing), or the .npz itself")
-    p.add_argument("--batch-size", type=utils.positive_int, default=128, metavar="N",
+    p.add_argument("--batch-size", type=cli.positive_int, default=128, metavar="N",
                    help="images per training step (the training scripts' default)")
-    p.add_argument("--feature-batch-size", type=utils.positive_int, default=500, metavar="N",
+    p.add_argument("--feature-batch-size", type=cli.positive_int, default=500, metavar="N",
                    help="images per batch of the feature pass (evaluate.py's)")
-    p.add_argument("--steps", type=utils.positive_int, default=10, metavar="N", help="steps per timing")
-    p.add_argument("--repeats", type=utils.positive_int, default=3, metavar="R", help="timings per number (median)")
-    p.add_argument("--warmup", type=utils.positive_int, default=3, metavar="N", help="untimed steps first")
-    p.add_argument("--workers", type=utils.non_negative_int, default=2, metavar="N",
+    p.add_argument("--steps", type=cli.positive_int, default=10, metavar="N", help="steps per timing")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, metavar="R", help="timings per number (median)")
+    p.add_argument("--warmup", type=cli.positive_int, default=3, metavar="N", help="untimed steps first")
+    p.add_argument("--workers", type=cli.non_negative_int, default=2, metavar="N",
                    help="DataLoader workers of the baseline (pytorch/examples uses 2)")
     p.add_argument("--no-baseline", action="store_true", help="time our path only")
     p.add_argument("--json", metavar="FILE", help="also write the rows as a JSON list")
     p.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
-    utils.add_speed_args(p)
+    cli.add_speed_args(p)
     return p
 
 
@@ -178,7 +182,7 @@ def cycle_batches(batches):
 def ours_training(train, batches: Batches):
     """train(x, batch_index, meter) on the run's own batches, reading the losses every 10 steps
     as the training loop does."""
-    data, meter, counter = cycle_batches(batches), utils.Meter(), itertools.count(1)
+    data, meter, counter = cycle_batches(batches), loop.Meter(), itertools.count(1)
 
     def step():
         x, _ = next(data)
@@ -202,11 +206,11 @@ def ours_features(model, images: torch.Tensor, batch_size: int):
 
 def rate(step, images_per_step: int, steps: int, device: torch.device) -> float:
     """Images per second over `steps` calls of step, waiting for the device at both ends."""
-    utils.synchronize(device)
+    hardware.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    utils.synchronize(device)
+    hardware.synchronize(device)
     return steps * images_per_step / (time.perf_counter() - t0)
 
 
@@ -228,7 +232,7 @@ def make_step(path: str, workload: str, opts, device: torch.device, split):
         if path == "baseline":
             return baseline_features(net, split, opts.feature_batch_size, device, opts.workers), opts.feature_batch_size
         images = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # uint8 NHWC, as evaluate.py holds them
-        net = net.to(memory_format=utils.memory_format(opts.channels_last))
+        net = net.to(memory_format=hardware.memory_format(opts.channels_last))
         return ours_features(net, images, opts.feature_batch_size), opts.feature_batch_size
     args = training_args(workload, opts)
     if path == "baseline":
@@ -247,13 +251,13 @@ def serve(path: str, workload: str, opts, conn, warned: set) -> None:
     """One path of one workload in a process of its own (so that neither path's allocator
     settings, threads or DataLoader workers touch the other's timings): build, warm up, say
     'ready', then answer each 'time' with images per second until 'stop'."""
-    utils._warned.update(warned)  # the parent has already said what there was to say
+    errors._warned.update(warned)  # the parent has already said what there was to say
     try:
-        device = utils.pick_device(opts.device)
+        device = hardware.pick_device(opts.device)
         if path == "ours":
-            utils.speed_up(device)
+            hardware.speed_up(device)
         split = load_bloodmnist(opts.data_root, splits=("train",))["train"]
-        utils.set_seed(0)
+        loop.set_seed(0)
         step, batch = make_step(path, workload, opts, device, split)
         for _ in range(opts.warmup):
             step()
@@ -271,7 +275,7 @@ def time_workload(workload: str, opts) -> dict[str, list[float]]:
     conns, procs = {}, []
     for path in paths:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=serve, args=(path, workload, opts, child, set(utils._warned)), daemon=False)
+        proc = ctx.Process(target=serve, args=(path, workload, opts, child, set(errors._warned)), daemon=False)
         proc.start()
         conns[path], procs = parent, procs + [proc]
     rates = {path: [] for path in paths}
@@ -279,14 +283,14 @@ def time_workload(workload: str, opts) -> dict[str, list[float]]:
         for path in paths:  # every path is warm before any is timed
             reply = conns[path].recv()
             if reply != "ready":
-                raise utils.UserError(f"{workload}, {path}: {reply}")
+                raise errors.UserError(f"{workload}, {path}: {reply}")
         with tqdm(total=len(paths) * opts.repeats, desc=workload, dynamic_ncols=True, leave=False) as bar:
             for _ in range(opts.repeats):
                 for path in paths:
                     conns[path].send("time")
                     reply = conns[path].recv()
                     if isinstance(reply, str):
-                        raise utils.UserError(f"{workload}, {path}: {reply}")
+                        raise errors.UserError(f"{workload}, {path}: {reply}")
                     rates[path].append(reply)
                     bar.update()
                     bar.set_postfix({k: f"{statistics.median(v):.0f} img/s" for k, v in rates.items() if v})
@@ -305,15 +309,15 @@ def time_workload(workload: str, opts) -> dict[str, list[float]]:
 
 def main(argv=None):
     opts = build_parser().parse_args(argv)
-    device = utils.pick_device(opts.device)
+    device = hardware.pick_device(opts.device)
     if opts.json:
-        utils.check_output(opts.json, "--json", (".json",), opts.overwrite)
+        files.check_output(opts.json, "--json", (".json",), opts.overwrite)
     split = load_bloodmnist(opts.data_root, splits=("train",))["train"]  # checks the file before any process starts
     if len(split) < max(opts.batch_size, opts.feature_batch_size):
-        raise utils.UserError(f"the training split has {len(split)} images, fewer than one batch; "
+        raise errors.UserError(f"the training split has {len(split)} images, fewer than one batch; "
                               "lower --batch-size / --feature-batch-size")
     name = device_name(device)
-    precision = utils.Precision(opts.precision, device).name
+    precision = hardware.Precision(opts.precision, device).name
     print(f"bench on {device} ({name}): ours in {precision}{', compiled' if opts.compile else ''}"
           f"{', channels-last' if opts.channels_last else ''}; the baseline in fp32 with {opts.workers} "
           f"DataLoader workers; median of {opts.repeats} x {opts.steps} steps after {opts.warmup} warm-up")
@@ -334,8 +338,8 @@ def main(argv=None):
     if opts.json:
         path = Path(opts.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        note = utils.replaced_note(path)
-        utils.atomic_write_text(path, json.dumps(rows, indent=2) + "\n")
+        note = files.replaced_note(path)
+        files.atomic_write_text(path, json.dumps(rows, indent=2) + "\n")
         print(f"wrote {path}{note}")
 
 
@@ -350,4 +354,4 @@ def print_row(row: dict, header: bool) -> None:
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import UserError, atomic_write, memory_format, warn
+from errors import UserError, warn
+from files import atomic_write
+from hardware import memory_format
 
 FLAG = "bloodmnist"
 IMAGE_SIZE = 64

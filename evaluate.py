@@ -37,10 +37,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
+import errors
+import files
+import hardware
 import metrics
+import pictures
 import synthetic
 import train_vae
-import utils
 from data import Batches, class_names, load_bloodmnist
 from sample import Sampler
 
@@ -57,9 +61,9 @@ def fraction_list(text: str) -> list[float]:
 
 
 def parse_args(argv=None):
-    p = utils.make_parser(__doc__)
+    p = cli.make_parser(__doc__)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="ckpt.pt files of either training script")
-    p.add_argument("--n", type=utils.int_at_least(4), default=10_000,
+    p.add_argument("--n", type=cli.int_at_least(4), default=10_000,
                    help="images generated per checkpoint (precision and recall need more than k = 3)")
     p.add_argument("--data-root", default=None, metavar="PATH",
                    help="as in the training scripts (default: the one the checkpoints were trained on)")
@@ -67,25 +71,25 @@ def parse_args(argv=None):
     p.add_argument("--standard-prior", action="store_true",
                    help="VAE: sample z from N(0, I) instead of the Gaussian fitted to the training codes")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
-    p.add_argument("--kid-subsets", type=utils.positive_int, default=100, metavar="N",
+    p.add_argument("--kid-subsets", type=cli.positive_int, default=100, metavar="N",
                    help="subsets KID is averaged over")
-    p.add_argument("--kid-subset-size", type=utils.int_at_least(2), default=1000, metavar="N",
+    p.add_argument("--kid-subset-size", type=cli.int_at_least(2), default=1000, metavar="N",
                    help="images per KID subset")
     p.add_argument("--json", metavar="FILE", default=None, help="also write every result to this .json file")
     p.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     p.add_argument("--feature-cache", default="outputs/features", metavar="DIR",
                    help="where the feature network is cached, keyed by the data file's MD5")
     p.add_argument("--seed", type=int, default=0, help="seeds the latents and the KID subsets")
-    p.add_argument("--batch-size", type=utils.positive_int, default=250, metavar="N", help="images per forward pass")
+    p.add_argument("--batch-size", type=cli.positive_int, default=250, metavar="N", help="images per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     study = p.add_argument_group("is the synthetic data useful? is it private?")
     study.add_argument("--utility", action="store_true",
                        help="train-on-synthetic scores (CAS) and augmentation gains; conditional checkpoints only")
     study.add_argument("--fractions", type=fraction_list, default="0.01,0.1,1", metavar="F,F,...",
                        help="--utility: shares of the real train split (stratified) to augment")
-    study.add_argument("--seeds", type=utils.positive_int, default=3, metavar="N",
+    study.add_argument("--seeds", type=cli.positive_int, default=3, metavar="N",
                        help="--utility: seeds (subset, classifier, synthetic draw) per augmentation row")
-    study.add_argument("--synthetic-ratio", type=utils.positive_float, default=1.0, metavar="R",
+    study.add_argument("--synthetic-ratio", type=cli.positive_float, default=1.0, metavar="R",
                        help="--utility: synthetic images added per real image of each class")
     study.add_argument("--memorization", action="store_true",
                        help="distance of the --n generated images to their nearest training image, "
@@ -222,29 +226,29 @@ def memorization(name: str, path: str, sampler: Sampler, images: torch.Tensor, f
         {"generated": feats, "train": train_features[subset], "heldout": real["features"]}, sampler.device)
     picture, labels = synthetic.pairs_picture(images, train, heldout, pairs)
     out = Path(path).parent / "memorization_pairs.png"
-    utils.save_grid(picture, out, nrow=len(picture) // len(labels), row_labels=labels)
+    pictures.save_grid(picture, out, nrow=len(picture) // len(labels), row_labels=labels)
     return {"name": name, "checkpoint": str(path), "n_generated": len(images), "n_heldout": len(heldout),
             "train_images": len(train), **summary, "pairs_png": str(out)}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.pick_device(args.device)
-    utils.speed_up(device)
+    device = hardware.pick_device(args.device)
+    hardware.speed_up(device)
     samplers = [Sampler(path, device, not args.no_ema, args.standard_prior) for path in args.checkpoints]  # bad paths fail first
     if args.utility and (flat := [p for p, s in zip(args.checkpoints, samplers) if not s.conditional]):
-        raise utils.UserError(f"--utility needs conditional checkpoints: {flat[0]} was trained without "
+        raise errors.UserError(f"--utility needs conditional checkpoints: {flat[0]} was trained without "
                               "--conditional, and a classifier trained on synthetic images needs each image's "
                               "class; train one with --conditional")
     args.data_root = args.data_root or data_root_of(args.checkpoints, samplers)
     if args.json:
-        utils.check_output(args.json, "--json", (".json",), args.overwrite)
+        files.check_output(args.json, "--json", (".json",), args.overwrite)
     for path in args.checkpoints:
-        utils.check_folder(Path(path).parent, "the folder of", "evaluate.py writes eval.json beside each "
+        files.check_folder(Path(path).parent, "the folder of", "evaluate.py writes eval.json beside each "
                            "checkpoint; copy the run to a folder you can write")
     splits = load_bloodmnist(args.data_root)  # checked before the feature network takes its minutes
     if len(splits["test"]) < 4:
-        raise utils.UserError(f"the test split of {args.data_root} has {len(splits['test'])} images; "
+        raise errors.UserError(f"the test split of {args.data_root} has {len(splits['test'])} images; "
                               "scoring needs at least 4")
     fnet, info = metrics.feature_network(args.data_root, device, args.feature_cache)
     test_feats = metrics.predict(fnet, splits["test"].images, args.batch_size, desc="test split")[0]
@@ -305,8 +309,8 @@ def main(argv=None):
             write_beside(path, beside[path])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        note = utils.replaced_note(args.json)
-        utils.atomic_write_text(Path(args.json), json.dumps(out, indent=2) + "\n")
+        note = files.replaced_note(args.json)
+        files.atomic_write_text(Path(args.json), json.dumps(out, indent=2) + "\n")
         print(f"\nWrote {args.json}{note}")
 
 
@@ -314,7 +318,7 @@ def data_root_of(checkpoints: list[str], samplers: list[Sampler]) -> str:
     """The data the checkpoints were trained on, when they agree (the scores need one test split)."""
     roots = {s.args.get("data_root", "data") for s in samplers}
     if len(roots) > 1:
-        raise utils.UserError(f"{', '.join(checkpoints)} were trained on different data ({', '.join(sorted(roots))}); "
+        raise errors.UserError(f"{', '.join(checkpoints)} were trained on different data ({', '.join(sorted(roots))}); "
                               "pass --data-root to score them against one test split")
     return roots.pop()
 
@@ -322,10 +326,10 @@ def data_root_of(checkpoints: list[str], samplers: list[Sampler]) -> str:
 def write_beside(path: str, record: dict) -> None:
     """eval.json beside the checkpoint: the latest evaluation of that run."""
     out = Path(path).parent / "eval.json"
-    note = utils.replaced_note(out)
-    utils.atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    note = files.replaced_note(out)
+    files.atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     tqdm.write(f"Wrote {out}{note}")
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import utils
+import errors
+import files
+import loop
 from data import NUM_CLASSES, Batches, Split, _md5, load_bloodmnist, locate, to_float
 from models.classifier import Classifier, random_symmetry
 
 VALUE_RANGE = (-1.0, 1.0)  # what the classifier reads
-KID_PANEL = ("KID against the test split", ["kid"], 0.0)  # for utils.plot_curves
+KID_PANEL = ("KID against the test split", ["kid"], 0.0)  # for pictures.plot_curves
 # How the feature network is trained. Part of the cache key: change it and the network retrains.
 RECIPE = {"version": 1, "widths": [32, 64, 128, 256, 256], "epochs": 15, "batch_size": 128,
           "lr": 2e-3, "weight_decay": 5e-4, "seed": 0}
@@ -41,7 +43,7 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
     `epochs`: that many optimiser steps whatever the set's size (the utility study compares sets
     of different sizes at equal compute). One progress bar over all steps; with log_epochs, a
     line per epoch."""
-    utils.set_seed(seed)
+    loop.set_seed(seed)
     model = Classifier(NUM_CLASSES, widths=tuple(widths)).to(device)
     batches = Batches(train, batch_size, device, VALUE_RANGE, seed=seed)
     total = steps or epochs * len(batches)
@@ -52,7 +54,7 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
     step, epoch = 0, 0
     model.train()
     while step < total:
-        meter = utils.Meter()
+        meter = loop.Meter()
         for x, y in batches.epoch(epoch):
             logits = model(random_symmetry(x, flips))
             loss = F.cross_entropy(logits, y)
@@ -64,7 +66,7 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
             step += 1
             bar.update()
             if step % 10 == 0 or step == total:
-                bar.set_postfix(epoch=epoch + 1, **utils.format_stats(meter.means()))
+                bar.set_postfix(epoch=epoch + 1, **loop.format_stats(meter.means()))
             if step == total:
                 break
         epoch += 1
@@ -149,7 +151,7 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
     file (by MD5) and recipe, else trained now (minutes on a CPU) and saved there.
     Returns (model in eval mode on `device`, info with its accuracies and cache path)."""
     recipe = recipe or RECIPE
-    utils.check_folder(Path(cache), "--feature-cache")  # before minutes of training, not after
+    files.check_folder(Path(cache), "--feature-cache")  # before minutes of training, not after
     path = locate(data_root)
     digest = _md5(path)
     file = Path(cache) / f"classifier_{path.stem}_{digest[:12]}.pt"
@@ -157,15 +159,15 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
         try:
             saved = torch.load(file, map_location=device, weights_only=True)
         except Exception as e:
-            raise utils.UserError(f"{file} is not readable ({type(e).__name__}); delete it to retrain") from None
+            raise errors.UserError(f"{file} is not readable ({type(e).__name__}); delete it to retrain") from None
         if not isinstance(saved, dict) or not {"model", "info"} <= saved.keys():
-            raise utils.UserError(f"{file} is not a feature network of this repo; delete it to retrain")
+            raise errors.UserError(f"{file} is not a feature network of this repo; delete it to retrain")
         if saved.get("recipe") == recipe and saved.get("data_md5") == digest:
             model = Classifier(NUM_CLASSES, widths=tuple(recipe["widths"]))
             try:
                 model.load_state_dict(saved["model"])
             except (RuntimeError, TypeError, AttributeError) as e:
-                raise utils.UserError(f"{file} does not match the feature network ({type(e).__name__}); "
+                raise errors.UserError(f"{file} does not match the feature network ({type(e).__name__}); "
                                       "delete it to retrain") from None
             return model.to(device, memory_format=torch.channels_last).eval(), saved["info"]
     print(f"Training the feature network on {path.name} ({recipe['epochs']} epochs; once, then "
@@ -180,9 +182,9 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
     print(f"Feature network: test accuracy {percent(info['test_accuracy'])}, "
           f"val accuracy {percent(info['val_accuracy'])}")
     file.parent.mkdir(parents=True, exist_ok=True)
-    with utils.atomic_write(file) as tmp:
+    with files.atomic_write(file) as tmp:
         torch.save({"model": model.state_dict(), "recipe": recipe, "data_md5": digest, "info": info}, tmp)
-    utils.atomic_write_text(file.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
+    files.atomic_write_text(file.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
     return model.to(memory_format=torch.channels_last), info  # the faster layout for the feature pass
 
 
@@ -309,11 +311,11 @@ class KIDProbe:
         self.every, self.epochs = args.eval_every, args.epochs
         splits = load_bloodmnist(args.data_root, splits=("train", "test"))
         if len(splits["test"]) < 2:
-            raise utils.UserError(f"--eval-every needs at least 2 test images; the data file's test split "
+            raise errors.UserError(f"--eval-every needs at least 2 test images; the data file's test split "
                                   f"has {len(splits['test'])}")
         self.model, _ = feature_network(args.data_root, device, args.feature_cache)
         self.real = predict(self.model, splits["test"].images)[0]
-        self.z = utils.fixed_noise(args.eval_n, latent_dim, args.seed + 1, device)
+        self.z = loop.fixed_noise(args.eval_n, latent_dim, args.seed + 1, device)
         self.y = (proportional_labels(args.eval_n, class_shares(splits["train"].labels), args.seed).to(device)
                   if args.conditional else None)
 

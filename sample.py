@@ -18,14 +18,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
+import cli
+import errors
+import files
+import hardware
+import loop
+import pictures
 import train_gan
 import train_vae
-import utils
 from data import NUM_CLASSES, SPLITS, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
 
 
 def parse_args(argv=None):
-    p = utils.make_parser(__doc__)
+    p = cli.make_parser(__doc__)
     p.add_argument("checkpoint", help="ckpt.pt written by train_gan.py or train_vae.py")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--interpolate", action="store_true",
@@ -34,13 +40,13 @@ def parse_args(argv=None):
                       help="VAE: move real FROM-class images towards TO: z - mean(FROM) + mean(TO)")
     mode.add_argument("--latent-map", action="store_true",
                       help="VAE: the encoder's mu over --split in 2-D (PCA and t-SNE), by class")
-    p.add_argument("--n", type=utils.positive_int, default=None, metavar="N",
+    p.add_argument("--n", type=cli.positive_int, default=None, metavar="N",
                    help="images to draw (default 64), or rows of --interpolate / --arithmetic (default 8)")
     p.add_argument("--npz", metavar="FILE", default=None,
                    help="write the N images as a MedMNIST-format npz (train split) instead of a grid")
     p.add_argument("--class", dest="cls", metavar="NAME|ID", default=None,
                    help="conditional runs: draw only this cell type (default: all, balanced)")
-    p.add_argument("--steps", type=utils.positive_int, default=8, help="columns of --interpolate / --arithmetic")
+    p.add_argument("--steps", type=cli.positive_int, default=8, help="columns of --interpolate / --arithmetic")
     p.add_argument("--split", choices=SPLITS, default=None,
                    help="split for --arithmetic means (default train) and --latent-map (default test)")
     p.add_argument("--data-root", default=None, metavar="PATH",
@@ -54,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="let --out or --npz replace an existing file (never a checkpoint or a dataset)")
     p.add_argument("--seed", type=int, default=0, help="seeds the latent draws")
-    p.add_argument("--batch-size", type=utils.positive_int, default=256, help="images per forward pass")
+    p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     return p.parse_args(argv)
 
@@ -63,12 +69,12 @@ class Sampler:
     """A checkpoint's generator (the GAN's G, or the VAE's decoder) behind one interface."""
 
     def __init__(self, path: str, device: torch.device, use_ema: bool = True, standard_prior: bool = False):
-        ckpt = utils.load_checkpoint(path, map_location=device)
+        ckpt = checkpoints.load_checkpoint(path, map_location=device)
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
         self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
         self.conditional = bool(self.args.get("conditional"))
         self.has_ema, self.fitted_prior = False, False
-        with utils.from_checkpoint(path):
+        with checkpoints.from_checkpoint(path):
             if self.kind == "gan":
                 self.model, _ = train_gan.build_models(self.args)
                 self.has_ema = "G_ema" in ckpt["models"]
@@ -87,7 +93,7 @@ class Sampler:
     def latents(self, n: int, seed: int) -> torch.Tensor:
         """n latents, the same on every device for a given seed: standard normal for a GAN, from
         the fitted Gaussian for a VAE (unless standard_prior)."""
-        return self.to_latent(utils.fixed_noise(n, self.latent_dim, seed, self.device))
+        return self.to_latent(loop.fixed_noise(n, self.latent_dim, seed, self.device))
 
     def to_latent(self, eps: torch.Tensor) -> torch.Tensor:
         """Standard normal draws (..., latent_dim) -> the model's latent distribution."""
@@ -113,7 +119,7 @@ def parse_class(text: str) -> int:
         return int(text)
     matches = [i for i, name in enumerate(names) if name.lower().startswith(text.lower())]
     if len(matches) != 1:
-        raise utils.UserError(f"unknown class {text!r}; use an id 0..{NUM_CLASSES - 1} or one of: "
+        raise errors.UserError(f"unknown class {text!r}; use an id 0..{NUM_CLASSES - 1} or one of: "
                               + ", ".join(names))
     return matches[0]
 
@@ -138,12 +144,12 @@ def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor, source: st
     with code written for MedMNIST. `source` (the checkpoint) is kept under SYNTHETIC_MARK."""
     arrays = {"train_images": images.permute(0, 2, 3, 1).cpu().numpy(),
               "train_labels": labels.cpu().numpy().astype(np.uint8).reshape(-1, 1),
-              utils.SYNTHETIC_MARK: np.array(source)}  # so that --overwrite may replace it, and no dataset
+              files.SYNTHETIC_MARK: np.array(source)}  # so that --overwrite may replace it, and no dataset
     for split in ("val", "test"):
         arrays[f"{split}_images"] = np.zeros((0, *arrays["train_images"].shape[1:]), np.uint8)
         arrays[f"{split}_labels"] = np.zeros((0, 1), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with utils.atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file: numpy adds no .npz
+    with files.atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file: numpy adds no .npz
         np.savez_compressed(f, **arrays)
 
 
@@ -152,7 +158,7 @@ def encode_split(sampler: Sampler, args, split: str) -> tuple[torch.Tensor, torc
     """The VAE's mu over one split: (mu (N, D), labels (N,), images (N, 3, 64, 64) in [0, 1])."""
     data = load_bloodmnist(args.data_root, splits=(split,))[split]
     if len(data) < 2:
-        raise utils.UserError(f"the {split} split of {args.data_root} has {len(data)} images, too few to "
+        raise errors.UserError(f"the {split} split of {args.data_root} has {len(data)} images, too few to "
                               "compare; choose another --split")
     batches = Batches(data, args.batch_size, sampler.device, (0.0, 1.0), shuffle=False)
     mus = [sampler.model.encode(x, y if sampler.conditional else None)[0] for x, y in batches.epoch(0)]
@@ -171,25 +177,25 @@ def draw(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     images = sampler.decode(sampler.latents(args.n, args.seed), y, args.batch_size, uint8=bool(args.npz))
     if args.npz:
         if not sampler.conditional:
-            utils.warn("an unconditional model draws no labels; train_labels are all 0 (placeholders)")
+            errors.warn("an unconditional model draws no labels; train_labels are all 0 (placeholders)")
             y = torch.zeros_like(y)
         write_npz(out, images, y, source=str(args.checkpoint))
         return
     nrow, row_labels = int(math.ceil(math.sqrt(args.n))), None
     if sampler.conditional and cls is None and args.n % NUM_CLASSES == 0:
         nrow, row_labels = args.n // NUM_CLASSES, class_names()
-    utils.save_grid(images, out, nrow=nrow, row_labels=row_labels)
+    pictures.save_grid(images, out, nrow=nrow, row_labels=row_labels)
 
 
 def interpolate(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     """Rows that walk on great circles between pairs of latent points; a class per row."""
-    eps = utils.fixed_noise(2 * args.n, sampler.latent_dim, args.seed, sampler.device)
+    eps = loop.fixed_noise(2 * args.n, sampler.latent_dim, args.seed, sampler.device)
     eps = slerp(eps[:args.n], eps[args.n:], torch.linspace(0, 1, args.steps, device=sampler.device))
     z = sampler.to_latent(eps)  # the great circles of N(0, I), carried into the fitted Gaussian
     y = labels_for(args.n, cls, sampler.device)
     images = sampler.decode(z.flatten(0, 1), y.repeat_interleave(args.steps), args.batch_size)
     row_labels = [class_names()[c] for c in y.tolist()] if sampler.conditional else None
-    utils.save_grid(images, out, nrow=args.steps, row_labels=row_labels)
+    pictures.save_grid(images, out, nrow=args.steps, row_labels=row_labels)
 
 
 def arithmetic(sampler: Sampler, args, out: Path, cls: int | None) -> None:
@@ -198,14 +204,14 @@ def arithmetic(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     names, split = class_names(), args.split or "train"
     mu, labels, images = encode_split(sampler, args, split)
     if not (labels == a).any() or not (labels == b).any():
-        raise utils.UserError(f"the {split} split lacks {names[a]} or {names[b]} images")
+        raise errors.UserError(f"the {split} split lacks {names[a]} or {names[b]} images")
     shift = mu[labels == b].mean(0) - mu[labels == a].mean(0)
     rows = torch.nonzero(labels == a).flatten()[:args.n]
     t = torch.linspace(0, 1, args.steps, device=sampler.device)
     z = mu[rows][:, None] + t[None, :, None] * shift  # (R, T, D)
     decoded = sampler.decode(z.flatten(0, 1), None, args.batch_size).unflatten(0, (len(rows), args.steps))
     real = images[rows].float()[:, None] / 255
-    utils.save_grid(torch.cat([real, decoded], 1).flatten(0, 1), out, nrow=args.steps + 1)
+    pictures.save_grid(torch.cat([real, decoded], 1).flatten(0, 1), out, nrow=args.steps + 1)
     print(f"Rows: real {names[a]} images (first column), then z + t * (mean({names[b]}) - "
           f"mean({names[a]})) for t = 0..1 in {args.steps} steps")
 
@@ -239,7 +245,7 @@ def latent_map(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=4, frameon=False)
     fig.suptitle(f"VAE posterior means mu over the {split} split ({len(mu):,} images)")
     fig.tight_layout()
-    utils.save_figure(out, lambda f, fmt: fig.savefig(f, dpi=100, format=fmt))
+    pictures.save_figure(out, lambda f, fmt: fig.savefig(f, dpi=100, format=fmt))
     plt.close(fig)
 
 
@@ -247,32 +253,32 @@ def output_path(args, folder: Path) -> Path:
     """Where this call writes, checked before any work: --npz or --out as given (an existing file
     only with --overwrite), else the mode's own name beside the checkpoint, replaced each time."""
     if args.npz:
-        return utils.check_output(args.npz, "--npz", (".npz",), args.overwrite, inputs=(args.checkpoint,))
+        return files.check_output(args.npz, "--npz", (".npz",), args.overwrite, inputs=(args.checkpoint,))
     if args.out:
-        return utils.check_output(args.out, "--out", utils.PICTURES, args.overwrite, inputs=(args.checkpoint,))
+        return files.check_output(args.out, "--out", pictures.PICTURES, args.overwrite, inputs=(args.checkpoint,))
     if args.arithmetic:
         name = "arithmetic_{}_to_{}.png".format(*(class_names()[parse_class(c)] for c in args.arithmetic))
     else:
         name = "latent_map.png" if args.latent_map else "interpolation.png" if args.interpolate else "samples.png"
-    return utils.check_output(folder / name.replace(" ", "_"), "the output", utils.PICTURES, overwrite=True)
+    return files.check_output(folder / name.replace(" ", "_"), "the output", pictures.PICTURES, overwrite=True)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = utils.pick_device(args.device)
+    device = hardware.pick_device(args.device)
     sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema, standard_prior=args.standard_prior)
     args.data_root = args.data_root or sampler.args.get("data_root", "data")
     if args.cls is not None and not sampler.conditional:
-        raise utils.UserError(f"--class needs a conditional checkpoint; {args.checkpoint} was trained "
+        raise errors.UserError(f"--class needs a conditional checkpoint; {args.checkpoint} was trained "
                               "without --conditional")
     if (args.arithmetic or args.latent_map) and sampler.kind != "vae":
-        raise utils.UserError(f"--{'arithmetic' if args.arithmetic else 'latent-map'} works on the VAE's "
+        raise errors.UserError(f"--{'arithmetic' if args.arithmetic else 'latent-map'} works on the VAE's "
                               f"encoder; {args.checkpoint} is a GAN")
     if args.arithmetic and sampler.conditional:
-        raise utils.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
+        raise errors.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
                               "class out of z (decode with --class instead)")
     if args.npz and (args.interpolate or args.arithmetic or args.latent_map):
-        raise utils.UserError("--npz writes drawn samples; it does not combine with the other modes")
+        raise errors.UserError("--npz writes drawn samples; it does not combine with the other modes")
     cls = parse_class(args.cls) if args.cls is not None else None
     out = output_path(args, Path(args.checkpoint).parent)
     if args.n is None:
@@ -280,10 +286,10 @@ def main(argv=None):
 
     mode = latent_map if args.latent_map else arithmetic if args.arithmetic else \
         interpolate if args.interpolate else draw
-    note = utils.replaced_note(out)
+    note = files.replaced_note(out)
     mode(sampler, args, out, cls)
     print(f"Wrote {out}{note}")
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
+import cli
+import distributed
+import errors
+import hardware
+import loop
 import metrics
-import utils
+import pictures
 from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
 from models.dcgan import LOSSES, Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
 from models.sync_batchnorm import convert_sync_batchnorm
@@ -33,25 +39,25 @@ D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
 
 
 def build_parser():
-    p = utils.make_parser(__doc__)
-    utils.add_common_args(p, out="outputs/gan", epochs=25, lr=None,
+    p = cli.make_parser(__doc__)
+    cli.add_common_args(p, out="outputs/gan", epochs=25, lr=None,
                           lr_help="Adam learning rate (default: 2e-4; 1e-4 for wgan-gp)")
     p.add_argument("--loss", choices=LOSSES, default="bce",
                    help="bce: the DCGAN of the paper; wgan-gp: a critic with a gradient penalty; hinge")
-    p.add_argument("--beta1", type=utils.unit_interval, default=None,
+    p.add_argument("--beta1", type=cli.unit_interval, default=None,
                    help="Adam beta1 (default: 0.5 as in Radford et al.; 0.0 for wgan-gp)")
-    p.add_argument("--beta2", type=utils.unit_interval, default=None,
+    p.add_argument("--beta2", type=cli.unit_interval, default=None,
                    help="Adam beta2 (default: 0.999; 0.9 for wgan-gp)")
-    p.add_argument("--n-critic", type=utils.positive_int, default=None, metavar="N",
+    p.add_argument("--n-critic", type=cli.positive_int, default=None, metavar="N",
                    help="D steps per G step (default: 1; 5 for wgan-gp)")
-    p.add_argument("--gp-weight", type=utils.non_negative_float, default=10.0,
+    p.add_argument("--gp-weight", type=cli.non_negative_float, default=10.0,
                    help="lambda of the WGAN-GP gradient penalty")
-    p.add_argument("--ema", type=utils.unit_interval, default=0.999, metavar="DECAY",
+    p.add_argument("--ema", type=cli.unit_interval, default=0.999, metavar="DECAY",
                    help="decay of the exponential moving average of G used for grids, samples and "
                         "evaluation (the raw G is kept too); 0 turns it off")
-    p.add_argument("--nz", type=utils.positive_int, default=100, help="size of the noise vector z")
-    p.add_argument("--ngf", type=utils.positive_int, default=64, help="generator width")
-    p.add_argument("--ndf", type=utils.positive_int, default=64, help="discriminator width")
+    p.add_argument("--nz", type=cli.positive_int, default=100, help="size of the noise vector z")
+    p.add_argument("--ngf", type=cli.positive_int, default=64, help="generator width")
+    p.add_argument("--ndf", type=cli.positive_int, default=64, help="discriminator width")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, take BatchNorm statistics over the global batch of all processes, "
                         "as one process would; without it each process normalises its own share "
@@ -85,48 +91,48 @@ class GANTrainer:
 
     def __init__(self, args, device: torch.device):
         self.args = args
-        fmt = utils.memory_format(args.channels_last)
+        fmt = hardware.memory_format(args.channels_last)
         models = build_models(vars(args))
         if args.sync_bn:
             models = map(convert_sync_batchnorm, models)
         self.G, self.D = (m.to(device, memory_format=fmt) for m in models)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if args.ema else None
         betas = (args.beta1, args.beta2)
-        self.opt_g, self.opt_d = utils.adam(self.G.parameters(), args.lr, betas), utils.adam(self.D.parameters(), args.lr, betas)
-        self.precision = utils.Precision(args.precision, device)
+        self.opt_g, self.opt_d = hardware.adam(self.G.parameters(), args.lr, betas), hardware.adam(self.D.parameters(), args.lr, betas)
+        self.precision = hardware.Precision(args.precision, device)
         self.scaler_g, self.scaler_d = self.precision.scaler(), self.precision.scaler()
         # Under torchrun, G and D learn through DDP, which averages their gradients over the
         # processes. G's step runs D as a plain module: D's weights get no gradient there, and
         # DDP would wait for them. The gradient penalty differentiates D twice, which
         # torch.compile does not support.
         compile_d = args.compile and args.loss != "wgan-gp"
-        self.g = utils.compiled(utils.ddp(self.G, device), args.compile)
-        self.d = utils.compiled(utils.ddp(self.D, device), compile_d)
-        self.d_plain = utils.compiled(self.D, compile_d) if utils.world_size() > 1 else self.d
+        self.g = hardware.compiled(distributed.ddp(self.G, device), args.compile)
+        self.d = hardware.compiled(distributed.ddp(self.D, device), compile_d)
+        self.d_plain = hardware.compiled(self.D, compile_d) if distributed.world_size() > 1 else self.d
         self.g_params = list(self.G.parameters())
         # Without --sync-bn each process's BatchNorm statistics come from its own share of the
         # batch; averaging them after every step keeps G, D and G's EMA identical everywhere.
-        self.average_buffers = utils.world_size() > 1 and not args.sync_bn
+        self.average_buffers = distributed.world_size() > 1 and not args.sync_bn
 
     def state(self) -> tuple[dict, dict, dict]:
         """Models, optimisers and scalers, as the checkpoint names them."""
         models = {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {})}
         return models, {"G": self.opt_g, "D": self.opt_d}, {"G": self.scaler_g, "D": self.scaler_d}
 
-    def step(self, real: torch.Tensor, y: torch.Tensor | None, batch_index: int, meter: utils.Meter) -> None:
+    def step(self, real: torch.Tensor, y: torch.Tensor | None, batch_index: int, meter: loop.Meter) -> None:
         """batch_index counts batches from 1 over the whole run."""
         args, G, D = self.args, self.g, self.d
         g_step = batch_index % args.n_critic == 0  # G learns on every n_critic-th batch
         b = real.shape[0]  # this process's share of the batch
         with self.precision.autocast():
             with torch.set_grad_enabled(g_step):
-                fake = G(utils.batch_noise(torch.randn, b, args.nz, device=real.device), y)
+                fake = G(distributed.batch_noise(torch.randn, b, args.nz, device=real.device), y)
 
             # (1) Update D on every batch: real images against generated ones of the same labels
             logits_real, logits_fake = D(real, y), D(fake.detach(), y)
             loss_d = discriminator_loss(args.loss, logits_real, logits_fake)
             if args.loss == "wgan-gp":
-                e = utils.batch_noise(torch.rand, b, 1, 1, 1, device=real.device)
+                e = distributed.batch_noise(torch.rand, b, 1, 1, 1, device=real.device)
                 gp = gradient_penalty(self.D, real, fake.detach(), y, e)  # on the plain module, outside DDP
                 meter.update(wasserstein=-loss_d, gp=gp)
                 loss_d = loss_d + args.gp_weight * gp
@@ -134,28 +140,28 @@ class GANTrainer:
                 meter.update(d_x=torch.sigmoid(logits_real.float()).mean(), d_g_z=torch.sigmoid(logits_fake.float()).mean())
             else:
                 meter.update(d_real=logits_real.mean(), d_fake=logits_fake.mean())
-        utils.backward_step(loss_d, self.opt_d, self.scaler_d)
+        hardware.backward_step(loss_d, self.opt_d, self.scaler_d)
         meter.update(loss_d=loss_d)
 
         # (2) Update G: make D score the generated images as real. Only G's weights get gradients.
         if g_step:
             with self.precision.autocast():
                 loss_g = generator_loss(args.loss, self.d_plain(fake, y))
-            utils.backward_step(loss_g, self.opt_g, self.scaler_g, inputs=self.g_params)
+            hardware.backward_step(loss_g, self.opt_g, self.scaler_g, inputs=self.g_params)
             meter.update(loss_g=loss_g)
         if self.average_buffers:
-            utils.average_buffers(self.G, self.D)
+            distributed.average_buffers(self.G, self.D)
         if g_step and self.G_ema is not None:
-            utils.ema_update(self.G_ema, self.G, utils.ema_decay(args.ema, batch_index // args.n_critic - 1))
+            loop.ema_update(self.G_ema, self.G, loop.ema_decay(args.ema, batch_index // args.n_critic - 1))
 
 
 def calibration_batches(args, device: torch.device) -> list[tuple]:
     """CALIBRATION batches of fixed noise (and balanced labels), the same every epoch, over which
     the shown generator's BatchNorm statistics are re-estimated before it draws. Under torchrun
     each process takes its own share of each batch, as in training."""
-    z = utils.fixed_noise(CALIBRATION * args.batch_size, args.nz, args.seed + 2, device)
+    z = loop.fixed_noise(CALIBRATION * args.batch_size, args.nz, args.seed + 2, device)
     y = balanced_labels(len(z), device) if args.conditional else None
-    share, r = args.batch_size // utils.world_size(), utils.rank()
+    share, r = args.batch_size // distributed.world_size(), distributed.rank()
     return [(z[i + r * share:i + (r + 1) * share], None if y is None else y[i + r * share:i + (r + 1) * share])
             for i in range(0, len(z), args.batch_size)]
 
@@ -163,81 +169,81 @@ def calibration_batches(args, device: torch.device) -> list[tuple]:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    ckpt = utils.start_run(args, parser, "gan", utils.given_flags(parser, argv), fill_defaults)
+    ckpt = checkpoints.start_run(args, parser, "gan", cli.given_flags(parser, argv), fill_defaults)
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
-    device = utils.init_distributed(args)  # and joins the other processes under torchrun
-    utils.speed_up(device)
-    utils.set_seed(args.seed)
+    device = distributed.init_distributed(args)  # and joins the other processes under torchrun
+    hardware.speed_up(device)
+    loop.set_seed(args.seed)
 
-    with utils.main_first():  # only rank 0 may download; the others then read its file
-        splits = load_bloodmnist(args.data_root, splits=("train",), subset=args.subset, download=utils.is_main())
+    with distributed.main_first():  # only rank 0 may download; the others then read its file
+        splits = load_bloodmnist(args.data_root, splits=("train",), subset=args.subset, download=distributed.is_main())
     args.subset = args.subset and len(splits["train"])  # the number used, for config.json
     batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed,
-                      channels_last=args.channels_last, rank=utils.rank(), world_size=utils.world_size())
+                      channels_last=args.channels_last, rank=distributed.rank(), world_size=distributed.world_size())
     if args.n_critic > args.epochs * len(batches):
-        raise utils.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(batches)} "
+        raise errors.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(batches)} "
                               "steps, so G would never learn; lower --n-critic or train longer")
-    with utils.from_checkpoint(ckpt_path if ckpt else None):  # a resumed run's settings come from the file
+    with checkpoints.from_checkpoint(ckpt_path if ckpt else None):  # a resumed run's settings come from the file
         trainer = GANTrainer(args, device)
     G, D, G_ema = trainer.G, trainer.D, trainer.G_ema
     shown = G_ema if G_ema is not None else G  # the generator that grids, KID and sample.py draw from
     models, optimizers, scalers = trainer.state()
-    noise = utils.fixed_noise(GRID, args.nz, args.seed, device)
+    noise = loop.fixed_noise(GRID, args.nz, args.seed, device)
     noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
     calibration = calibration_batches(args, device)
-    meter = utils.Meter()
+    meter = loop.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
-        with utils.from_checkpoint(ckpt_path):
-            epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
-    if utils.is_main():  # rank 0 alone evaluates, logs and draws
+        with checkpoints.from_checkpoint(ckpt_path):
+            epoch, step = checkpoints.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
+    if distributed.is_main():  # rank 0 alone evaluates, logs and draws
         probe = metrics.KIDProbe(args, args.nz, device) if args.eval_every else None
-    utils.claim_run(args, ckpt)  # nothing in --out has changed before this line
-    if utils.is_main():
-        log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
+    checkpoints.claim_run(args, ckpt)  # nothing in --out has changed before this line
+    if distributed.is_main():
+        log = checkpoints.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
     print(f"GAN ({args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
           f"parameters; {len(batches.labels):,} training images, {len(batches)} steps per epoch on {device}"
-          f"{utils.processes_note(args.batch_size)}, {trainer.precision.name}")
+          f"{distributed.processes_note(args.batch_size)}, {trainer.precision.name}")
 
     def checkpoint(epoch: int, step: int) -> None:
-        utils.save_training_state(ckpt_path, "gan", args, epoch, step, models, optimizers, meter, device, scalers)
+        checkpoints.save_training_state(ckpt_path, "gan", args, epoch, step, models, optimizers, meter, device, scalers)
 
-    with utils.GracefulStop() as stop:
+    with loop.GracefulStop() as stop:
         for epoch in range(epoch, args.epochs):
             t0 = time.time()
             G.train(), D.train()
-            bar = utils.epoch_bar(batches, epoch, step, args.epochs)
+            bar = loop.epoch_bar(batches, epoch, step, args.epochs)
             for step, (real, y) in enumerate(bar, start=step + 1):
                 trainer.step(real, y if args.conditional else None, epoch * len(batches) + step, meter)
                 stopping = stop.due(step, len(batches))
-                utils.show_progress(bar, meter, epoch, step, ckpt_path, force=stopping)
+                loop.show_progress(bar, meter, epoch, step, ckpt_path, force=stopping)
                 if stopping:
                     stop.save_and_exit(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()
 
             # End of epoch: BatchNorm statistics of the shown generator, metrics (and KID), a
             # sample grid from the fixed noise, curves, checkpoint
-            utils.recalibrate_batchnorm(shown, calibration)
+            loop.recalibrate_batchnorm(shown, calibration)
             if trainer.average_buffers:
-                utils.average_buffers(shown)
+                distributed.average_buffers(shown)
             record = {"epoch": epoch + 1, **meter.means(), "seconds": round(time.time() - t0, 2)}
-            meter, step = utils.Meter(), 0
-            if utils.is_main():
+            meter, step = loop.Meter(), 0
+            if distributed.is_main():
                 shown.eval()
                 if probe is not None and probe.due(epoch + 1):
                     record.update(probe(lambda z, y: to_uint8(shown(z, y), VALUE_RANGE)))
                 log.write(record)
                 with torch.no_grad():
-                    utils.save_grid(shown(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
+                    pictures.save_grid(shown(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
                                     row_labels=class_names() if args.conditional else None)
                 keys, line = D_PANEL[args.loss]
-                utils.plot_curves(log.records, out / "curves.png", [
+                pictures.plot_curves(log.records, out / "curves.png", [
                     ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line), metrics.KID_PANEL])
             checkpoint(epoch + 1, 0)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

@@ -20,8 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoints
+import cli
+import distributed
+import errors
+import hardware
+import loop
 import metrics
-import utils
+import pictures
 from data import IMAGE_SIZE, NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_float, to_uint8
 from models.vae import LIKELIHOODS, VAE
 
@@ -46,9 +52,9 @@ def widths(text: str) -> tuple[int, ...]:
 
 
 def build_parser():
-    p = utils.make_parser(__doc__)
-    utils.add_common_args(p, out="outputs/vae", epochs=25, lr=1e-3)
-    p.add_argument("--latent-dim", type=utils.positive_int, default=128, metavar="N", help="size of z")
+    p = cli.make_parser(__doc__)
+    cli.add_common_args(p, out="outputs/vae", epochs=25, lr=1e-3)
+    p.add_argument("--latent-dim", type=cli.positive_int, default=128, metavar="N", help="size of z")
     p.add_argument("--widths", type=widths, default="32,64", metavar="C1,C2,...",
                    help="channels of the encoder's stride-2 convolutions, mirrored by the decoder")
     p.add_argument("--likelihood", choices=LIKELIHOODS, default="gaussian",
@@ -56,7 +62,7 @@ def build_parser():
                         "or Bernoulli per pixel as in Kingma & Welling")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate over the run: constant, or cosine decay from --lr to 0")
-    p.add_argument("--beta", type=utils.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
+    p.add_argument("--beta", type=cli.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
     return p
 
 
@@ -115,89 +121,89 @@ class VAETrainer:
 
     def __init__(self, args, device: torch.device):
         self.args = args
-        self.model = build_model(vars(args)).to(device, memory_format=utils.memory_format(args.channels_last))
-        self.opt = utils.adam(self.model.parameters(), args.lr)
-        self.precision = utils.Precision(args.precision, device)
+        self.model = build_model(vars(args)).to(device, memory_format=hardware.memory_format(args.channels_last))
+        self.opt = hardware.adam(self.model.parameters(), args.lr)
+        self.precision = hardware.Precision(args.precision, device)
         self.scaler = self.precision.scaler()
-        self.net = utils.compiled(utils.ddp(self.model, device), args.compile)  # DDP under torchrun
+        self.net = hardware.compiled(distributed.ddp(self.model, device), args.compile)  # DDP under torchrun
 
     def state(self) -> tuple[dict, dict, dict]:
         """Models, optimisers and scalers, as the checkpoint names them."""
         return {"vae": self.model}, {"vae": self.opt}, {"vae": self.scaler}
 
-    def step(self, x: torch.Tensor, y: torch.Tensor | None, meter: utils.Meter) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor | None, meter: loop.Meter) -> None:
         """x is this process's share of the batch; the posterior noise and the Gaussian
         likelihood's variance are those of the global batch."""
-        eps = utils.batch_noise(torch.randn, x.shape[0], self.model.latent_dim, device=x.device)
+        eps = distributed.batch_noise(torch.randn, x.shape[0], self.model.latent_dim, device=x.device)
         with self.precision.autocast():
             logits, mu, logvar = self.net(x, y, eps)
-            parts = self.model.loss(x, logits, mu, logvar, beta=self.args.beta, batch_mean=utils.batch_mean)
-        utils.backward_step(parts["loss"], self.opt, self.scaler)
+            parts = self.model.loss(x, logits, mu, logvar, beta=self.args.beta, batch_mean=distributed.batch_mean)
+        hardware.backward_step(parts["loss"], self.opt, self.scaler)
         meter.update(**parts)
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    ckpt = utils.start_run(args, parser, "vae", utils.given_flags(parser, argv))
+    ckpt = checkpoints.start_run(args, parser, "vae", cli.given_flags(parser, argv))
     if IMAGE_SIZE % 2 ** len(args.widths):
-        raise utils.UserError(f"--widths {','.join(map(str, args.widths))}: {len(args.widths)} stride-2 layers do "
+        raise errors.UserError(f"--widths {','.join(map(str, args.widths))}: {len(args.widths)} stride-2 layers do "
                               f"not divide {IMAGE_SIZE} pixels evenly; use at most {IMAGE_SIZE.bit_length() - 1} widths")
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
-    device = utils.init_distributed(args)  # and joins the other processes under torchrun
-    utils.speed_up(device)
-    utils.set_seed(args.seed)
+    device = distributed.init_distributed(args)  # and joins the other processes under torchrun
+    hardware.speed_up(device)
+    loop.set_seed(args.seed)
 
-    with utils.main_first():  # only rank 0 may download; the others then read its file
-        splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset, download=utils.is_main())
+    with distributed.main_first():  # only rank 0 may download; the others then read its file
+        splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset, download=distributed.is_main())
     args.subset = args.subset and len(splits["train"])  # the number used, for config.json
     batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed,
-                      channels_last=args.channels_last, rank=utils.rank(), world_size=utils.world_size())
+                      channels_last=args.channels_last, rank=distributed.rank(), world_size=distributed.world_size())
     val = Batches(splits["val"], 256, device, VALUE_RANGE, shuffle=False,
                   channels_last=args.channels_last) if len(splits["val"]) else None
     if val is None:
-        utils.warn("the data file has no validation images; the validation ELBO is not logged")
+        errors.warn("the data file has no validation images; the validation ELBO is not logged")
 
-    with utils.from_checkpoint(ckpt_path if ckpt else None):  # a resumed run's settings come from the file
+    with checkpoints.from_checkpoint(ckpt_path if ckpt else None):  # a resumed run's settings come from the file
         trainer = VAETrainer(args, device)
     model, opt = trainer.model, trainer.opt
     models, optimizers, scalers = trainer.state()
-    noise = utils.fixed_noise(GRID, args.latent_dim, args.seed, device)
+    noise = loop.fixed_noise(GRID, args.latent_dim, args.seed, device)
     noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
-    meter = utils.Meter()
+    meter = loop.Meter()
     epoch, step = 0, 0
     if ckpt is not None:
-        with utils.from_checkpoint(ckpt_path):
-            epoch, step = utils.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
-    if utils.is_main():  # rank 0 alone evaluates, logs and draws
+        with checkpoints.from_checkpoint(ckpt_path):
+            epoch, step = checkpoints.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
+    if distributed.is_main():  # rank 0 alone evaluates, logs and draws
         probe = metrics.KIDProbe(args, args.latent_dim, device) if args.eval_every else None
-    utils.claim_run(args, ckpt)  # nothing in --out has changed before this line
-    if utils.is_main():
-        log = utils.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
+    checkpoints.claim_run(args, ckpt)  # nothing in --out has changed before this line
+    if distributed.is_main():
+        log = checkpoints.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
     shown, shown_labels = next(iter((val if val is not None else batches).epoch(0)))
     nrow = min(8, len(shown))
     keep = min(RECON, len(shown) - len(shown) % nrow)
     shown, shown_labels = shown[:keep], shown_labels[:keep] if args.conditional else None
     print(f"VAE: {sum(p.numel() for p in model.parameters()):,} parameters; {len(batches.labels):,} "
-          f"training images, {len(batches)} steps per epoch on {device}{utils.processes_note(args.batch_size)}, "
+          f"training images, {len(batches)} steps per epoch on {device}{distributed.processes_note(args.batch_size)}, "
           f"{trainer.precision.name}")
 
     def checkpoint(epoch: int, step: int) -> None:
-        utils.save_training_state(ckpt_path, "vae", args, epoch, step, models, optimizers, meter, device, scalers)
+        checkpoints.save_training_state(ckpt_path, "vae", args, epoch, step, models, optimizers, meter, device, scalers)
 
-    with utils.GracefulStop() as stop:
+    with loop.GracefulStop() as stop:
         for epoch in range(epoch, args.epochs):
             t0 = time.time()
             model.train()
-            bar = utils.epoch_bar(batches, epoch, step, args.epochs)
+            bar = loop.epoch_bar(batches, epoch, step, args.epochs)
             for step, (x, y) in enumerate(bar, start=step + 1):
                 if args.schedule == "cosine":  # a function of the step alone, so resume needs no state
                     progress = (epoch * len(batches) + step - 1) / (args.epochs * len(batches))
                     opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
                 trainer.step(x, y if args.conditional else None, meter)
                 stopping = stop.due(step, len(batches))
-                utils.show_progress(bar, meter, epoch, step, ckpt_path, force=stopping)
+                loop.show_progress(bar, meter, epoch, step, ckpt_path, force=stopping)
                 if stopping:
                     stop.save_and_exit(bar, checkpoint, epoch, step, ckpt_path)
             bar.close()
@@ -205,8 +211,8 @@ def main(argv=None):
             # End of epoch: sampling Gaussian, validation ELBO, samples, reconstructions, curves,
             # checkpoint. Rank 0 alone fits, evaluates and draws; the other processes never sample.
             record = {"epoch": epoch + 1, **meter.means()}
-            meter, step = utils.Meter(), 0
-            if utils.is_main():
+            meter, step = loop.Meter(), 0
+            if distributed.is_main():
                 fit_prior(model, batches)
                 if val is not None:
                     record.update(evaluate(model, val, args.seed))
@@ -218,17 +224,17 @@ def main(argv=None):
                 tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
                 model.eval()
                 with torch.no_grad():
-                    utils.save_grid(model.decode(model.prior_latents(noise), noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
+                    pictures.save_grid(model.decode(model.prior_latents(noise), noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
                                     row_labels=class_names() if args.conditional else None)
                     # rows of originals, each over its row of mean reconstructions
                     recon = model.decode(model.encode(shown, shown_labels)[0], shown_labels)
                     pairs = torch.stack([shown.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
-                    utils.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
-                utils.plot_curves(log.records, out / "curves.png", CURVES)
+                    pictures.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
+                pictures.plot_curves(log.records, out / "curves.png", CURVES)
             checkpoint(epoch + 1, 0)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, "
           f"recon_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 
 
 if __name__ == "__main__":
-    utils.run_main(main)
+    cli.run_main(main)

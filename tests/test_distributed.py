@@ -13,8 +13,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoints
+import distributed
+import loop
 import train_gan
-import utils
 from conftest import TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command
 from data import Batches, load_bloodmnist
 
@@ -43,7 +45,7 @@ def launch(nproc: int, script: str, *args) -> None:
 
 def largest_difference(a_path, b_path) -> dict[str, float]:
     """Per network, the largest absolute difference between the weights of two checkpoints."""
-    a, b = utils.load_checkpoint(a_path), utils.load_checkpoint(b_path)
+    a, b = checkpoints.load_checkpoint(a_path), checkpoints.load_checkpoint(b_path)
     assert a["models"].keys() == b["models"].keys()
     return {name: max((x.float() - b["models"][name][k].float()).abs().max().item()
                       for k, x in a["models"][name].items()) for name in a["models"]}
@@ -87,7 +89,7 @@ def test_two_processes_write_one_run(vae_runs):
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_resume_with_another_number_of_processes(vae_runs, first, then):
     resumed = vae_runs / f"{first}_then_{then}"
-    assert utils.load_checkpoint(resumed / "ckpt.pt")["epoch"] == 2
+    assert checkpoints.load_checkpoint(resumed / "ckpt.pt")["epoch"] == 2
     assert max(largest_difference(vae_runs / "one" / "ckpt.pt", resumed / "ckpt.pt").values()) < 1e-5
     assert [r["epoch"] for r in records(resumed)] == [1, 2]
 
@@ -134,7 +136,7 @@ def test_ctrl_c_under_torchrun_stops_every_process_with_one_checkpoint(data_root
     out = tmp_path / "interrupted"
     _, err = interrupt_after_first_epoch(torchrun_command(2, "train_vae.py", *common, "--epochs", 1000, "--out", out), out)
     assert err.count("checkpoint saved") == 1, err[-3000:]
-    ckpt = utils.load_checkpoint(out / "ckpt.pt", "vae")
+    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", "vae")
     epochs = ckpt["epoch"] + 2
     launch(1, "train_vae.py", *common, "--epochs", epochs, "--out", out, "--resume")
     launch(1, "train_vae.py", *common, "--epochs", epochs, "--out", tmp_path / "straight")
@@ -148,13 +150,13 @@ def _train_a_few_steps(rank: int, port: int, data_root: str, out: str, flags: li
     torch.set_num_threads(1)
     args = train_gan.build_parser().parse_args(["--data-root", data_root, "--device", "cpu", *TINY_GAN, *flags])
     train_gan.fill_defaults(args)
-    device = utils.init_distributed(args)
-    utils.set_seed(args.seed)
+    device = distributed.init_distributed(args)
+    loop.set_seed(args.seed)
     split = load_bloodmnist(data_root, splits=("train",))["train"]
     batches = Batches(split, args.batch_size, device, train_gan.VALUE_RANGE, seed=args.seed,
                       channels_last=args.channels_last, rank=rank, world_size=2)
     trainer = train_gan.GANTrainer(args, device)
-    meter = utils.Meter()
+    meter = loop.Meter()
     for step, (real, y) in enumerate(batches.epoch(0), start=1):
         trainer.step(real, y if args.conditional else None, step, meter)
     models, optimizers, _ = trainer.state()

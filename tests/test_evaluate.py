@@ -5,10 +5,10 @@ import json
 
 import pytest
 
+import errors
 import evaluate
 import train_gan
 import train_vae
-import utils
 from conftest import TINY_GAN, TINY_VAE, run_script, write_npz
 
 
@@ -72,7 +72,7 @@ def test_same_seed_same_numbers_at_any_batch_size(ckpts, data_root, feature_cach
 def test_data_without_a_test_split_is_refused_in_one_line(ckpts, feature_cache, tmp_path):
     """An exported synthetic npz has empty val and test splits: nothing to score against."""
     synthetic = write_npz(tmp_path / "synthetic.npz", sizes=(64, 0, 0))
-    with pytest.raises(utils.UserError, match="test split .* has 0 images"):
+    with pytest.raises(errors.UserError, match="test split .* has 0 images"):
         run(synthetic, feature_cache, ckpts["gan"], "--n", 24)
 
 

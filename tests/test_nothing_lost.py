@@ -8,17 +8,20 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import cli
+import errors
+import files
+import pictures
 import sample
 import train_gan
 import train_vae
-import utils
 from conftest import ROOT, TINY_GAN, TINY_VAE, run_script, write_npz
 
 
@@ -82,7 +85,7 @@ def test_an_existing_output_is_replaced_only_with_overwrite(run, tmp_path):
 
 # 2. A run owns its folder
 
-HOLD = "import sys, time; sys.path.insert(0, sys.argv[1]); import utils; utils.lock_folder(sys.argv[2]); " \
+HOLD = "import sys, time; sys.path.insert(0, sys.argv[1]); import files; files.lock_folder(sys.argv[2]); " \
        "print('held', flush=True); time.sleep(120)"
 
 
@@ -182,19 +185,19 @@ def test_a_read_only_folder_is_refused_before_work(tmp_path, monkeypatch):
     """As root, permissions do not bind, so the read-only answer of the system is simulated."""
     ro = tmp_path / "read_only"
     ro.mkdir()
-    real_access = utils.os.access
-    monkeypatch.setattr(utils.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
-    with pytest.raises(utils.UserError, match="cannot write into .*read_only.*read-only"):
+    real_access = files.os.access
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if str(p) == str(ro) else real_access(p, mode))
+    with pytest.raises(errors.UserError, match="cannot write into .*read_only.*read-only"):
         train_vae.main(["--out", str(ro / "run"), *TINY_VAE])
-    with pytest.raises(utils.UserError, match="read-only"):
-        utils.check_output(ro / "grid.png", "--out", utils.PICTURES, overwrite=False)
+    with pytest.raises(errors.UserError, match="read-only"):
+        files.check_output(ro / "grid.png", "--out", pictures.PICTURES, overwrite=False)
 
 
 def test_an_os_error_during_a_run_is_one_line(tmp_path, capsys):
     def main():
         raise PermissionError(13, "Permission denied", str(tmp_path / "ckpt.pt"))
     with pytest.raises(SystemExit) as e:
-        utils.run_main(main)
+        cli.run_main(main)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and err == [f"error: PermissionError on {tmp_path / 'ckpt.pt'}: permission denied; "
                                          "check that the path exists, is writable and has free space"]
@@ -205,7 +208,7 @@ def test_an_os_error_during_a_run_is_one_line(tmp_path, capsys):
 def test_a_vae_on_one_image_fits_its_prior(data_root, tmp_path):
     train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "1", "--subset", "1",
                     "--out", str(tmp_path / "one"), *TINY_VAE])
-    vae = utils.load_checkpoint(tmp_path / "one" / "ckpt.pt")["models"]["vae"]
+    vae = checkpoints.load_checkpoint(tmp_path / "one" / "ckpt.pt")["models"]["vae"]
     assert torch.isfinite(vae["prior_scale"]).all() and torch.isfinite(vae["prior_mean"]).all()
 
 
@@ -260,7 +263,7 @@ def test_a_gpu_run_resumes_with_device_auto_on_this_machine(data_root, tmp_path)
     ckpt["args"]["device"] = "cuda"  # as if trained on a GPU
     torch.save(ckpt, out / "ckpt.pt")
     train_vae.main(["--out", str(out), "--resume", "--epochs", "2"])  # --device auto: this machine's choice
-    assert utils.load_checkpoint(out / "ckpt.pt")["epoch"] == 2
+    assert checkpoints.load_checkpoint(out / "ckpt.pt")["epoch"] == 2
 
 
 # 18. The data a checkpoint was trained on
@@ -286,6 +289,6 @@ def test_ctrl_c_outside_the_training_loop_is_one_line(capsys):
     def main():
         raise KeyboardInterrupt
     with pytest.raises(SystemExit) as e:
-        utils.run_main(main)
+        cli.run_main(main)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 130 and len(err) == 1 and err[0].startswith("interrupted: ")

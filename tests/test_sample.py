@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 import data
+import errors
 import sample
-import utils
 from conftest import TINY_GAN, TINY_VAE, run_script
 
 
@@ -93,7 +93,7 @@ def test_vae_arithmetic_and_latent_map(ckpts, data_root, tmp_path):
     ("gan", ["--interpolate", "--npz", "x.npz"], "does not combine"),
 ])
 def test_options_that_do_not_apply_are_refused(ckpts, name, argv, message):
-    with pytest.raises(utils.UserError, match=message):
+    with pytest.raises(errors.UserError, match=message):
         run(ckpts[name], *argv)
 
 
@@ -104,7 +104,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: {junk} is not a readable checkpoint (UnpicklingError); it may be truncated or not from this repo"]
     torch.save({"weights": torch.ones(2)}, tmp_path / "other.pt")
-    with pytest.raises(utils.UserError, match="not a checkpoint written by train_gan.py or train_vae.py"):
+    with pytest.raises(errors.UserError, match="not a checkpoint written by train_gan.py or train_vae.py"):
         run(tmp_path / "other.pt")
-    with pytest.raises(utils.UserError, match="not found"):
+    with pytest.raises(errors.UserError, match="not found"):
         run(tmp_path / "missing.pt")

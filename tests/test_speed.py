@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 
+import checkpoints
+import hardware
+import loop
 import train_gan
 import train_vae
-import utils
 from conftest import TINY_GAN, TINY_VAE, run_script
 from models.dcgan import Discriminator, Generator, generator_loss
 
@@ -36,11 +38,11 @@ def test_bench_rejects_batches_larger_than_the_data(data_root):
 
 def test_precision_names_resolve_on_this_machine():
     cpu = torch.device("cpu")
-    assert utils.resolve_precision("fp32", cpu) == torch.float32
-    assert utils.resolve_precision("bf16", cpu) == torch.bfloat16
-    assert utils.resolve_precision("fp16", cpu) == torch.float16
-    assert utils.resolve_precision("auto", cpu) == (torch.bfloat16 if utils.cpu_has_bf16() else torch.float32)
-    assert utils.Precision("fp16", cpu).scaler() is not None and utils.Precision("bf16", cpu).scaler() is None
+    assert hardware.resolve_precision("fp32", cpu) == torch.float32
+    assert hardware.resolve_precision("bf16", cpu) == torch.bfloat16
+    assert hardware.resolve_precision("fp16", cpu) == torch.float16
+    assert hardware.resolve_precision("auto", cpu) == (torch.bfloat16 if hardware.cpu_has_bf16() else torch.float32)
+    assert hardware.Precision("fp16", cpu).scaler() is not None and hardware.Precision("bf16", cpu).scaler() is None
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -49,13 +51,13 @@ def test_gan_and_vae_train_in_reduced_precision(data_root, tmp_path, precision):
     train_gan.main([*common, *TINY_GAN, "--loss", "wgan-gp", "--n-critic", "2", "--out", str(tmp_path / "gan")])
     train_vae.main([*common, *TINY_VAE, "--out", str(tmp_path / "vae")])
     for kind, scalers in (("gan", {"G", "D"}), ("vae", {"vae"})):
-        ckpt = utils.load_checkpoint(tmp_path / kind / "ckpt.pt", kind)
+        ckpt = checkpoints.load_checkpoint(tmp_path / kind / "ckpt.pt", kind)
         assert set(ckpt["scalers"]) == (scalers if precision == "fp16" else set())
         record = json.loads((tmp_path / kind / "metrics.jsonl").read_text().splitlines()[-1])
         assert all(isinstance(v, (int, float)) and v == v for v in record.values())  # finite, no NaN
     # a checkpoint's scaler comes back on resume
     train_vae.main(["--resume", "--epochs", "2", "--out", str(tmp_path / "vae"), "--data-root", str(data_root), "--device", "cpu"])
-    assert utils.load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")["epoch"] == 2
+    assert checkpoints.load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")["epoch"] == 2
 
 
 @pytest.mark.parametrize("module, extra", [(train_gan, TINY_GAN), (train_vae, TINY_VAE)])
@@ -75,16 +77,16 @@ def test_compiled_vae_trains_and_saves_plain_weights(data_root, tmp_path):
     pytest.importorskip("torch._inductor")
     train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "1", "--compile",
                     *TINY_VAE, "--out", str(tmp_path / "vae")])
-    ckpt = utils.load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")
+    ckpt = checkpoints.load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")
     assert not any(k.startswith("_orig_mod") for k in ckpt["models"]["vae"])  # loads into a plain VAE
     train_vae.build_model(ckpt["args"]).load_state_dict(ckpt["models"]["vae"])
 
 
 def test_generator_step_computes_no_discriminator_gradients():
     G, D = Generator(16, 8), Discriminator(8)
-    opt = utils.adam(G.parameters(), 1e-3)
+    opt = hardware.adam(G.parameters(), 1e-3)
     before = [p.detach().clone() for p in G.parameters()]
-    utils.backward_step(generator_loss("bce", D(G(torch.randn(4, 16)))), opt, inputs=list(G.parameters()))
+    hardware.backward_step(generator_loss("bce", D(G(torch.randn(4, 16)))), opt, inputs=list(G.parameters()))
     assert all(p.grad is None for p in D.parameters())
     assert all(p.grad is not None for p in G.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, G.parameters()))
@@ -94,7 +96,7 @@ def test_fused_adam_is_used_where_available_and_matches_plain_adam():
     torch.manual_seed(0)
     w = torch.randn(10, requires_grad=True)
     w2 = w.detach().clone().requires_grad_(True)
-    fused, plain = utils.adam([w], 1e-2), torch.optim.Adam([w2], lr=1e-2)
+    fused, plain = hardware.adam([w], 1e-2), torch.optim.Adam([w2], lr=1e-2)
     for _ in range(5):
         for p, o in ((w, fused), (w2, plain)):
             o.zero_grad()
@@ -109,13 +111,13 @@ def test_resume_keeps_this_machines_optimizer_flavour(tmp_path):
     plain = torch.optim.Adam(model.parameters(), lr=1e-3)
     saved = {"models": {"m": model.state_dict()}, "optimizers": {"m": {**plain.state_dict(), "param_groups": [
         {**g, "fused": True} for g in plain.state_dict()["param_groups"]]}},
-        "meter": {"sums": {}, "counts": {}}, "rng": utils.rng_state(torch.device("cpu")), "epoch": 1, "step": 0}
+        "meter": {"sums": {}, "counts": {}}, "rng": checkpoints.rng_state(torch.device("cpu")), "epoch": 1, "step": 0}
     fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
-    utils.restore_training_state(saved, {"m": model}, {"m": fresh}, utils.Meter(), torch.device("cpu"))
+    checkpoints.restore_training_state(saved, {"m": model}, {"m": fresh}, loop.Meter(), torch.device("cpu"))
     assert not fresh.param_groups[0]["fused"]
 
 
 def test_keep_freed_memory_can_be_called_twice():
-    utils.keep_freed_memory()
-    utils.keep_freed_memory()
+    hardware.keep_freed_memory()
+    hardware.keep_freed_memory()
     assert torch.ones(1 << 22).sum().item() == 1 << 22  # big blocks still allocate and free

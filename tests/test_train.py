@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
+import errors
+import loop
 import train_gan
 import train_vae
-import utils
 from conftest import TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command, states_equal, write_npz
 
 SCRIPTS = {"gan": (train_gan, TINY_GAN), "vae": (train_vae, TINY_VAE)}
@@ -30,7 +32,7 @@ def test_gan_script_writes_its_run(data_root, tmp_path):
     assert 0 < records[-1]["d_x"] < 1 and 0 < records[-1]["d_g_z"] < 1
     assert Image.open(out / "samples_epoch_002.png").size == (8 * 66 + 2, 8 * 66 + 2)  # 8 x 8 grid
     assert json.loads((out / "config.json").read_text())["ngf"] == 8
-    ckpt = utils.load_checkpoint(out / "ckpt.pt", "gan")
+    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", "gan")
     assert ckpt["epoch"] == 2 and ckpt["step"] == 0 and set(ckpt["models"]) == {"G", "D", "G_ema"}  # EMA by default
     assert "loss_d=" in r.stderr  # the progress bar shows the losses
 
@@ -58,8 +60,8 @@ def test_resume_gives_the_same_weights(data_root, tmp_path, kind):
     module.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
     module.main([*common, "--epochs", "1", "--out", str(tmp_path / "resumed")])
     module.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
-    a = utils.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = utils.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
     assert b["epoch"] == 3 and states_equal(a, b)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
@@ -74,15 +76,15 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(data_root, tmp_pat
     code, err = interrupt_after_first_epoch(script_command(script, *common, "--epochs", 1000, "--out", out), out)
     assert code == 130, err
     assert "Traceback" not in err and "checkpoint saved" in err
-    ckpt = utils.load_checkpoint(out / "ckpt.pt", kind)
+    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", kind)
     epochs = ckpt["epoch"] + 2  # finish the interrupted epoch and one more
     r = run_script(script, *common, "--epochs", epochs, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     r = run_script(script, *common, "--epochs", epochs, "--out", tmp_path / "straight")
     assert r.returncode == 0, r.stderr
-    a = utils.load_checkpoint(out / "ckpt.pt")
+    a = checkpoints.load_checkpoint(out / "ckpt.pt")
     assert a["epoch"] == epochs
-    assert states_equal(a, utils.load_checkpoint(tmp_path / "straight" / "ckpt.pt"))
+    assert states_equal(a, checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt"))
 
 
 def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch):
@@ -91,20 +93,20 @@ def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch):
     common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "3", "--schedule", "cosine", *TINY_VAE]
     train_vae.main([*common, "--out", str(tmp_path / "straight")])
     steps = {"n": 0}
-    real_show = utils.show_progress
+    real_show = loop.show_progress
 
     def stop_at_step_6(*args, **kwargs):  # in the second epoch of 4 steps
         steps["n"] += 1
         if steps["n"] == 6:  # Ctrl-C while step 2 of epoch 2 shows its progress: stop after step 3
             os.kill(os.getpid(), signal.SIGINT)
         return real_show(*args, **kwargs)
-    monkeypatch.setattr(utils, "show_progress", stop_at_step_6)
+    monkeypatch.setattr(loop, "show_progress", stop_at_step_6)
     with pytest.raises(SystemExit) as e:
         train_vae.main([*common, "--out", str(tmp_path / "resumed")])
-    assert e.value.code == 130 and utils.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
+    assert e.value.code == 130 and checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
     train_vae.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
-    a = utils.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = utils.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
     assert states_equal(a, b) and a["args"]["schedule"] == "cosine"
     assert torch.equal(a["models"]["vae"]["prior_scale"], b["models"]["vae"]["prior_scale"])
     assert a["optimizers"]["vae"]["param_groups"][0]["lr"] < 0.2 * a["args"]["lr"]  # decayed near 0
@@ -113,15 +115,15 @@ def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch):
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
     state = lambda x: {"kind": "gan", "args": {}, "epoch": 1, "step": 0, "models": {"G": {"x": x}}}
-    utils.save_checkpoint(path, state(torch.ones(3)))
+    checkpoints.save_checkpoint(path, state(torch.ones(3)))
 
     def crash(obj, f, *args, **kwargs):
         open(f, "wb").write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        utils.save_checkpoint(path, state(torch.zeros(3)))
-    assert torch.equal(utils.load_checkpoint(path)["models"]["G"]["x"], torch.ones(3))  # the old one is intact
+        checkpoints.save_checkpoint(path, state(torch.zeros(3)))
+    assert torch.equal(checkpoints.load_checkpoint(path)["models"]["G"]["x"], torch.ones(3))  # the old one is intact
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
@@ -136,10 +138,10 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_root, tmp_pat
         return parts
     monkeypatch.setattr(train_vae.VAE, "loss", loss_that_breaks)
     out = tmp_path / "vae"
-    with pytest.raises(utils.UserError, match="diverged.*last good checkpoint"):
+    with pytest.raises(errors.UserError, match="diverged.*last good checkpoint"):
         train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3",
                         "--out", str(out), *TINY_VAE])
-    ckpt = utils.load_checkpoint(out / "ckpt.pt", "vae")
+    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", "vae")
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in ckpt["models"]["vae"].values())
 
@@ -155,19 +157,19 @@ def test_bad_file_is_one_line_error_from_the_script(tmp_path):
 def test_resume_refuses_what_it_cannot_do(data_root, tmp_path):
     common = ["--data-root", str(data_root), "--device", "cpu", *TINY_VAE]
     out = str(tmp_path / "vae")
-    with pytest.raises(utils.UserError, match="no checkpoint"):
+    with pytest.raises(errors.UserError, match="no checkpoint"):
         train_vae.main([*common, "--epochs", "1", "--out", out, "--resume"])
     train_vae.main([*common, "--epochs", "1", "--out", out])
-    with pytest.raises(utils.UserError, match="already holds a run"):
+    with pytest.raises(errors.UserError, match="already holds a run"):
         train_vae.main([*common, "--epochs", "1", "--out", out])
-    with pytest.raises(utils.UserError, match="already trained 1 epochs"):
+    with pytest.raises(errors.UserError, match="already trained 1 epochs"):
         train_vae.main([*common, "--out", out, "--resume"])  # --epochs comes from the run: 1, not 25
-    with pytest.raises(utils.UserError, match="--lr 0.01 differs"):
+    with pytest.raises(errors.UserError, match="--lr 0.01 differs"):
         train_vae.main([*common, "--epochs", "2", "--out", out, "--resume", "--lr", "0.01"])
-    with pytest.raises(utils.UserError, match="written by train_vae.py, not train_gan.py"):
+    with pytest.raises(errors.UserError, match="written by train_vae.py, not train_gan.py"):
         train_gan.main(["--data-root", str(data_root), "--epochs", "2", "--out", out, "--resume"])
     (tmp_path / "vae" / "ckpt.pt").write_bytes(b"garbage")
-    with pytest.raises(utils.UserError, match="not a readable checkpoint"):
+    with pytest.raises(errors.UserError, match="not a readable checkpoint"):
         train_vae.main([*common, "--epochs", "2", "--out", out, "--resume"])
 
 

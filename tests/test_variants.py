@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
+import loop
 import train_gan
 import train_vae
-import utils
 from conftest import TINY_GAN, TINY_VAE, states_equal
 from models.dcgan import Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
 from models.vae import VAE
@@ -106,18 +107,18 @@ def test_ema_arithmetic_includes_batchnorm_buffers():
         for t in net.state_dict().values():
             t.fill_(value)
     model[1].num_batches_tracked.fill_(7)
-    utils.ema_update(ema, model, decay=0.9)
+    loop.ema_update(ema, model, decay=0.9)
     for name, t in ema.state_dict().items():
         expected = 7 if name.endswith("num_batches_tracked") else 0.1  # 0.9 * 0 + 0.1 * 1
         torch.testing.assert_close(t.double(), torch.full_like(t, expected, dtype=torch.double), msg=name)
-    utils.ema_update(ema, model, decay=0.9)
+    loop.ema_update(ema, model, decay=0.9)
     torch.testing.assert_close(ema[0].weight, torch.full((2, 2), 0.19))  # 0.9 * 0.1 + 0.1 * 1
 
 
 def test_ema_decay_warms_up():
-    assert utils.ema_decay(0.999, 0) == pytest.approx(0.1)
-    assert utils.ema_decay(0.999, 90) == pytest.approx(0.91)
-    assert utils.ema_decay(0.999, 10**6) == 0.999
+    assert loop.ema_decay(0.999, 0) == pytest.approx(0.1)
+    assert loop.ema_decay(0.999, 90) == pytest.approx(0.91)
+    assert loop.ema_decay(0.999, 10**6) == 0.999
 
 
 def test_wgan_gp_run_uses_its_defaults_and_logs_its_estimates(data_root, tmp_path):
@@ -129,7 +130,7 @@ def test_wgan_gp_run_uses_its_defaults_and_logs_its_estimates(data_root, tmp_pat
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"wasserstein", "gp", "loss_d"} <= records[0].keys() and "loss_g" not in records[0]
     assert "loss_g" in records[1]  # the first G step is the 5th batch, in epoch 2
-    ckpt = utils.load_checkpoint(out / "ckpt.pt", "gan")
+    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", "gan")
     assert not any("running_mean" in k for k in ckpt["models"]["D"])  # no BatchNorm in the critic
     # 8 batches over 2 epochs, G on every 5th: Adam's step count in G's optimiser says 1
     assert ckpt["optimizers"]["G"]["state"][0]["step"].item() == 1
@@ -148,8 +149,8 @@ def test_resume_is_exact_with_conditioning_and_ema(data_root, tmp_path, kind, ex
     module.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
     module.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3",
                  "--out", str(tmp_path / "resumed"), "--resume"])  # the settings come from the checkpoint
-    a = utils.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = utils.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
     assert states_equal(a, b)
     if kind == "gan":
         assert "G_ema" in b["models"]
