@@ -17,6 +17,7 @@ For each workload it times two ways of doing the same work on the same model and
 Warm-up steps are not timed; each figure is the median of --repeats timings of --steps steps,
 ours and the baseline taking turns. "s/epoch" is the training split (11,959 images) divided by
 the rate. This is a benchmark, not a test: it prints numbers and asserts nothing about them.
+It is the one script that imports the training scripts, since it times exactly their step.
 """
 import itertools
 import json
@@ -40,8 +41,9 @@ import loop
 import metrics
 import train_gan
 import train_vae
-from data import Batches, load_bloodmnist
+from data import NUM_CLASSES, Batches, load_bloodmnist
 from models.classifier import Classifier
+from models import dcgan, vae
 from models.dcgan import discriminator_loss, generator_loss, gradient_penalty
 
 WORKLOADS = ("gan-bce", "gan-hinge", "gan-wgan-gp", "vae", "features")
@@ -115,7 +117,7 @@ def baseline_loader(split, transform, batch_size: int, workers: int, shuffle: bo
 
 def baseline_gan(args, split, device, workers: int):
     """pytorch/examples' DCGAN loop (and its WGAN-GP cousin) on our G and D."""
-    G, D = (m.to(device) for m in train_gan.build_models(vars(args)))
+    G, D = (m.to(device) for m in dcgan.build(vars(args), NUM_CLASSES))
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     normalize = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
@@ -145,7 +147,7 @@ def baseline_gan(args, split, device, workers: int):
 
 def baseline_vae(args, split, device, workers: int):
     """pytorch/examples' VAE loop on our VAE and its loss."""
-    model = train_vae.build_model(vars(args)).to(device)
+    model = vae.build(vars(args), NUM_CLASSES).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     batches = baseline_loader(split, T.ToTensor(), args.batch_size, workers)
 

@@ -44,9 +44,10 @@ import hardware
 import metrics
 import pictures
 import synthetic
-import train_vae
+import vae_eval
 from data import Batches, class_names, load_bloodmnist
-from sample import Sampler
+from models.vae import VALUE_RANGE
+from sampler import Sampler
 
 
 def fraction_list(text: str) -> list[float]:
@@ -120,8 +121,8 @@ def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested
 def vae_measures(sampler: Sampler, test, args) -> dict:
     """Test-split negative ELBO (nats per image), its parts, and the MSE, PSNR and SSIM of the
     mean reconstructions, as train_vae.py logs them for the validation split."""
-    batches = Batches(test, args.batch_size, sampler.device, train_vae.VALUE_RANGE, shuffle=False)
-    return {k.replace("val_", "test_"): v for k, v in train_vae.evaluate(sampler.model, batches, args.seed).items()}
+    batches = Batches(test, args.batch_size, sampler.device, VALUE_RANGE, shuffle=False)
+    return {k.replace("val_", "test_"): v for k, v in vae_eval.evaluate(sampler.model, batches, args.seed).items()}
 
 
 def references(splits: dict, real: dict, fnet, args) -> list[dict]:

@@ -16,18 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-import checkpoints
 import cli
 import errors
 import files
 import hardware
 import loop
 import pictures
-import train_gan
-import train_vae
-from data import NUM_CLASSES, SPLITS, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
+from data import NUM_CLASSES, SPLITS, Batches, balanced_labels, class_names, load_bloodmnist
+from sampler import Sampler
 
 
 def parse_args(argv=None):
@@ -63,54 +60,6 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     return p.parse_args(argv)
-
-
-class Sampler:
-    """A checkpoint's generator (the GAN's G, or the VAE's decoder) behind one interface."""
-
-    def __init__(self, path: str, device: torch.device, use_ema: bool = True, standard_prior: bool = False):
-        ckpt = checkpoints.load_checkpoint(path, map_location=device)
-        self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
-        self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
-        self.conditional = bool(self.args.get("conditional"))
-        self.has_ema, self.fitted_prior = False, False
-        with checkpoints.from_checkpoint(path):
-            if self.kind == "gan":
-                self.model, _ = train_gan.build_models(self.args)
-                self.has_ema = "G_ema" in ckpt["models"]
-                key = "G_ema" if use_ema and self.has_ema else "G"
-                self.model.load_state_dict(ckpt["models"][key])
-                self.latent_dim = self.args["nz"]
-            else:
-                self.model = train_vae.build_model(self.args)
-                # runs from before the fitted prior lack its buffers: they sample from N(0, I)
-                self.model.load_state_dict({**self.model.state_dict(), **ckpt["models"]["vae"]})
-                self.latent_dim = self.args["latent_dim"]
-                self.fitted_prior = "prior_mean" in ckpt["models"]["vae"] and not standard_prior
-        self.model.to(device).eval()
-        self.ema = self.has_ema and use_ema  # drawing from the averaged generator
-
-    def latents(self, n: int, seed: int) -> torch.Tensor:
-        """n latents, the same on every device for a given seed: standard normal for a GAN, from
-        the fitted Gaussian for a VAE (unless standard_prior)."""
-        return self.to_latent(loop.fixed_noise(n, self.latent_dim, seed, self.device))
-
-    def to_latent(self, eps: torch.Tensor) -> torch.Tensor:
-        """Standard normal draws (..., latent_dim) -> the model's latent distribution."""
-        return self.model.prior_latents(eps) if self.fitted_prior else eps
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256,
-               uint8: bool = False, desc: str | None = None) -> torch.Tensor:
-        """Latents (N, latent_dim) [and labels (N,)] -> images (N, 3, 64, 64) in [0, 1], or as
-        uint8 0..255 (a quarter of the memory, for large exports)."""
-        y = y if self.conditional else None
-        parts = []
-        for i in tqdm(range(0, len(z), batch_size), desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
-            zi, yi = z[i:i + batch_size], None if y is None else y[i:i + batch_size]
-            images = self.model(zi, yi) * 0.5 + 0.5 if self.kind == "gan" else self.model.decode(zi, yi)
-            parts.append(to_uint8(images, (0.0, 1.0)) if uint8 else images.clamp(0, 1))
-        return torch.cat(parts)
 
 
 def parse_class(text: str) -> int:

@@ -24,10 +24,10 @@ import loop
 import metrics
 import pictures
 from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
-from models.dcgan import LOSSES, Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
+from models import dcgan
+from models.dcgan import LOSSES, VALUE_RANGE, discriminator_loss, generator_loss, gradient_penalty
 from models.sync_batchnorm import convert_sync_batchnorm
 
-VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
 GRID = 64  # images in each sample grid, 8 x 8
 CALIBRATION = 4  # batches of noise that set the drawn generator's BatchNorm statistics
 # Per loss: learning rate, Adam betas, D steps per G step. WGAN-GP: Gulrajani et al. 2017, Alg. 1.
@@ -74,14 +74,6 @@ def fill_defaults(args) -> None:
     args.n_critic = n_critic if args.n_critic is None else args.n_critic
 
 
-def build_models(args) -> tuple[Generator, Discriminator]:
-    """The networks a run's settings describe (also used by sample.py to rebuild them)."""
-    classes = NUM_CLASSES if args["conditional"] else 0
-    G = Generator(args["nz"], args["ngf"], num_classes=classes)
-    D = Discriminator(args["ndf"], num_classes=classes, norm="layer" if args["loss"] == "wgan-gp" else "batch")
-    return G, D
-
-
 class GANTrainer:
     """The networks, optimisers and precision of a run, and its step (shared with bench.py).
 
@@ -92,7 +84,7 @@ class GANTrainer:
     def __init__(self, args, device: torch.device):
         self.args = args
         fmt = hardware.memory_format(args.channels_last)
-        models = build_models(vars(args))
+        models = dcgan.build(vars(args), NUM_CLASSES)
         if args.sync_bn:
             models = map(convert_sync_batchnorm, models)
         self.G, self.D = (m.to(device, memory_format=fmt) for m in models)

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoints
@@ -28,10 +27,11 @@ import hardware
 import loop
 import metrics
 import pictures
-from data import IMAGE_SIZE, NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_float, to_uint8
-from models.vae import LIKELIHOODS, VAE
+import vae_eval
+from data import IMAGE_SIZE, NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
+from models import vae
+from models.vae import LIKELIHOODS, VALUE_RANGE
 
-VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
 GRID = 64  # prior samples in each grid, 8 x 8
 CURVES = [("negative ELBO (nats per image)", ["loss", "val_nelbo"], None),
           ("reconstruction (nats)", ["recon", "val_recon"], None),
@@ -66,62 +66,12 @@ def build_parser():
     return p
 
 
-def build_model(args) -> VAE:
-    """The VAE a run's settings describe (also used by sample.py to rebuild it)."""
-    return VAE(args["latent_dim"], tuple(args["widths"]), num_classes=NUM_CLASSES if args["conditional"] else 0,
-               likelihood=args.get("likelihood", "bernoulli"))  # runs from before the flag were Bernoulli
-
-
-@torch.no_grad()
-def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
-    """Negative ELBO (beta = 1), its parts, and the MSE, PSNR and SSIM of mean reconstructions,
-    per image.
-
-    The posterior samples come from a fixed seed in a forked RNG, so the numbers compare across
-    epochs and evaluating does not disturb the training run's random stream.
-    """
-    model.eval()
-    sums = {"val_nelbo": 0.0, "val_recon": 0.0, "val_kl": 0.0, "val_mse": 0.0, "val_ssim": 0.0}
-    n = 0
-    devices = [batches.device] if batches.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for x, y in batches.epoch(0):
-            y = y if model.num_classes else None
-            logits, mu, logvar = model(x, y)
-            parts = model.loss(x, logits, mu, logvar, beta=1.0)
-            b = x.shape[0]
-            sums["val_nelbo"] += parts["loss"].item() * b
-            sums["val_recon"] += parts["recon"].item() * b
-            sums["val_kl"] += parts["kl"].item() * b
-            recon = model.decode(mu, y)
-            sums["val_mse"] += F.mse_loss(recon, x, reduction="sum").item() / x[0].numel()
-            sums["val_ssim"] += metrics.ssim(recon, x).sum().item()
-            n += b
-    model.train()
-    means = {k: v / n for k, v in sums.items()}
-    means["val_psnr"] = metrics.psnr(means["val_mse"])
-    return means
-
-
-@torch.no_grad()
-def fit_prior(model: VAE, batches: Batches, chunk: int = 500) -> None:
-    """Fit the VAE's sampling Gaussian to the encoder means of the training split (read in order
-    from the batches' own copy of it)."""
-    model.eval()
-    mu = []
-    for i in range(0, len(batches.labels), chunk):
-        x, y = to_float(batches.images[i:i + chunk], VALUE_RANGE), batches.labels[i:i + chunk]
-        mu.append(model.encode(x, y if model.num_classes else None)[0])
-    model.fit_prior(torch.cat(mu))
-
-
 class VAETrainer:
     """The model, optimiser and precision of a run, and its step (shared with bench.py)."""
 
     def __init__(self, args, device: torch.device):
         self.args = args
-        self.model = build_model(vars(args)).to(device, memory_format=hardware.memory_format(args.channels_last))
+        self.model = vae.build(vars(args), NUM_CLASSES).to(device, memory_format=hardware.memory_format(args.channels_last))
         self.opt = hardware.adam(self.model.parameters(), args.lr)
         self.precision = hardware.Precision(args.precision, device)
         self.scaler = self.precision.scaler()
@@ -213,9 +163,9 @@ def main(argv=None):
             record = {"epoch": epoch + 1, **meter.means()}
             meter, step = loop.Meter(), 0
             if distributed.is_main():
-                fit_prior(model, batches)
+                vae_eval.fit_prior(model, batches)
                 if val is not None:
-                    record.update(evaluate(model, val, args.seed))
+                    record.update(vae_eval.evaluate(model, val, args.seed))
                 if probe is not None and probe.due(epoch + 1):
                     model.eval()
                     record.update(probe(lambda eps, y: to_uint8(model.decode(model.prior_latents(eps), y), VALUE_RANGE)))

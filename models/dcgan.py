@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LOSSES = ("bce", "hinge", "wgan-gp")
+VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
 
 
 def _num_doublings(image_size: int) -> int:
@@ -140,3 +141,12 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
     out = critic(x_hat, y) if y is not None else critic(x_hat)
     (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
     return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def build(settings: dict, num_classes: int) -> tuple[Generator, Discriminator]:
+    """The networks a run's settings (its config.json, a checkpoint's args) describe; the
+    `num_classes` labels condition them when the run was --conditional."""
+    classes = num_classes if settings["conditional"] else 0
+    G = Generator(settings["nz"], settings["ngf"], num_classes=classes)
+    D = Discriminator(settings["ndf"], num_classes=classes, norm="layer" if settings["loss"] == "wgan-gp" else "batch")
+    return G, D

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LIKELIHOODS = ("bernoulli", "gaussian")
+VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
 
 
 class VAE(nn.Module):
@@ -138,3 +139,10 @@ class VAE(nn.Module):
             recon = (se.sum() / (2 * var) + 0.5 * se.numel() * torch.log(2 * math.pi * var)) / b
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / b
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+
+
+def build(settings: dict, num_classes: int) -> VAE:
+    """The VAE a run's settings (its config.json, a checkpoint's args) describe; the
+    `num_classes` labels condition it when the run was --conditional."""
+    return VAE(settings["latent_dim"], tuple(settings["widths"]), num_classes=num_classes if settings["conditional"] else 0,
+               likelihood=settings.get("likelihood", "bernoulli"))  # runs from before the flag were Bernoulli

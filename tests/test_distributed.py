@@ -19,6 +19,7 @@ import loop
 import train_gan
 from conftest import TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command
 from data import Batches, load_bloodmnist
+from models import dcgan
 
 # The comparisons of one process with two are at float32 rounding: --precision auto would pick
 # bf16 on CPUs that compute it natively, whose 8-bit mantissa parts the two runs within steps.
@@ -153,7 +154,7 @@ def _train_a_few_steps(rank: int, port: int, data_root: str, out: str, flags: li
     device = distributed.init_distributed(args)
     loop.set_seed(args.seed)
     split = load_bloodmnist(data_root, splits=("train",))["train"]
-    batches = Batches(split, args.batch_size, device, train_gan.VALUE_RANGE, seed=args.seed,
+    batches = Batches(split, args.batch_size, device, dcgan.VALUE_RANGE, seed=args.seed,
                       channels_last=args.channels_last, rank=rank, world_size=2)
     trainer = train_gan.GANTrainer(args, device)
     meter = loop.Meter()

@@ -15,6 +15,7 @@ import loop
 import train_gan
 import train_vae
 from conftest import TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command, states_equal, write_npz
+from models.vae import VAE
 
 SCRIPTS = {"gan": (train_gan, TINY_GAN), "vae": (train_vae, TINY_VAE)}
 
@@ -128,7 +129,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_loss = train_vae.VAE.loss
+    real_loss = VAE.loss
 
     def loss_that_breaks(*args, **kwargs):
         parts = real_loss(*args, **kwargs)
@@ -136,7 +137,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_root, tmp_pat
         if calls["n"] > 6:  # the first epoch (4 steps) and its validation (1 batch) are fine
             parts["loss"] = parts["loss"] * float("nan")
         return parts
-    monkeypatch.setattr(train_vae.VAE, "loss", loss_that_breaks)
+    monkeypatch.setattr(VAE, "loss", loss_that_breaks)
     out = tmp_path / "vae"
     with pytest.raises(errors.UserError, match="diverged.*last good checkpoint"):
         train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3",
