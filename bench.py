@@ -317,7 +317,7 @@ def main(argv=None):
     split = load_bloodmnist(opts.data_root, splits=("train",))["train"]  # checks the file before any process starts
     if len(split) < max(opts.batch_size, opts.feature_batch_size):
         raise errors.UserError(f"the training split has {len(split)} images, fewer than one batch; "
-                              "lower --batch-size / --feature-batch-size")
+                               "lower --batch-size / --feature-batch-size")
     name = device_name(device)
     precision = hardware.Precision(opts.precision, device).name
     print(f"bench on {device} ({name}): ours in {precision}{', compiled' if opts.compile else ''}"

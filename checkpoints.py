@@ -64,19 +64,19 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
                 continue
             if not same_kind(saved[key], defaults[key]):
                 raise errors.UserError(f"{ckpt_path} is not a checkpoint of this repo (its setting {key} is "
-                                f"{saved[key]!r}); was it written by train_{kind}.py?")
+                                       f"{saved[key]!r}); was it written by train_{kind}.py?")
             if key not in given:
                 setattr(args, key, saved[key])
             elif key not in RESUME_MAY_CHANGE and value != saved[key]:
                 raise errors.UserError(f"--resume keeps the run's own settings, but --{key.replace('_', '-')} "
-                                f"{value} differs from its {saved[key]}; drop the flag, or start a "
-                                "new run with another --out")
+                                       f"{value} differs from its {saved[key]}; drop the flag, or start a "
+                                       "new run with another --out")
         if ckpt["epoch"] >= args.epochs:
             raise errors.UserError(f"{ckpt_path} has already trained {ckpt['epoch']} epochs; pass "
-                            f"--epochs N with N > {ckpt['epoch']} to train longer")
+                                   f"--epochs N with N > {ckpt['epoch']} to train longer")
     elif ckpt_path.exists():
         raise errors.UserError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue it, "
-                        "or choose another --out")
+                               "or choose another --out")
     if fill_defaults is not None:
         fill_defaults(args)
     return ckpt
@@ -92,7 +92,7 @@ def claim_run(args: argparse.Namespace, ckpt: dict | None) -> None:
     files.lock_folder(out)
     if ckpt is None and (out / "ckpt.pt").exists():  # another run got there first, and has finished
         raise errors.UserError(f"{out} already holds a run ({out / 'ckpt.pt'}); pass --resume to continue it, "
-                        "or choose another --out")
+                               "or choose another --out")
     if ckpt is not None:
         print(f"Resuming {out / 'ckpt.pt'} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
     files.atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
@@ -125,7 +125,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise errors.UserError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be "
-                        "truncated or not from this repo") from None
+                               "truncated or not from this repo") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise errors.UserError(f"{path} is not a checkpoint written by train_gan.py or train_vae.py")
     wanted = {**CHECKPOINT_KEYS, **(TRAINING_KEYS if training else {})}
@@ -134,7 +134,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
         what = f"its {wrong[0]!r} is missing or not a {wanted[wrong[0]].__name__}" if wrong else \
             f"unknown kind {ckpt['kind']!r}"
         raise errors.UserError(f"{path} is not a checkpoint of this repo ({what}); was it written by "
-                        "train_gan.py or train_vae.py?")
+                               "train_gan.py or train_vae.py?")
     if kind is not None and ckpt["kind"] != kind:
         raise errors.UserError(f"{path} was written by train_{ckpt['kind']}.py, not train_{kind}.py")
     return ckpt
@@ -194,7 +194,7 @@ def from_checkpoint(path: Path | None):
         if path is None:
             raise
         raise errors.UserError(f"{path} does not match this repo's models ({type(e).__name__}); was it "
-                        "written by another version?") from None
+                               "written by another version?") from None
 
 
 def restore_training_state(ckpt: dict, models: dict, optimizers: dict, meter: "loop.Meter",

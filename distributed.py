@@ -61,16 +61,16 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
     if args.batch_size % n:
         below, above = args.batch_size // n * n, (args.batch_size // n + 1) * n
         raise errors.UserError(f"--batch-size {args.batch_size} is the global batch, shared by {n} processes, "
-                        f"and does not divide by {n}; use a multiple of {n} such as "
-                        f"{above if below == 0 else f'{below} or {above}'}")
+                               f"and does not divide by {n}; use a multiple of {n} such as "
+                               f"{above if below == 0 else f'{below} or {above}'}")
     if device.type == "mps":
         raise errors.UserError("torchrun cannot use Apple's MPS GPU (PyTorch has no process group for it); "
-                        "pass --device cpu")
+                               "pass --device cpu")
     if device.type == "cuda":
         if local_rank() >= torch.cuda.device_count():
             raise errors.UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this "
-                            f"machine, which has {torch.cuda.device_count()} GPUs; pass --nproc_per_node "
-                            f"{torch.cuda.device_count()} or fewer")
+                                   f"machine, which has {torch.cuda.device_count()} GPUs; pass --nproc_per_node "
+                                   f"{torch.cuda.device_count()} or fewer")
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     # generous: the others wait while rank 0 downloads the data or trains evaluate.py's network

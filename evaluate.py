@@ -239,8 +239,8 @@ def main(argv=None):
     samplers = [Sampler(path, device, not args.no_ema, args.standard_prior) for path in args.checkpoints]  # bad paths fail first
     if args.utility and (flat := [p for p, s in zip(args.checkpoints, samplers) if not s.conditional]):
         raise errors.UserError(f"--utility needs conditional checkpoints: {flat[0]} was trained without "
-                              "--conditional, and a classifier trained on synthetic images needs each image's "
-                              "class; train one with --conditional")
+                               "--conditional, and a classifier trained on synthetic images needs each image's "
+                               "class; train one with --conditional")
     args.data_root = args.data_root or data_root_of(args.checkpoints, samplers)
     if args.json:
         files.check_output(args.json, "--json", (".json",), args.overwrite)
@@ -250,7 +250,7 @@ def main(argv=None):
     splits = load_bloodmnist(args.data_root)  # checked before the feature network takes its minutes
     if len(splits["test"]) < 4:
         raise errors.UserError(f"the test split of {args.data_root} has {len(splits['test'])} images; "
-                              "scoring needs at least 4")
+                               "scoring needs at least 4")
     fnet, info = metrics.feature_network(args.data_root, device, args.feature_cache)
     test_feats = metrics.predict(fnet, splits["test"].images, args.batch_size, desc="test split")[0]
     real = {"features": test_feats, "shares": metrics.class_shares(splits["test"].labels)}
@@ -320,7 +320,7 @@ def data_root_of(checkpoints: list[str], samplers: list[Sampler]) -> str:
     roots = {s.args.get("data_root", "data") for s in samplers}
     if len(roots) > 1:
         raise errors.UserError(f"{', '.join(checkpoints)} were trained on different data ({', '.join(sorted(roots))}); "
-                              "pass --data-root to score them against one test split")
+                               "pass --data-root to score them against one test split")
     return roots.pop()
 
 

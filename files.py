@@ -75,10 +75,10 @@ def check_output(path: str | os.PathLike, flag: str, suffixes: tuple[str, ...], 
             raise errors.UserError(f"{flag} {path} is an input of this command; choose another name")
         if is_precious(path):
             raise errors.UserError(f"{flag} {path} is a checkpoint or a dataset, which an output never "
-                            "replaces; choose another name")
+                                   "replaces; choose another name")
         if not overwrite:
             raise errors.UserError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose "
-                            "another name")
+                                   "another name")
     return path
 
 
@@ -111,7 +111,7 @@ def lock_folder(folder: Path) -> None:
     except OSError:
         os.close(fd)
         raise errors.UserError(f"another run is writing to {folder}; wait for it to end, or choose another "
-                        "--out") from None
+                               "--out") from None
     _locks[key] = fd
 
 

@@ -123,7 +123,7 @@ def check_finite(means: dict[str, float], epoch: int, step: int, ckpt_path: Path
         kept = f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path.exists() else \
             "no checkpoint had been written yet"
         raise errors.UserError(f"{bad[0]} became {means[bad[0]]} in epoch {epoch + 1} near step {step}: "
-                        f"training diverged; {kept}. Try a lower --lr or another --seed")
+                               f"training diverged; {kept}. Try a lower --lr or another --seed")
 
 
 class GracefulStop:

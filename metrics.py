@@ -168,7 +168,7 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
                 model.load_state_dict(saved["model"])
             except (RuntimeError, TypeError, AttributeError) as e:
                 raise errors.UserError(f"{file} does not match the feature network ({type(e).__name__}); "
-                                      "delete it to retrain") from None
+                                       "delete it to retrain") from None
             return model.to(device, memory_format=torch.channels_last).eval(), saved["info"]
     print(f"Training the feature network on {path.name} ({recipe['epochs']} epochs; once, then "
           f"cached in {file})")
@@ -312,7 +312,7 @@ class KIDProbe:
         splits = load_bloodmnist(args.data_root, splits=("train", "test"))
         if len(splits["test"]) < 2:
             raise errors.UserError(f"--eval-every needs at least 2 test images; the data file's test split "
-                                  f"has {len(splits['test'])}")
+                                   f"has {len(splits['test'])}")
         self.model, _ = feature_network(args.data_root, device, args.feature_cache)
         self.real = predict(self.model, splits["test"].images)[0]
         self.z = loop.fixed_noise(args.eval_n, latent_dim, args.seed + 1, device)

@@ -69,7 +69,7 @@ def parse_class(text: str) -> int:
     matches = [i for i, name in enumerate(names) if name.lower().startswith(text.lower())]
     if len(matches) != 1:
         raise errors.UserError(f"unknown class {text!r}; use an id 0..{NUM_CLASSES - 1} or one of: "
-                              + ", ".join(names))
+                               + ", ".join(names))
     return matches[0]
 
 
@@ -108,7 +108,7 @@ def encode_split(sampler: Sampler, args, split: str) -> tuple[torch.Tensor, torc
     data = load_bloodmnist(args.data_root, splits=(split,))[split]
     if len(data) < 2:
         raise errors.UserError(f"the {split} split of {args.data_root} has {len(data)} images, too few to "
-                              "compare; choose another --split")
+                               "compare; choose another --split")
     batches = Batches(data, args.batch_size, sampler.device, (0.0, 1.0), shuffle=False)
     mus = [sampler.model.encode(x, y if sampler.conditional else None)[0] for x, y in batches.epoch(0)]
     return torch.cat(mus), batches.labels, batches.images
@@ -219,13 +219,13 @@ def main(argv=None):
     args.data_root = args.data_root or sampler.args.get("data_root", "data")
     if args.cls is not None and not sampler.conditional:
         raise errors.UserError(f"--class needs a conditional checkpoint; {args.checkpoint} was trained "
-                              "without --conditional")
+                               "without --conditional")
     if (args.arithmetic or args.latent_map) and sampler.kind != "vae":
         raise errors.UserError(f"--{'arithmetic' if args.arithmetic else 'latent-map'} works on the VAE's "
-                              f"encoder; {args.checkpoint} is a GAN")
+                               f"encoder; {args.checkpoint} is a GAN")
     if args.arithmetic and sampler.conditional:
         raise errors.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
-                              "class out of z (decode with --class instead)")
+                               "class out of z (decode with --class instead)")
     if args.npz and (args.interpolate or args.arithmetic or args.latent_map):
         raise errors.UserError("--npz writes drawn samples; it does not combine with the other modes")
     cls = parse_class(args.cls) if args.cls is not None else None

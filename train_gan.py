@@ -41,7 +41,7 @@ D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
 def build_parser():
     p = cli.make_parser(__doc__)
     cli.add_common_args(p, out="outputs/gan", epochs=25, lr=None,
-                          lr_help="Adam learning rate (default: 2e-4; 1e-4 for wgan-gp)")
+                        lr_help="Adam learning rate (default: 2e-4; 1e-4 for wgan-gp)")
     p.add_argument("--loss", choices=LOSSES, default="bce",
                    help="bce: the DCGAN of the paper; wgan-gp: a critic with a gradient penalty; hinge")
     p.add_argument("--beta1", type=cli.unit_interval, default=None,
@@ -175,7 +175,7 @@ def main(argv=None):
                       channels_last=args.channels_last, rank=distributed.rank(), world_size=distributed.world_size())
     if args.n_critic > args.epochs * len(batches):
         raise errors.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(batches)} "
-                              "steps, so G would never learn; lower --n-critic or train longer")
+                               "steps, so G would never learn; lower --n-critic or train longer")
     with checkpoints.from_checkpoint(ckpt_path if ckpt else None):  # a resumed run's settings come from the file
         trainer = GANTrainer(args, device)
     G, D, G_ema = trainer.G, trainer.D, trainer.G_ema
@@ -229,7 +229,7 @@ def main(argv=None):
                 log.write(record)
                 with torch.no_grad():
                     pictures.save_grid(shown(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
-                                    row_labels=class_names() if args.conditional else None)
+                                       row_labels=class_names() if args.conditional else None)
                 keys, line = D_PANEL[args.loss]
                 pictures.plot_curves(log.records, out / "curves.png", [
                     ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line), metrics.KID_PANEL])

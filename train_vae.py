@@ -97,8 +97,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ckpt = checkpoints.start_run(args, parser, "vae", cli.given_flags(parser, argv))
     if IMAGE_SIZE % 2 ** len(args.widths):
-        raise errors.UserError(f"--widths {','.join(map(str, args.widths))}: {len(args.widths)} stride-2 layers do "
-                              f"not divide {IMAGE_SIZE} pixels evenly; use at most {IMAGE_SIZE.bit_length() - 1} widths")
+        raise errors.UserError(f"--widths {','.join(map(str, args.widths))}: {len(args.widths)} stride-2 "
+                               f"layers do not divide {IMAGE_SIZE} pixels evenly; use at most "
+                               f"{IMAGE_SIZE.bit_length() - 1} widths")
     out = Path(args.out)
     ckpt_path = out / "ckpt.pt"
     device = distributed.init_distributed(args)  # and joins the other processes under torchrun
@@ -175,7 +176,7 @@ def main(argv=None):
                 model.eval()
                 with torch.no_grad():
                     pictures.save_grid(model.decode(model.prior_latents(noise), noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
-                                    row_labels=class_names() if args.conditional else None)
+                                       row_labels=class_names() if args.conditional else None)
                     # rows of originals, each over its row of mean reconstructions
                     recon = model.decode(model.encode(shown, shown_labels)[0], shown_labels)
                     pairs = torch.stack([shown.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
