@@ -339,9 +339,7 @@ def main(argv=None):
         print_row(rows[-1], header=len(rows) == 1)
     if opts.json:
         path = Path(opts.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        note = files.replaced_note(path)
-        files.atomic_write_text(path, json.dumps(rows, indent=2) + "\n")
+        note = files.write_output_text(path, json.dumps(rows, indent=2) + "\n")
         print(f"wrote {path}{note}")
 
 

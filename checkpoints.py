@@ -74,12 +74,18 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
         if ckpt["epoch"] >= args.epochs:
             raise errors.UserError(f"{ckpt_path} has already trained {ckpt['epoch']} epochs; pass "
                                    f"--epochs N with N > {ckpt['epoch']} to train longer")
-    elif ckpt_path.exists():
-        raise errors.UserError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue it, "
-                               "or choose another --out")
+    else:
+        refuse_existing_run(out)
     if fill_defaults is not None:
         fill_defaults(args)
     return ckpt
+
+
+def refuse_existing_run(out: Path) -> None:
+    """A new run never replaces one: refuse a folder that already holds a checkpoint."""
+    if (out / "ckpt.pt").exists():
+        raise errors.UserError(f"{out} already holds a run ({out / 'ckpt.pt'}); pass --resume to continue it, "
+                               "or choose another --out")
 
 
 def claim_run(args: argparse.Namespace, ckpt: dict | None) -> None:
@@ -90,9 +96,8 @@ def claim_run(args: argparse.Namespace, ckpt: dict | None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files.lock_folder(out)
-    if ckpt is None and (out / "ckpt.pt").exists():  # another run got there first, and has finished
-        raise errors.UserError(f"{out} already holds a run ({out / 'ckpt.pt'}); pass --resume to continue it, "
-                               "or choose another --out")
+    if ckpt is None:
+        refuse_existing_run(out)  # another run may have got there first, and finished
     if ckpt is not None:
         print(f"Resuming {out / 'ckpt.pt'} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
     files.atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2) + "\n")

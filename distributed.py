@@ -160,8 +160,13 @@ def batch_noise(draw, local_batch: int, *shape: int, device: torch.device) -> to
     processes, of which this process keeps its own rows, as it keeps its own rows of the
     images. Every process draws the same numbers from the same seed, so the run's randomness,
     its random state and its results do not depend on how many processes share the batch."""
-    noise = draw(local_batch * world_size(), *shape, device=device)
-    return noise[rank() * local_batch:(rank() + 1) * local_batch]
+    return own_rows(draw(local_batch * world_size(), *shape, device=device))
+
+
+def own_rows(batch: torch.Tensor) -> torch.Tensor:
+    """This process's equal share of the rows of a global batch (all of them in a plain run)."""
+    share = len(batch) // world_size()
+    return batch[rank() * share:(rank() + 1) * share]
 
 
 def batch_mean(t: torch.Tensor) -> torch.Tensor:

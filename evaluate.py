@@ -309,15 +309,13 @@ def main(argv=None):
             beside[path]["augmentation"] = [r for r in out["augmentation"] if r["training_set"] in ("real only", name)]
             write_beside(path, beside[path])
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        note = files.replaced_note(args.json)
-        files.atomic_write_text(Path(args.json), json.dumps(out, indent=2) + "\n")
+        note = files.write_output_text(args.json, json.dumps(out, indent=2) + "\n")
         print(f"\nWrote {args.json}{note}")
 
 
 def data_root_of(checkpoints: list[str], samplers: list[Sampler]) -> str:
     """The data the checkpoints were trained on, when they agree (the scores need one test split)."""
-    roots = {s.args.get("data_root", "data") for s in samplers}
+    roots = {s.data_root for s in samplers}
     if len(roots) > 1:
         raise errors.UserError(f"{', '.join(checkpoints)} were trained on different data ({', '.join(sorted(roots))}); "
                                "pass --data-root to score them against one test split")
@@ -327,8 +325,7 @@ def data_root_of(checkpoints: list[str], samplers: list[Sampler]) -> str:
 def write_beside(path: str, record: dict) -> None:
     """eval.json beside the checkpoint: the latest evaluation of that run."""
     out = Path(path).parent / "eval.json"
-    note = files.replaced_note(out)
-    files.atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    note = files.write_output_text(out, json.dumps(record, indent=2) + "\n")
     tqdm.write(f"Wrote {out}{note}")
 
 

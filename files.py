@@ -82,6 +82,15 @@ def check_output(path: str | os.PathLike, flag: str, suffixes: tuple[str, ...], 
     return path
 
 
+def write_output_text(path: str | os.PathLike, text: str) -> str:
+    """Write an output file atomically, making its folder; returns replaced_note(path)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    note = replaced_note(path)
+    atomic_write_text(path, text)
+    return note
+
+
 def replaced_note(path: Path) -> str:
     """' (replaced the earlier one)' when `path` exists: said when an output replaces a file."""
     return " (replaced the earlier one)" if Path(path).exists() else ""

@@ -216,7 +216,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
     sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema, standard_prior=args.standard_prior)
-    args.data_root = args.data_root or sampler.args.get("data_root", "data")
+    args.data_root = args.data_root or sampler.data_root
     if args.cls is not None and not sampler.conditional:
         raise errors.UserError(f"--class needs a conditional checkpoint; {args.checkpoint} was trained "
                                "without --conditional")

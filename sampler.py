@@ -18,6 +18,7 @@ class Sampler:
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
         self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
         self.conditional = bool(self.args.get("conditional"))
+        self.data_root = self.args.get("data_root", "data")  # what it was trained on
         self.has_ema, self.fitted_prior = False, False
         with checkpoints.from_checkpoint(path):
             if self.kind == "gan":

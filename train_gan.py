@@ -151,11 +151,9 @@ def calibration_batches(args, device: torch.device) -> list[tuple]:
     """CALIBRATION batches of fixed noise (and balanced labels), the same every epoch, over which
     the shown generator's BatchNorm statistics are re-estimated before it draws. Under torchrun
     each process takes its own share of each batch, as in training."""
-    z = loop.fixed_noise(CALIBRATION * args.batch_size, args.nz, args.seed + 2, device)
-    y = balanced_labels(len(z), device) if args.conditional else None
-    share, r = args.batch_size // distributed.world_size(), distributed.rank()
-    return [(z[i + r * share:i + (r + 1) * share], None if y is None else y[i + r * share:i + (r + 1) * share])
-            for i in range(0, len(z), args.batch_size)]
+    z = loop.fixed_noise(CALIBRATION * args.batch_size, args.nz, args.seed + 2, device).split(args.batch_size)
+    y = balanced_labels(CALIBRATION * args.batch_size, device).split(args.batch_size) if args.conditional else None
+    return [(distributed.own_rows(z[i]), None if y is None else distributed.own_rows(y[i])) for i in range(CALIBRATION)]
 
 
 def main(argv=None):
