@@ -41,7 +41,7 @@ import loop
 import metrics
 import train_gan
 import train_vae
-from data import NUM_CLASSES, Batches, load_bloodmnist
+from data import NUM_CLASSES, Batches, as_tensor, load_bloodmnist
 from models.classifier import Classifier
 from models import dcgan, vae
 from models.dcgan import discriminator_loss, generator_loss, gradient_penalty
@@ -54,10 +54,7 @@ def build_parser():
     p = cli.make_parser(__doc__)
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), metavar="NAME",
                    help=f"what to time, any of: {', '.join(WORKLOADS)}")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
-                   help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--data-root", default="data", metavar="PATH",
-                   help="folder holding bloodmnist_64.npz (downloaded there if missing), or the .npz itself")
+    cli.add_device_and_data(p)
     p.add_argument("--batch-size", type=cli.positive_int, default=128, metavar="N",
                    help="images per training step (the training scripts' default)")
     p.add_argument("--feature-batch-size", type=cli.positive_int, default=500, metavar="N",
@@ -233,7 +230,7 @@ def make_step(path: str, workload: str, opts, device: torch.device, split):
         net = Classifier(widths=tuple(metrics.RECIPE["widths"])).to(device).eval()
         if path == "baseline":
             return baseline_features(net, split, opts.feature_batch_size, device, opts.workers), opts.feature_batch_size
-        images = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # uint8 NHWC, as evaluate.py holds them
+        images = as_tensor(split.images)  # uint8, as evaluate.py holds them
         net = net.to(memory_format=hardware.memory_format(opts.channels_last))
         return ours_features(net, images, opts.feature_batch_size), opts.feature_batch_size
     args = training_args(workload, opts)
@@ -253,7 +250,7 @@ def serve(path: str, workload: str, opts, conn, warned: set) -> None:
     """One path of one workload in a process of its own (so that neither path's allocator
     settings, threads or DataLoader workers touch the other's timings): build, warm up, say
     'ready', then answer each 'time' with images per second until 'stop'."""
-    errors._warned.update(warned)  # the parent has already said what there was to say
+    errors.warned.update(warned)  # the parent has already said what there was to say
     try:
         device = hardware.pick_device(opts.device)
         if path == "ours":
@@ -277,7 +274,7 @@ def time_workload(workload: str, opts) -> dict[str, list[float]]:
     conns, procs = {}, []
     for path in paths:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=serve, args=(path, workload, opts, child, set(errors._warned)), daemon=False)
+        proc = ctx.Process(target=serve, args=(path, workload, opts, child, set(errors.warned)), daemon=False)
         proc.start()
         conns[path], procs = parent, procs + [proc]
     rates = {path: [] for path in paths}

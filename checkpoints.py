@@ -1,5 +1,5 @@
-"""A run folder and its checkpoint: starting or resuming a run (start_run, then claim_run once the
-run has really started), the one dict that resumes a run exactly, and the metrics log."""
+"""The checkpoint file: the one dict that resumes a run exactly (save_training_state,
+restore_training_state), loading and checking one (load_checkpoint), and the metrics log beside it."""
 import argparse
 import contextlib
 import json
@@ -14,95 +14,6 @@ import files
 import loop
 
 
-# Settings a resumed run may change when given; everything else comes from the checkpoint.
-# How a run computes (precision, memory format, compilation) may change too: it is not what it learns.
-# So may the number of processes, and with it whether BatchNorm statistics are synchronised.
-RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "eval_every", "eval_n", "feature_cache",
-                     "precision", "channels_last", "compile", "sync_bn"}
-
-
-# Never taken from the checkpoint: where a run continues is this machine's choice (--device auto
-# picks what this machine has), and --out/--resume name the run itself.
-THIS_MACHINE = {"device", "out", "resume"}
-
-
-def same_kind(value, default) -> bool:
-    """Whether a saved setting has the kind of value its flag gives (a number for a number, a
-    switch for a switch, a list for a list; anything plain where the default is None)."""
-    if default is None:
-        return value is None or isinstance(value, (int, float, str))
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, (int, float)):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, (list, tuple) if isinstance(default, (list, tuple)) else type(default))
-
-
-def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str, given: set[str],
-              fill_defaults=None) -> dict | None:
-    """Check --out and --resume and return the checkpoint to resume from (None for a new run);
-    nothing is written yet (claim_run does that, once the data and models are ready).
-
-    A new run refuses a folder that already holds a checkpoint, so no run is overwritten by
-    accident. With --resume, the run's own settings are restored into `args`: a flag in `given`
-    (typed on the command line) must agree with them unless it is in RESUME_MAY_CHANGE. Then
-    `fill_defaults(args)` may fill defaults that depend on other flags.
-    """
-    out = Path(args.out)
-    files.check_folder(out, "--out")
-    if distributed.is_main() and out.is_dir():
-        files.lock_folder(out)  # before reading its checkpoint: no other run may be writing it meanwhile
-    ckpt_path = out / "ckpt.pt"
-    ckpt = None
-    if args.resume:
-        if not ckpt_path.is_file():
-            raise errors.UserError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
-        ckpt = load_checkpoint(ckpt_path, kind, training=True)
-        saved, defaults = ckpt["args"], vars(parser.parse_args([]))
-        for key, value in vars(args).items():
-            if key in THIS_MACHINE or key not in saved:
-                continue
-            if not same_kind(saved[key], defaults[key]):
-                raise errors.UserError(f"{ckpt_path} is not a checkpoint of this repo (its setting {key} is "
-                                       f"{saved[key]!r}); was it written by train_{kind}.py?")
-            if key not in given:
-                setattr(args, key, saved[key])
-            elif key not in RESUME_MAY_CHANGE and value != saved[key]:
-                raise errors.UserError(f"--resume keeps the run's own settings, but --{key.replace('_', '-')} "
-                                       f"{value} differs from its {saved[key]}; drop the flag, or start a "
-                                       "new run with another --out")
-        if ckpt["epoch"] >= args.epochs:
-            raise errors.UserError(f"{ckpt_path} has already trained {ckpt['epoch']} epochs; pass "
-                                   f"--epochs N with N > {ckpt['epoch']} to train longer")
-    else:
-        refuse_existing_run(out)
-    if fill_defaults is not None:
-        fill_defaults(args)
-    return ckpt
-
-
-def refuse_existing_run(out: Path) -> None:
-    """A new run never replaces one: refuse a folder that already holds a checkpoint."""
-    if (out / "ckpt.pt").exists():
-        raise errors.UserError(f"{out} already holds a run ({out / 'ckpt.pt'}); pass --resume to continue it, "
-                               "or choose another --out")
-
-
-def claim_run(args: argparse.Namespace, ckpt: dict | None) -> None:
-    """The run has really started (its data, models and checkpoint are loaded): make --out, hold
-    its lock for the rest of the process, and write config.json. Rank 0 alone writes."""
-    if not distributed.is_main():
-        return
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files.lock_folder(out)
-    if ckpt is None:
-        refuse_existing_run(out)  # another run may have got there first, and finished
-    if ckpt is not None:
-        print(f"Resuming {out / 'ckpt.pt'} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
-    files.atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2) + "\n")
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """A crash while saving never leaves a half-written ckpt.pt: the old one stays."""
     with files.atomic_write(path) as tmp:
@@ -110,6 +21,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 KINDS = ("gan", "vae")
+# The version of the checkpoint layout and of the settings it records, raised by any change that
+# older files cannot be read with; load_checkpoint refuses other versions in one line.
+FORMAT = 2
 
 
 # What every checkpoint holds, and what resuming a training run needs besides.
@@ -133,6 +47,10 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
                                "truncated or not from this repo") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise errors.UserError(f"{path} is not a checkpoint written by train_gan.py or train_vae.py")
+    if ckpt.get("format") != FORMAT:
+        raise errors.UserError(f"{path} has checkpoint format {ckpt.get('format', 1)!r} and this version of the "
+                               f"repo reads format {FORMAT}; train the run again, or use it with the version "
+                               "that wrote it")
     wanted = {**CHECKPOINT_KEYS, **(TRAINING_KEYS if training else {})}
     wrong = [k for k, t in wanted.items() if not isinstance(ckpt.get(k), t)]
     if wrong or ckpt["kind"] not in KINDS:
@@ -181,7 +99,7 @@ def save_training_state(path: Path, kind: str, args: argparse.Namespace, epoch: 
     if not distributed.is_main():
         return
     save_checkpoint(path, {
-        "kind": kind, "args": vars(args), "epoch": epoch, "step": step,
+        "format": FORMAT, "kind": kind, "args": vars(args), "epoch": epoch, "step": step,
         "models": {k: m.state_dict() for k, m in models.items()},
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         "scalers": {k: s.state_dict() for k, s in (scalers or {}).items() if s is not None},

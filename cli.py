@@ -125,10 +125,7 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
                    help="images per step, over all processes under torchrun (each takes an equal share)")
     p.add_argument("--lr", type=positive_float, default=lr, help=lr_help)
     p.add_argument("--seed", type=int, default=0, help="seeds weights, noise and data order")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
-                   help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--data-root", default="data", metavar="PATH",
-                   help="folder holding bloodmnist_64.npz (downloaded there if missing), or the .npz itself")
+    add_device_and_data(p)
     p.add_argument("--subset", type=positive_int, default=None, metavar="N",
                    help="train on the first N training images only (a quick check)")
     p.add_argument("--conditional", action="store_true",
@@ -143,6 +140,15 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
     p.add_argument("--out", default=out, metavar="DIR", help="run folder: config, metrics, grids, curves, ckpt.pt")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its ckpt.pt, with that run's settings")
+
+
+def add_device_and_data(p: argparse.ArgumentParser, data_root: str | None = "data") -> None:
+    """--device and --data-root; data_root None: the one the checkpoint was trained on."""
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--data-root", default=data_root, metavar="PATH",
+                   help="folder holding bloodmnist_64.npz (downloaded there if missing), or the .npz itself"
+                        + ("" if data_root else " (default: the one the checkpoint was trained on)"))
 
 
 def given_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
@@ -165,4 +171,4 @@ def add_speed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="keep images and convolution weights in channels-last (NHWC) memory format")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the networks (pays on GPUs; slower on the 2-core CPU we measured)")
+                   help="torch.compile the networks (pays on GPUs; docs/speed.md has CPU timings)")

@@ -57,7 +57,7 @@ class Split:
         return len(self.labels)
 
 
-def _md5(path: Path) -> str:
+def md5(path: Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -125,7 +125,7 @@ def load_bloodmnist(data_root: str | os.PathLike = "data", splits=SPLITS,
     """
     path = locate(data_root, download)
     official = dataset_info()[f"MD5_{IMAGE_SIZE}"]
-    if path.name == FILENAME and (digest := _md5(path)) != official:
+    if path.name == FILENAME and (digest := md5(path)) != official:
         warn(f"{path} has MD5 {digest}, not the official {official}; using it as it is")
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not an .npz file (a MedMNIST file is a zip archive of arrays); "
@@ -159,6 +159,11 @@ def load_bloodmnist(data_root: str | os.PathLike = "data", splits=SPLITS,
             warn(f"--subset {subset} is more than the {len(t):,} training images of {path}; all are used")
         out["train"] = Split(t.images[:subset], t.labels[:subset])
     return out
+
+
+def as_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images as MedMNIST stores them, (N, H, W, 3) -> a tensor view (N, 3, H, W), no copy."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 def to_float(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
@@ -198,8 +203,7 @@ class Batches:
             raise UserError(f"the training split has {len(split)} images, fewer than one global batch "
                             f"(--batch-size {batch_size}); lower --batch-size")
         self.device = torch.device(device)
-        images = torch.from_numpy(split.images).permute(0, 3, 1, 2)  # a NHWC view, no copy
-        images = images.contiguous(memory_format=memory_format(channels_last))
+        images = as_tensor(split.images).contiguous(memory_format=memory_format(channels_last))
         self.resident = self.device.type == "cpu" or _fits(images, self.device)
         self.images = images.to(self.device) if self.resident else images
         self.labels = torch.from_numpy(split.labels).to(self.device)

@@ -135,7 +135,8 @@ def ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if world_size() == 1:
         return module
     DDP = torch.nn.parallel.DistributedDataParallel
-    # PyTorch 2.15 renamed the switch (the new one still syncs once at the start, which is harmless)
+    # the switch has either name, by PyTorch version (forward_sync_buffers still syncs once at
+    # the start, which is harmless)
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
 
@@ -148,10 +149,10 @@ def average_buffers(*modules: torch.nn.Module) -> None:
     if world_size() == 1:
         return
     buffers = [b for m in modules for b in m.buffers() if b.dtype.is_floating_point]
-    flat = torch.cat([b.flatten() for b in buffers])
-    torch.distributed.all_reduce(flat)
-    flat /= world_size()
-    for b, v in zip(buffers, flat.split([b.numel() for b in buffers])):
+    packed = torch.cat([b.flatten() for b in buffers])  # one message, not one per buffer
+    torch.distributed.all_reduce(packed)
+    packed /= world_size()
+    for b, v in zip(buffers, packed.split([b.numel() for b in buffers])):
         b.copy_(v.view_as(b))
 
 

@@ -4,8 +4,7 @@
     python evaluate.py outputs/cgan/ckpt.pt --n 2000 --json results.json
 
 For each checkpoint it draws --n images and reports, in the feature space of a BloodMNIST
-classifier trained here (metrics.py; once per data file, about 25 minutes on a 2-core CPU, then
-cached):
+classifier trained here (metrics.py; once per data file, then cached):
 FID, KID (mean and std over subsets), precision and recall (k = 3), the generated images' class
 shares under the classifier against the real ones, and for conditional models how often the
 classifier finds the class that was asked for. VAEs also get test-split negative ELBO,
@@ -23,7 +22,7 @@ the real train split and tests it on the real test split (CAS), beside the real-
 noise floor, then trains on stratified real subsets (--fractions) alone and with synthetic images
 added (--synthetic-ratio), over --seeds seeds. That is 1 + C * (1 + F * S) + F * S classifiers
 for C checkpoints, F fractions and S seeds (20 for one checkpoint with the defaults), each as long
-as the feature network's training: seconds on a GPU, about 16 minutes on a 2-core CPU.
+as the feature network's training (seconds on a GPU, many minutes on a CPU).
 --memorization compares, for the --n generated images, the distance to the nearest training
 image (in the classifier's feature space and in pixels) with that of the real test images, and
 draws the closest pairs.
@@ -45,7 +44,7 @@ import metrics
 import pictures
 import synthetic
 import vae_eval
-from data import Batches, class_names, load_bloodmnist
+from data import Batches, as_tensor, class_names, load_bloodmnist
 from models.vae import VALUE_RANGE
 from sampler import Sampler
 
@@ -66,8 +65,6 @@ def parse_args(argv=None):
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="ckpt.pt files of either training script")
     p.add_argument("--n", type=cli.int_at_least(4), default=10_000,
                    help="images generated per checkpoint (precision and recall need more than k = 3)")
-    p.add_argument("--data-root", default=None, metavar="PATH",
-                   help="as in the training scripts (default: the one the checkpoints were trained on)")
     p.add_argument("--no-ema", action="store_true", help="score the raw generator of an --ema run")
     p.add_argument("--standard-prior", action="store_true",
                    help="VAE: sample z from N(0, I) instead of the Gaussian fitted to the training codes")
@@ -82,7 +79,7 @@ def parse_args(argv=None):
                    help="where the feature network is cached, keyed by the data file's MD5")
     p.add_argument("--seed", type=int, default=0, help="seeds the latents and the KID subsets")
     p.add_argument("--batch-size", type=cli.positive_int, default=250, metavar="N", help="images per forward pass")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    cli.add_device_and_data(p, data_root=None)
     study = p.add_argument_group("is the synthetic data useful? is it private?")
     study.add_argument("--utility", action="store_true",
                        help="train-on-synthetic scores (CAS) and augmentation gains; conditional checkpoints only")
@@ -129,7 +126,7 @@ def references(splits: dict, real: dict, fnet, args) -> list[dict]:
     """Real training images (what a perfect generator would score: only the sampling of two
     finite sets separates them from the test split) and independent per-pixel Gaussian noise
     with the training images' mean and std (a generator that learned only the palette)."""
-    train = torch.from_numpy(splits["train"].images).permute(0, 3, 1, 2)
+    train = as_tensor(splits["train"].images)
     g = torch.Generator().manual_seed(args.seed)
     real_train = train[torch.randperm(len(train), generator=g)[:args.n]]
     noise = metrics.pixel_noise(splits["train"].images, args.n, g)
@@ -218,7 +215,6 @@ def memorization(name: str, path: str, sampler: Sampler, images: torch.Tensor, f
     --subset of the train split, if it was trained on a subset; their features are computed
     once per subset), and the pairs picture. The test split is the held-out set."""
     subset = sampler.args.get("subset")
-    as_tensor = lambda array: torch.from_numpy(array).permute(0, 3, 1, 2)
     train, heldout = as_tensor(splits["train"].images[:subset]), as_tensor(splits["test"].images)
     if subset not in train_features:
         train_features[subset] = metrics.predict(fnet, train, args.batch_size, desc="features: training images")[0]
@@ -237,8 +233,8 @@ def main(argv=None):
     device = hardware.pick_device(args.device)
     hardware.speed_up(device)
     samplers = [Sampler(path, device, not args.no_ema, args.standard_prior) for path in args.checkpoints]  # bad paths fail first
-    if args.utility and (flat := [p for p, s in zip(args.checkpoints, samplers) if not s.conditional]):
-        raise errors.UserError(f"--utility needs conditional checkpoints: {flat[0]} was trained without "
+    if args.utility and (unconditional := [p for p, s in zip(args.checkpoints, samplers) if not s.conditional]):
+        raise errors.UserError(f"--utility needs conditional checkpoints: {unconditional[0]} was trained without "
                                "--conditional, and a classifier trained on synthetic images needs each image's "
                                "class; train one with --conditional")
     args.data_root = args.data_root or data_root_of(args.checkpoints, samplers)
@@ -258,7 +254,7 @@ def main(argv=None):
     print(f"Feature network: {info['file']} (test accuracy {metrics.percent(info['test_accuracy'])}); "
           f"{len(splits['test']):,} test images; {args.n:,} generated images per checkpoint")
 
-    rows, beside, remembered, train_features = [], {}, [], {}
+    rows, eval_records, memorization_rows, train_features = [], {}, [], {}
     for path, sampler in zip(args.checkpoints, samplers):
         t0 = time.time()
         labels = metrics.proportional_labels(args.n, train_shares, args.seed).to(device) if sampler.conditional else None
@@ -277,11 +273,11 @@ def main(argv=None):
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(f"{name}: FID {row['fid']:.2f}, KID {row['kid']:.2e} ({row['seconds']} s)")
-        beside[path] = {"feature_network": info, "seed": args.seed, **row}
+        eval_records[path] = {"feature_network": info, "seed": args.seed, **row}
         if args.memorization:
-            remembered.append(memorization(name, path, sampler, images, feats, splits, real, fnet, args, train_features))
-            beside[path]["memorization"] = remembered[-1]
-        write_beside(path, beside[path])
+            memorization_rows.append(memorization(name, path, sampler, images, feats, splits, real, fnet, args, train_features))
+            eval_records[path]["memorization"] = memorization_rows[-1]
+        write_eval_json(path, eval_records[path])
     if not args.no_reference:
         rows += references(splits, real, fnet, args)
     print()
@@ -290,8 +286,8 @@ def main(argv=None):
            "results": rows}
 
     if args.memorization:
-        print_memorization(remembered)
-        out["memorization"] = remembered
+        print_memorization(memorization_rows)
+        out["memorization"] = memorization_rows
     if args.utility:
         names = [r["name"] for r in rows[:len(samplers)]]
         generators = {name: generator(s, name, args.batch_size) for name, s in zip(names, samplers)}
@@ -305,9 +301,9 @@ def main(argv=None):
                                                          *runs, args.synthetic_ratio, bar)
         print_augmentation(out["augmentation"])
         for path, name in zip(args.checkpoints, names):
-            beside[path]["cas"] = next(r for r in out["cas"] if r["name"] == name)
-            beside[path]["augmentation"] = [r for r in out["augmentation"] if r["training_set"] in ("real only", name)]
-            write_beside(path, beside[path])
+            eval_records[path]["cas"] = next(r for r in out["cas"] if r["name"] == name)
+            eval_records[path]["augmentation"] = [r for r in out["augmentation"] if r["training_set"] in ("real only", name)]
+            write_eval_json(path, eval_records[path])
     if args.json:
         note = files.write_output_text(args.json, json.dumps(out, indent=2) + "\n")
         print(f"\nWrote {args.json}{note}")
@@ -322,7 +318,7 @@ def data_root_of(checkpoints: list[str], samplers: list[Sampler]) -> str:
     return roots.pop()
 
 
-def write_beside(path: str, record: dict) -> None:
+def write_eval_json(path: str, record: dict) -> None:
     """eval.json beside the checkpoint: the latest evaluation of that run."""
     out = Path(path).parent / "eval.json"
     note = files.write_output_text(out, json.dumps(record, indent=2) + "\n")

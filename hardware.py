@@ -98,8 +98,8 @@ def keep_freed_memory() -> None:
 
     Each training step frees and re-allocates the same activation buffers, tens of MB each. By
     default glibc serves such blocks with mmap and returns them on free, so the next step pays a
-    page fault per 4 KB to get them back: a fifth of a GAN or VAE step on the 2-core CPU we
-    measured (bench.py). PyTorch's GPU allocator caches blocks for the same reason; this is the
+    page fault per 4 KB to get them back, a large share of a CPU step (docs/speed.md measures
+    it with bench.py). PyTorch's GPU allocator caches blocks for the same reason; this is the
     CPU's equivalent. Elsewhere (macOS, Windows, musl) it does nothing.
     """
     if not sys.platform.startswith("linux"):

@@ -40,11 +40,11 @@ class Meter:
         """The sums averaged over the processes (every process has taken the same steps)."""
         if not self.sums:
             return {}
-        flat = torch.stack(list(self.sums.values()))
+        sums = torch.stack(list(self.sums.values()))
         if distributed.world_size() > 1:
-            torch.distributed.all_reduce(flat)
-            flat /= distributed.world_size()
-        return dict(zip(self.sums, flat.tolist()))  # one wait for the device, not one per value
+            torch.distributed.all_reduce(sums)
+            sums /= distributed.world_size()
+        return dict(zip(self.sums, sums.tolist()))  # one wait for the device, not one per value
 
     def means(self) -> dict[str, float]:
         return {k: v / self.counts[k] for k, v in self._sums().items()}

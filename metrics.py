@@ -21,7 +21,7 @@ from tqdm import tqdm
 import errors
 import files
 import loop
-from data import NUM_CLASSES, Batches, Split, _md5, load_bloodmnist, locate, to_float
+from data import NUM_CLASSES, Batches, Split, as_tensor, load_bloodmnist, locate, md5, to_float
 from models.classifier import Classifier, random_symmetry
 
 VALUE_RANGE = (-1.0, 1.0)  # what the classifier reads
@@ -84,7 +84,7 @@ def predict(model: Classifier, images: torch.Tensor | np.ndarray, batch_size: in
     """uint8 images (N, 3, 64, 64) (or an (N, 64, 64, 3) array as in the npz) -> features
     (N, D) float64 and logits (N, 8), on the CPU. `desc` shows a progress bar."""
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images).permute(0, 3, 1, 2)
+        images = as_tensor(images)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -139,7 +139,7 @@ def pixel_noise(images: np.ndarray, n: int, generator: torch.Generator) -> torch
     """n images of independent per-pixel Gaussian noise with the mean and std of `images`
     ((N, 64, 64, 3) uint8, as in the npz): a generator that learned only the palette.
     Returns uint8 (n, 3, 64, 64)."""
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    pixels = as_tensor(images).float()
     mean, std = pixels.mean(0), pixels.std(0)
     return torch.stack([(mean + std * torch.randn(mean.shape, generator=generator)).round().clamp(0, 255)
                         for _ in range(n)]).to(torch.uint8)
@@ -153,7 +153,7 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
     recipe = recipe or RECIPE
     files.check_folder(Path(cache), "--feature-cache")  # before minutes of training, not after
     path = locate(data_root)
-    digest = _md5(path)
+    digest = md5(path)
     file = Path(cache) / f"classifier_{path.stem}_{digest[:12]}.pt"
     if file.is_file():
         try:

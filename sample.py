@@ -46,8 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=cli.positive_int, default=8, help="columns of --interpolate / --arithmetic")
     p.add_argument("--split", choices=SPLITS, default=None,
                    help="split for --arithmetic means (default train) and --latent-map (default test)")
-    p.add_argument("--data-root", default=None, metavar="PATH",
-                   help="as in the training scripts (default: the one the checkpoint was trained on)")
     p.add_argument("--no-ema", action="store_true", help="use the raw generator of an --ema run")
     p.add_argument("--standard-prior", action="store_true",
                    help="VAE: draw z from N(0, I) instead of the Gaussian fitted to the training codes")
@@ -58,7 +56,7 @@ def parse_args(argv=None):
                    help="let --out or --npz replace an existing file (never a checkpoint or a dataset)")
     p.add_argument("--seed", type=int, default=0, help="seeds the latent draws")
     p.add_argument("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    cli.add_device_and_data(p, data_root=None)
     return p.parse_args(argv)
 
 

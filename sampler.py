@@ -29,10 +29,9 @@ class Sampler:
                 self.latent_dim = self.args["nz"]
             else:
                 self.model = vae.build(self.args, NUM_CLASSES)
-                # runs from before the fitted prior lack its buffers: they sample from N(0, I)
-                self.model.load_state_dict({**self.model.state_dict(), **ckpt["models"]["vae"]})
+                self.model.load_state_dict(ckpt["models"]["vae"])
                 self.latent_dim = self.args["latent_dim"]
-                self.fitted_prior = "prior_mean" in ckpt["models"]["vae"] and not standard_prior
+                self.fitted_prior = not standard_prior
         self.model.to(device).eval()
         self.ema = self.has_ema and use_ema  # drawing from the averaged generator
 

@@ -10,12 +10,9 @@ Every epoch writes samples_epoch_NNN.png (the same fixed noise each time, so epo
 class per row when conditional), metrics.jsonl, curves.png and ckpt.pt into --out.
 """
 import copy
-import time
-from pathlib import Path
 
 import torch
 
-import checkpoints
 import cli
 import distributed
 import errors
@@ -23,16 +20,18 @@ import hardware
 import loop
 import metrics
 import pictures
-from data import NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
+from data import NUM_CLASSES, balanced_labels, class_names, to_uint8
 from models import dcgan
 from models.dcgan import LOSSES, VALUE_RANGE, discriminator_loss, generator_loss, gradient_penalty
 from models.sync_batchnorm import convert_sync_batchnorm
+from run import Run
 
 GRID = 64  # images in each sample grid, 8 x 8
 CALIBRATION = 4  # batches of noise that set the drawn generator's BatchNorm statistics
 # Per loss: learning rate, Adam betas, D steps per G step. WGAN-GP: Gulrajani et al. 2017, Alg. 1.
-LOSS_DEFAULTS = {"bce": (2e-4, 0.5, 0.999, 1), "hinge": (2e-4, 0.5, 0.999, 1),
-                 "wgan-gp": (1e-4, 0.0, 0.9, 5)}
+LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
+                 "hinge": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
+                 "wgan-gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, n_critic=5)}
 # What the second curves panel shows for each loss, and its reference line.
 D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
            "wgan-gp": (["wasserstein", "gp"], None)}
@@ -66,12 +65,10 @@ def build_parser():
 
 
 def fill_defaults(args) -> None:
-    """Fill the settings whose defaults depend on --loss."""
-    lr, beta1, beta2, n_critic = LOSS_DEFAULTS[args.loss]
-    args.lr = lr if args.lr is None else args.lr
-    args.beta1 = beta1 if args.beta1 is None else args.beta1
-    args.beta2 = beta2 if args.beta2 is None else args.beta2
-    args.n_critic = n_critic if args.n_critic is None else args.n_critic
+    """Fill the settings whose defaults depend on --loss (those left at None)."""
+    for key, value in LOSS_DEFAULTS[args.loss].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 class GANTrainer:
@@ -93,14 +90,15 @@ class GANTrainer:
         self.opt_g, self.opt_d = hardware.adam(self.G.parameters(), args.lr, betas), hardware.adam(self.D.parameters(), args.lr, betas)
         self.precision = hardware.Precision(args.precision, device)
         self.scaler_g, self.scaler_d = self.precision.scaler(), self.precision.scaler()
-        # Under torchrun, G and D learn through DDP, which averages their gradients over the
-        # processes. G's step runs D as a plain module: D's weights get no gradient there, and
-        # DDP would wait for them. The gradient penalty differentiates D twice, which
-        # torch.compile does not support.
+        # The step calls the networks through these (compiled with --compile). Under torchrun G
+        # and D learn through DDP, which averages their gradients over the processes; G's step
+        # runs D without DDP (D_judge), since D's weights get no gradient there and DDP would
+        # wait for them. The gradient penalty differentiates D twice, which torch.compile does
+        # not support.
         compile_d = args.compile and args.loss != "wgan-gp"
-        self.g = hardware.compiled(distributed.ddp(self.G, device), args.compile)
-        self.d = hardware.compiled(distributed.ddp(self.D, device), compile_d)
-        self.d_plain = hardware.compiled(self.D, compile_d) if distributed.world_size() > 1 else self.d
+        self.G_learn = hardware.compiled(distributed.ddp(self.G, device), args.compile)
+        self.D_learn = hardware.compiled(distributed.ddp(self.D, device), compile_d)
+        self.D_judge = hardware.compiled(self.D, compile_d) if distributed.world_size() > 1 else self.D_learn
         self.g_params = list(self.G.parameters())
         # Without --sync-bn each process's BatchNorm statistics come from its own share of the
         # batch; averaging them after every step keeps G, D and G's EMA identical everywhere.
@@ -113,19 +111,19 @@ class GANTrainer:
 
     def step(self, real: torch.Tensor, y: torch.Tensor | None, batch_index: int, meter: loop.Meter) -> None:
         """batch_index counts batches from 1 over the whole run."""
-        args, G, D = self.args, self.g, self.d
+        args = self.args
         g_step = batch_index % args.n_critic == 0  # G learns on every n_critic-th batch
         b = real.shape[0]  # this process's share of the batch
         with self.precision.autocast():
             with torch.set_grad_enabled(g_step):
-                fake = G(distributed.batch_noise(torch.randn, b, args.nz, device=real.device), y)
+                fake = self.G_learn(distributed.batch_noise(torch.randn, b, args.nz, device=real.device), y)
 
             # (1) Update D on every batch: real images against generated ones of the same labels
-            logits_real, logits_fake = D(real, y), D(fake.detach(), y)
+            logits_real, logits_fake = self.D_learn(real, y), self.D_learn(fake.detach(), y)
             loss_d = discriminator_loss(args.loss, logits_real, logits_fake)
             if args.loss == "wgan-gp":
-                e = distributed.batch_noise(torch.rand, b, 1, 1, 1, device=real.device)
-                gp = gradient_penalty(self.D, real, fake.detach(), y, e)  # on the plain module, outside DDP
+                mix = distributed.batch_noise(torch.rand, b, 1, 1, 1, device=real.device)
+                gp = gradient_penalty(self.D, real, fake.detach(), y, mix)  # on the plain module, outside DDP
                 meter.update(wasserstein=-loss_d, gp=gp)
                 loss_d = loss_d + args.gp_weight * gp
             elif args.loss == "bce":
@@ -138,7 +136,7 @@ class GANTrainer:
         # (2) Update G: make D score the generated images as real. Only G's weights get gradients.
         if g_step:
             with self.precision.autocast():
-                loss_g = generator_loss(args.loss, self.d_plain(fake, y))
+                loss_g = generator_loss(args.loss, self.D_judge(fake, y))
             hardware.backward_step(loss_g, self.opt_g, self.scaler_g, inputs=self.g_params)
             meter.update(loss_g=loss_g)
         if self.average_buffers:
@@ -149,7 +147,7 @@ class GANTrainer:
 
 def calibration_batches(args, device: torch.device) -> list[tuple]:
     """CALIBRATION batches of fixed noise (and balanced labels), the same every epoch, over which
-    the shown generator's BatchNorm statistics are re-estimated before it draws. Under torchrun
+    the drawn generator's BatchNorm statistics are re-estimated before it draws. Under torchrun
     each process takes its own share of each batch, as in training."""
     z = loop.fixed_noise(CALIBRATION * args.batch_size, args.nz, args.seed + 2, device).split(args.batch_size)
     y = balanced_labels(CALIBRATION * args.batch_size, device).split(args.batch_size) if args.conditional else None
@@ -157,81 +155,45 @@ def calibration_batches(args, device: torch.device) -> list[tuple]:
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    ckpt = checkpoints.start_run(args, parser, "gan", cli.given_flags(parser, argv), fill_defaults)
-    out = Path(args.out)
-    ckpt_path = out / "ckpt.pt"
-    device = distributed.init_distributed(args)  # and joins the other processes under torchrun
-    hardware.speed_up(device)
-    loop.set_seed(args.seed)
-
-    with distributed.main_first():  # only rank 0 may download; the others then read its file
-        splits = load_bloodmnist(args.data_root, splits=("train",), subset=args.subset, download=distributed.is_main())
-    args.subset = args.subset and len(splits["train"])  # the number used, for config.json
-    batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed,
-                      channels_last=args.channels_last, rank=distributed.rank(), world_size=distributed.world_size())
-    if args.n_critic > args.epochs * len(batches):
-        raise errors.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(batches)} "
+    run = Run(build_parser(), argv, "gan", VALUE_RANGE, fill_defaults=fill_defaults)
+    args, device, out = run.args, run.device, run.out
+    if args.n_critic > args.epochs * len(run.batches):
+        raise errors.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(run.batches)} "
                                "steps, so G would never learn; lower --n-critic or train longer")
-    with checkpoints.from_checkpoint(ckpt_path if ckpt else None):  # a resumed run's settings come from the file
-        trainer = GANTrainer(args, device)
-    G, D, G_ema = trainer.G, trainer.D, trainer.G_ema
-    shown = G_ema if G_ema is not None else G  # the generator that grids, KID and sample.py draw from
-    models, optimizers, scalers = trainer.state()
+    trainer = run.build(GANTrainer, args.nz)
+    G, D = trainer.G, trainer.D
+    drawn = trainer.G_ema if trainer.G_ema is not None else G  # what grids, KID and sample.py draw from
     noise = loop.fixed_noise(GRID, args.nz, args.seed, device)
     noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
     calibration = calibration_batches(args, device)
-    meter = loop.Meter()
-    epoch, step = 0, 0
-    if ckpt is not None:
-        with checkpoints.from_checkpoint(ckpt_path):
-            epoch, step = checkpoints.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
-    if distributed.is_main():  # rank 0 alone evaluates, logs and draws
-        probe = metrics.KIDProbe(args, args.nz, device) if args.eval_every else None
-    checkpoints.claim_run(args, ckpt)  # nothing in --out has changed before this line
-    if distributed.is_main():
-        log = checkpoints.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
     print(f"GAN ({args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
-          f"parameters; {len(batches.labels):,} training images, {len(batches)} steps per epoch on {device}"
-          f"{distributed.processes_note(args.batch_size)}, {trainer.precision.name}")
+          f"parameters; {len(run.batches.labels):,} training images, {len(run.batches)} steps per epoch on "
+          f"{device}{distributed.processes_note(args.batch_size)}, {trainer.precision.name}")
 
-    def checkpoint(epoch: int, step: int) -> None:
-        checkpoints.save_training_state(ckpt_path, "gan", args, epoch, step, models, optimizers, meter, device, scalers)
+    for epoch in run.epochs():
+        G.train(), D.train()
+        for index, (real, y) in run.steps(epoch):
+            trainer.step(real, y if args.conditional else None, index, run.meter)
 
-    with loop.GracefulStop() as stop:
-        for epoch in range(epoch, args.epochs):
-            t0 = time.time()
-            G.train(), D.train()
-            bar = loop.epoch_bar(batches, epoch, step, args.epochs)
-            for step, (real, y) in enumerate(bar, start=step + 1):
-                trainer.step(real, y if args.conditional else None, epoch * len(batches) + step, meter)
-                stopping = stop.due(step, len(batches))
-                loop.show_progress(bar, meter, epoch, step, ckpt_path, force=stopping)
-                if stopping:
-                    stop.save_and_exit(bar, checkpoint, epoch, step, ckpt_path)
-            bar.close()
-
-            # End of epoch: BatchNorm statistics of the shown generator, metrics (and KID), a
-            # sample grid from the fixed noise, curves, checkpoint
-            loop.recalibrate_batchnorm(shown, calibration)
-            if trainer.average_buffers:
-                distributed.average_buffers(shown)
-            record = {"epoch": epoch + 1, **meter.means(), "seconds": round(time.time() - t0, 2)}
-            meter, step = loop.Meter(), 0
-            if distributed.is_main():
-                shown.eval()
-                if probe is not None and probe.due(epoch + 1):
-                    record.update(probe(lambda z, y: to_uint8(shown(z, y), VALUE_RANGE)))
-                log.write(record)
-                with torch.no_grad():
-                    pictures.save_grid(shown(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
-                                       row_labels=class_names() if args.conditional else None)
-                keys, line = D_PANEL[args.loss]
-                pictures.plot_curves(log.records, out / "curves.png", [
-                    ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line), metrics.KID_PANEL])
-            checkpoint(epoch + 1, 0)
+        # End of epoch: BatchNorm statistics of the drawn generator, metrics (and KID), a sample
+        # grid from the fixed noise, curves, checkpoint
+        loop.recalibrate_batchnorm(drawn, calibration)
+        if trainer.average_buffers:
+            distributed.average_buffers(drawn)
+        record = {**run.epoch_record(epoch), "seconds": run.seconds()}
+        if distributed.is_main():
+            drawn.eval()
+            if run.probe is not None and run.probe.due(epoch + 1):
+                record.update(run.probe(lambda z, y: to_uint8(drawn(z, y), VALUE_RANGE)))
+            run.log.write(record)
+            with torch.no_grad():
+                pictures.save_grid(drawn(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
+                                   row_labels=class_names() if args.conditional else None)
+            keys, line = D_PANEL[args.loss]
+            pictures.plot_curves(run.log.records, out / "curves.png", [
+                ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line), metrics.KID_PANEL])
+        run.save(epoch + 1)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 
 

@@ -13,13 +13,10 @@ validation ELBO and PSNR, curves.png and ckpt.pt into --out.
 """
 import argparse
 import math
-import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-import checkpoints
 import cli
 import distributed
 import errors
@@ -28,9 +25,10 @@ import loop
 import metrics
 import pictures
 import vae_eval
-from data import IMAGE_SIZE, NUM_CLASSES, Batches, balanced_labels, class_names, load_bloodmnist, to_uint8
+from data import IMAGE_SIZE, NUM_CLASSES, Batches, balanced_labels, class_names, to_uint8
 from models import vae
 from models.vae import LIKELIHOODS, VALUE_RANGE
+from run import Run
 
 GRID = 64  # prior samples in each grid, 8 x 8
 CURVES = [("negative ELBO (nats per image)", ["loss", "val_nelbo"], None),
@@ -92,97 +90,63 @@ class VAETrainer:
         meter.update(**parts)
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    ckpt = checkpoints.start_run(args, parser, "vae", cli.given_flags(parser, argv))
+def check_widths(args) -> None:
     if IMAGE_SIZE % 2 ** len(args.widths):
         raise errors.UserError(f"--widths {','.join(map(str, args.widths))}: {len(args.widths)} stride-2 "
                                f"layers do not divide {IMAGE_SIZE} pixels evenly; use at most "
                                f"{IMAGE_SIZE.bit_length() - 1} widths")
-    out = Path(args.out)
-    ckpt_path = out / "ckpt.pt"
-    device = distributed.init_distributed(args)  # and joins the other processes under torchrun
-    hardware.speed_up(device)
-    loop.set_seed(args.seed)
 
-    with distributed.main_first():  # only rank 0 may download; the others then read its file
-        splits = load_bloodmnist(args.data_root, splits=("train", "val"), subset=args.subset, download=distributed.is_main())
-    args.subset = args.subset and len(splits["train"])  # the number used, for config.json
-    batches = Batches(splits["train"], args.batch_size, device, VALUE_RANGE, seed=args.seed,
-                      channels_last=args.channels_last, rank=distributed.rank(), world_size=distributed.world_size())
-    val = Batches(splits["val"], 256, device, VALUE_RANGE, shuffle=False,
-                  channels_last=args.channels_last) if len(splits["val"]) else None
+
+def main(argv=None):
+    run = Run(build_parser(), argv, "vae", VALUE_RANGE, splits=("train", "val"), check=check_widths)
+    args, device, out, batches = run.args, run.device, run.out, run.batches
+    val = Batches(run.splits["val"], 256, device, VALUE_RANGE, shuffle=False,
+                  channels_last=args.channels_last) if len(run.splits["val"]) else None
     if val is None:
         errors.warn("the data file has no validation images; the validation ELBO is not logged")
-
-    with checkpoints.from_checkpoint(ckpt_path if ckpt else None):  # a resumed run's settings come from the file
-        trainer = VAETrainer(args, device)
+    trainer = run.build(VAETrainer, args.latent_dim)
     model, opt = trainer.model, trainer.opt
-    models, optimizers, scalers = trainer.state()
     noise = loop.fixed_noise(GRID, args.latent_dim, args.seed, device)
     noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
-    meter = loop.Meter()
-    epoch, step = 0, 0
-    if ckpt is not None:
-        with checkpoints.from_checkpoint(ckpt_path):
-            epoch, step = checkpoints.restore_training_state(ckpt, models, optimizers, meter, device, scalers)
-    if distributed.is_main():  # rank 0 alone evaluates, logs and draws
-        probe = metrics.KIDProbe(args, args.latent_dim, device) if args.eval_every else None
-    checkpoints.claim_run(args, ckpt)  # nothing in --out has changed before this line
-    if distributed.is_main():
-        log = checkpoints.MetricsLog(out / "metrics.jsonl", keep_epochs=epoch)
-    shown, shown_labels = next(iter((val if val is not None else batches).epoch(0)))
-    nrow = min(8, len(shown))
-    keep = min(RECON, len(shown) - len(shown) % nrow)
-    shown, shown_labels = shown[:keep], shown_labels[:keep] if args.conditional else None
+    # the images of every reconstruction grid: rows of nrow validation images
+    recon_images, recon_labels = next(iter((val if val is not None else batches).epoch(0)))
+    nrow = min(8, len(recon_images))
+    keep = min(RECON, len(recon_images) - len(recon_images) % nrow)
+    recon_images, recon_labels = recon_images[:keep], recon_labels[:keep] if args.conditional else None
     print(f"VAE: {sum(p.numel() for p in model.parameters()):,} parameters; {len(batches.labels):,} "
           f"training images, {len(batches)} steps per epoch on {device}{distributed.processes_note(args.batch_size)}, "
           f"{trainer.precision.name}")
 
-    def checkpoint(epoch: int, step: int) -> None:
-        checkpoints.save_training_state(ckpt_path, "vae", args, epoch, step, models, optimizers, meter, device, scalers)
+    for epoch in run.epochs():
+        model.train()
+        for index, (x, y) in run.steps(epoch):
+            if args.schedule == "cosine":  # a function of the step alone, so resume needs no state
+                progress = (index - 1) / (args.epochs * len(batches))
+                opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+            trainer.step(x, y if args.conditional else None, run.meter)
 
-    with loop.GracefulStop() as stop:
-        for epoch in range(epoch, args.epochs):
-            t0 = time.time()
-            model.train()
-            bar = loop.epoch_bar(batches, epoch, step, args.epochs)
-            for step, (x, y) in enumerate(bar, start=step + 1):
-                if args.schedule == "cosine":  # a function of the step alone, so resume needs no state
-                    progress = (epoch * len(batches) + step - 1) / (args.epochs * len(batches))
-                    opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-                trainer.step(x, y if args.conditional else None, meter)
-                stopping = stop.due(step, len(batches))
-                loop.show_progress(bar, meter, epoch, step, ckpt_path, force=stopping)
-                if stopping:
-                    stop.save_and_exit(bar, checkpoint, epoch, step, ckpt_path)
-            bar.close()
-
-            # End of epoch: sampling Gaussian, validation ELBO, samples, reconstructions, curves,
-            # checkpoint. Rank 0 alone fits, evaluates and draws; the other processes never sample.
-            record = {"epoch": epoch + 1, **meter.means()}
-            meter, step = loop.Meter(), 0
-            if distributed.is_main():
-                vae_eval.fit_prior(model, batches)
-                if val is not None:
-                    record.update(vae_eval.evaluate(model, val, args.seed))
-                if probe is not None and probe.due(epoch + 1):
-                    model.eval()
-                    record.update(probe(lambda eps, y: to_uint8(model.decode(model.prior_latents(eps), y), VALUE_RANGE)))
-                record["seconds"] = round(time.time() - t0, 2)
-                log.write(record)
-                tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
-                model.eval()
-                with torch.no_grad():
-                    pictures.save_grid(model.decode(model.prior_latents(noise), noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
-                                       row_labels=class_names() if args.conditional else None)
-                    # rows of originals, each over its row of mean reconstructions
-                    recon = model.decode(model.encode(shown, shown_labels)[0], shown_labels)
-                    pairs = torch.stack([shown.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
-                    pictures.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
-                pictures.plot_curves(log.records, out / "curves.png", CURVES)
-            checkpoint(epoch + 1, 0)
+        # End of epoch: sampling Gaussian, validation ELBO, samples, reconstructions, curves,
+        # checkpoint. Rank 0 alone fits, evaluates and draws; the other processes never sample.
+        record = run.epoch_record(epoch)
+        if distributed.is_main():
+            vae_eval.fit_prior(model, batches)
+            if val is not None:
+                record.update(vae_eval.evaluate(model, val, args.seed))
+            model.eval()
+            if run.probe is not None and run.probe.due(epoch + 1):
+                record.update(run.probe(lambda eps, y: to_uint8(model.decode(model.prior_latents(eps), y), VALUE_RANGE)))
+            record["seconds"] = run.seconds()
+            run.log.write(record)
+            tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
+            with torch.no_grad():
+                pictures.save_grid(model.decode(model.prior_latents(noise), noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
+                                   row_labels=class_names() if args.conditional else None)
+                # rows of originals, each over its row of mean reconstructions
+                recon = model.decode(model.encode(recon_images, recon_labels)[0], recon_labels)
+                pairs = torch.stack([recon_images.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
+                pictures.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
+            pictures.plot_curves(run.log.records, out / "curves.png", CURVES)
+        run.save(epoch + 1)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, "
           f"recon_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 

@@ -127,17 +127,17 @@ def generator_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                     y: torch.Tensor | None = None, e: torch.Tensor | None = None) -> torch.Tensor:
+                     y: torch.Tensor | None = None, mix: torch.Tensor | None = None) -> torch.Tensor:
     """Gulrajani et al. 2017, eq. 3: E[(||grad_x D(x_hat)||_2 - 1)^2] at random interpolates
-    x_hat = e * real + (1 - e) * fake, e (B, 1, 1, 1) ~ U[0, 1] per image (drawn here unless given).
+    x_hat = mix * real + (1 - mix) * fake, mix (B, 1, 1, 1) ~ U[0, 1] per image (drawn here unless given).
 
     The inner gradient is taken with autograd.grad(create_graph=True) and the caller runs one
     ordinary backward() of its loss: that is the pattern DistributedDataParallel supports
     (pytorch/pytorch#63812), since the per-image gradients never reach DDP's all-reduce hooks
     and the final backward() carries the penalty's gradients to them like any other term."""
-    if e is None:
-        e = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
-    x_hat = (e * real + (1 - e) * fake).requires_grad_(True)
+    if mix is None:
+        mix = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    x_hat = (mix * real + (1 - mix) * fake).requires_grad_(True)
     out = critic(x_hat, y) if y is not None else critic(x_hat)
     (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
     return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()

@@ -38,17 +38,17 @@ class VAE(nn.Module):
             raise ValueError(f"image_size {image_size} is not divisible by 2**{len(widths)}")
         self.latent_dim = latent_dim
         self.bottom = (widths[-1], image_size // 2 ** len(widths), image_size // 2 ** len(widths))
-        flat = widths[-1] * self.bottom[1] * self.bottom[2]  # 64 * 16 * 16 for the defaults
+        features = widths[-1] * self.bottom[1] * self.bottom[2]  # 64 * 16 * 16 for the defaults
 
         enc, c = [], nc + num_classes
         for w in widths:  # (B, c, s, s) -> (B, w, s/2, s/2)
             enc += [nn.Conv2d(c, w, 4, 2, 1), nn.ReLU(True)]
             c = w
         self.encoder = nn.Sequential(*enc, nn.Flatten())
-        self.fc_mu = nn.Linear(flat, latent_dim)
-        self.fc_logvar = nn.Linear(flat, latent_dim)
+        self.fc_mu = nn.Linear(features, latent_dim)
+        self.fc_logvar = nn.Linear(features, latent_dim)
 
-        self.fc_decode = nn.Linear(latent_dim + num_classes, flat)
+        self.fc_decode = nn.Linear(latent_dim + num_classes, features)
         dec = []
         for w in reversed(widths[:-1]):  # (B, c, s, s) -> (B, w, 2s, 2s)
             dec += [nn.ConvTranspose2d(c, w, 4, 2, 1), nn.ReLU(True)]
@@ -112,11 +112,6 @@ class VAE(nn.Module):
         """Standard normal eps (B, latent_dim) -> draws of the fitted Gaussian (B, latent_dim)."""
         return self.prior_mean + eps @ self.prior_scale.T
 
-    @torch.no_grad()
-    def sample(self, n: int, y: torch.Tensor | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """n images from the sampling Gaussian (of classes y when conditional), in [0, 1]."""
-        return self.decode(self.prior_latents(torch.randn(n, self.latent_dim, device=device)), y)
-
     def loss(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
              beta: float = 1.0, batch_mean=torch.mean) -> dict[str, torch.Tensor]:
         """The negative ELBO with a beta-weighted KL; each part summed per image, batch-averaged.
@@ -145,4 +140,4 @@ def build(settings: dict, num_classes: int) -> VAE:
     """The VAE a run's settings (its config.json, a checkpoint's args) describe; the
     `num_classes` labels condition it when the run was --conditional."""
     return VAE(settings["latent_dim"], tuple(settings["widths"]), num_classes=num_classes if settings["conditional"] else 0,
-               likelihood=settings.get("likelihood", "bernoulli"))  # runs from before the flag were Bernoulli
+               likelihood=settings["likelihood"])

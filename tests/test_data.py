@@ -92,7 +92,7 @@ def test_unreadable_file_gives_clear_error(tmp_path, content):
 
 
 def test_unofficial_md5_warns_once_and_loads(data_root, capsys, monkeypatch):
-    monkeypatch.setattr(errors, "_warned", set())  # as in a fresh process
+    monkeypatch.setattr(errors, "warned", set())  # as in a fresh process
     data.load_bloodmnist(data_root)
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "not the official" in err and data.dataset_info()["MD5_64"] in err

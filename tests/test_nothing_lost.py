@@ -228,7 +228,7 @@ def test_latent_map_of_a_one_image_split_is_refused(run, tmp_path):
 ])
 def test_crafted_checkpoints_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "ckpt.pt"
-    torch.save(content, path)
+    torch.save({"format": checkpoints.FORMAT, **content}, path)
     before = snapshot(tmp_path)
     one_line_error(run_script("sample.py", path), message)
     one_line_error(run_script("evaluate.py", path, "--feature-cache", tmp_path / "cache"), message)
@@ -237,11 +237,25 @@ def test_crafted_checkpoints_are_one_line_errors(tmp_path, content, message):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("kind", ["gan", "vae"])
+def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(run, tmp_path, kind):
+    ckpt = torch.load(run / kind / "ckpt.pt", weights_only=True)
+    del ckpt["format"]  # as the repo wrote them before checkpoints carried a version
+    out = tmp_path / kind
+    out.mkdir()
+    torch.save(ckpt, out / "ckpt.pt")
+    before = snapshot(tmp_path)
+    for result in (run_script("sample.py", out / "ckpt.pt"), run_script("evaluate.py", out / "ckpt.pt"),
+                   run_script(f"train_{kind}.py", "--resume", "--epochs", 5, "--out", out)):
+        one_line_error(result, "has checkpoint format 1 and this version of the repo reads format")
+    assert snapshot(tmp_path) == before
+
+
 def test_a_feature_cache_that_is_not_ours_is_one_line(run, data_root, tmp_path):
     import metrics
     cache = tmp_path / "cache"
     cache.mkdir()
-    file = cache / f"classifier_bloodmnist_64_{metrics._md5(data_root / 'bloodmnist_64.npz')[:12]}.pt"
+    file = cache / f"classifier_bloodmnist_64_{metrics.md5(data_root / 'bloodmnist_64.npz')[:12]}.pt"
     torch.save([1, 2, 3], file)
     one_line_error(run_script("evaluate.py", run / "gan" / "ckpt.pt", "--feature-cache", cache), "delete it to retrain")
 

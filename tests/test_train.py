@@ -115,7 +115,7 @@ def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    state = lambda x: {"kind": "gan", "args": {}, "epoch": 1, "step": 0, "models": {"G": {"x": x}}}
+    state = lambda x: {"format": checkpoints.FORMAT, "kind": "gan", "args": {}, "epoch": 1, "step": 0, "models": {"G": {"x": x}}}
     checkpoints.save_checkpoint(path, state(torch.ones(3)))
 
     def crash(obj, f, *args, **kwargs):
