@@ -1,14 +1,16 @@
 """Train a DCGAN (or a WGAN-GP, hinge or class-conditional variant) on BloodMNIST-64.
 
     python train_gan.py                                   # DCGAN, 25 epochs, writes outputs/gan/
+    python train_gan.py --recipe paper --out outputs/gan_paper  # the DCGAN exactly as published
     python train_gan.py --loss wgan-gp --out outputs/wgan # critic without BatchNorm, 5 critic steps
-    python train_gan.py --conditional --ema 0.999 --out outputs/cgan
+    python train_gan.py --conditional --out outputs/cgan  # one class per row of every grid
     python train_gan.py --resume                          # continue outputs/gan/ after Ctrl-C
     torchrun --standalone --nproc_per_node 4 train_gan.py --sync-bn   # 4 GPUs, global batch 128
 
 Every epoch writes samples_epoch_NNN.png (the same fixed noise each time, so epochs compare; a
 class per row when conditional), metrics.jsonl, curves.png and ckpt.pt into --out.
 """
+import argparse
 import copy
 
 import torch
@@ -20,9 +22,11 @@ import hardware
 import loop
 import metrics
 import pictures
+from augment import augment, parse_policy
 from data import NUM_CLASSES, balanced_labels, class_names, to_uint8
 from models import dcgan
-from models.dcgan import LOSSES, VALUE_RANGE, discriminator_loss, generator_loss, gradient_penalty
+from models.dcgan import (LABEL_INPUTS, LOSSES, VALUE_RANGE, LeCamAnchors, discriminator_loss, generator_loss,
+                          gradient_penalty, r1_penalty)
 from models.sync_batchnorm import convert_sync_batchnorm
 from run import Run
 
@@ -32,6 +36,13 @@ CALIBRATION = 4  # batches of noise that set the drawn generator's BatchNorm sta
 LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
                  "hinge": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
                  "wgan-gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, n_critic=5)}
+# The settings of each recipe (those not typed on the command line). "paper" is the DCGAN of
+# Radford et al. as pytorch/examples trains it; "small-data" adds what a GAN needs on some
+# 12,000 images (docs/models.md says why, docs/results.md what each part measured).
+RECIPES = {"paper": dict(batch_size=64, ema=0.0, augment="none", lecam=0.0, r1=0.0, spectral_norm=False,
+                         g_labels="concat"),
+           "small-data": dict(batch_size=64, ema=0.999, augment="all", lecam=0.0, r1=0.0, spectral_norm=False,
+                              g_labels="batchnorm")}
 # What the second curves panel shows for each loss, and its reference line.
 D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
            "wgan-gp": (["wasserstein", "gp"], None)}
@@ -41,6 +52,11 @@ def build_parser():
     p = cli.make_parser(__doc__)
     cli.add_common_args(p, out="outputs/gan", epochs=25, lr=None,
                         lr_help="Adam learning rate (default: 2e-4; 1e-4 for wgan-gp)")
+    p.set_defaults(batch_size=None)  # the recipe's
+    p.add_argument("--recipe", choices=RECIPES, default="small-data",
+                   help="the defaults of --batch-size, --ema, --augment, --lecam, --r1, --spectral-norm and "
+                        "--g-labels: " + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in r.items())
+                                                   for name, r in RECIPES.items()))
     p.add_argument("--loss", choices=LOSSES, default="bce",
                    help="bce: the DCGAN of the paper; wgan-gp: a critic with a gradient penalty; hinge")
     p.add_argument("--beta1", type=cli.unit_interval, default=None,
@@ -51,9 +67,22 @@ def build_parser():
                    help="D steps per G step (default: 1; 5 for wgan-gp)")
     p.add_argument("--gp-weight", type=cli.non_negative_float, default=10.0,
                    help="lambda of the WGAN-GP gradient penalty")
-    p.add_argument("--ema", type=cli.unit_interval, default=0.999, metavar="DECAY",
+    p.add_argument("--ema", type=cli.unit_interval, default=None, metavar="DECAY",
                    help="decay of the exponential moving average of G used for grids, samples and "
                         "evaluation (the raw G is kept too); 0 turns it off")
+    p.add_argument("--augment", type=policy, default=None, metavar="OPS",
+                   help="differentiable augmentation of every image D sees, real and generated: any of "
+                        "symmetry,translation,color,cutout, or all, or none")
+    p.add_argument("--lecam", type=cli.non_negative_float, default=None, metavar="WEIGHT",
+                   help="weight of LeCam regularisation of D (Tseng et al. 2021); 0 turns it off")
+    p.add_argument("--r1", type=cli.non_negative_float, default=None, metavar="GAMMA",
+                   help="gamma of the R1 penalty gamma/2 E||grad D(x)||^2 on real images (Mescheder et "
+                        "al. 2018); 0 turns it off")
+    p.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="spectral normalisation of D's weights (Miyato et al. 2018)")
+    p.add_argument("--g-labels", choices=LABEL_INPUTS, default=None,
+                   help="--conditional: G reads one-hot labels with z (concat), or through a class-conditional "
+                        "BatchNorm in every layer (batchnorm)")
     p.add_argument("--nz", type=cli.positive_int, default=100, help="size of the noise vector z")
     p.add_argument("--ngf", type=cli.positive_int, default=64, help="generator width")
     p.add_argument("--ndf", type=cli.positive_int, default=64, help="discriminator width")
@@ -64,9 +93,16 @@ def build_parser():
     return p
 
 
+def policy(text: str) -> str:
+    try:
+        return ",".join(parse_policy(text)) or "none"
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def fill_defaults(args) -> None:
-    """Fill the settings whose defaults depend on --loss (those left at None)."""
-    for key, value in LOSS_DEFAULTS[args.loss].items():
+    """Fill the settings whose defaults depend on --recipe and --loss (those left at None)."""
+    for key, value in {**RECIPES[args.recipe], **LOSS_DEFAULTS[args.loss]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
 
@@ -86,6 +122,8 @@ class GANTrainer:
             models = map(convert_sync_batchnorm, models)
         self.G, self.D = (m.to(device, memory_format=fmt) for m in models)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if args.ema else None
+        self.lecam = LeCamAnchors().to(device) if args.lecam else None
+        self.policy = parse_policy(args.augment)
         betas = (args.beta1, args.beta2)
         self.opt_g, self.opt_d = hardware.adam(self.G.parameters(), args.lr, betas), hardware.adam(self.D.parameters(), args.lr, betas)
         self.precision = hardware.Precision(args.precision, device)
@@ -93,9 +131,9 @@ class GANTrainer:
         # The step calls the networks through these (compiled with --compile). Under torchrun G
         # and D learn through DDP, which averages their gradients over the processes; G's step
         # runs D without DDP (D_judge), since D's weights get no gradient there and DDP would
-        # wait for them. The gradient penalty differentiates D twice, which torch.compile does
-        # not support.
-        compile_d = args.compile and args.loss != "wgan-gp"
+        # wait for them. The gradient penalty and R1 differentiate D twice, which torch.compile
+        # does not support.
+        compile_d = args.compile and args.loss != "wgan-gp" and not args.r1
         self.G_learn = hardware.compiled(distributed.ddp(self.G, device), args.compile)
         self.D_learn = hardware.compiled(distributed.ddp(self.D, device), compile_d)
         self.D_judge = hardware.compiled(self.D, compile_d) if distributed.world_size() > 1 else self.D_learn
@@ -106,11 +144,13 @@ class GANTrainer:
 
     def state(self) -> tuple[dict, dict, dict]:
         """Models, optimisers and scalers, as the checkpoint names them."""
-        models = {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {})}
+        models = {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {}),
+                  **({"lecam": self.lecam} if self.lecam is not None else {})}
         return models, {"G": self.opt_g, "D": self.opt_d}, {"G": self.scaler_g, "D": self.scaler_d}
 
     def step(self, real: torch.Tensor, y: torch.Tensor | None, batch_index: int, meter: loop.Meter) -> None:
-        """batch_index counts batches from 1 over the whole run."""
+        """batch_index counts batches from 1 over the whole run. D sees every image, real or
+        generated, through --augment (each time with new random parameters)."""
         args = self.args
         g_step = batch_index % args.n_critic == 0  # G learns on every n_critic-th batch
         b = real.shape[0]  # this process's share of the batch
@@ -119,12 +159,21 @@ class GANTrainer:
                 fake = self.G_learn(distributed.batch_noise(torch.randn, b, args.nz, device=real.device), y)
 
             # (1) Update D on every batch: real images against generated ones of the same labels
-            logits_real, logits_fake = self.D_learn(real, y), self.D_learn(fake.detach(), y)
-            loss_d = discriminator_loss(args.loss, logits_real, logits_fake)
+            real, fake_seen = augment(real, self.policy), augment(fake.detach(), self.policy)
+            logits_real, logits_fake = self.D_learn(real, y), self.D_learn(fake_seen, y)
+            loss_d = adversarial = discriminator_loss(args.loss, logits_real, logits_fake)
+            if args.r1:
+                r1 = r1_penalty(self.D, real, y)  # on the plain module, outside DDP, as the GP
+                meter.update(r1=r1)
+                loss_d = loss_d + args.r1 / 2 * r1
+            if self.lecam is not None:
+                lecam = self.lecam(logits_real, logits_fake, distributed.batch_mean)
+                meter.update(lecam=lecam)
+                loss_d = loss_d + args.lecam * lecam
             if args.loss == "wgan-gp":
                 mix = distributed.batch_noise(torch.rand, b, 1, 1, 1, device=real.device)
-                gp = gradient_penalty(self.D, real, fake.detach(), y, mix)  # on the plain module, outside DDP
-                meter.update(wasserstein=-loss_d, gp=gp)
+                gp = gradient_penalty(self.D, real, fake_seen, y, mix)
+                meter.update(wasserstein=-adversarial, gp=gp)
                 loss_d = loss_d + args.gp_weight * gp
             elif args.loss == "bce":
                 meter.update(d_x=torch.sigmoid(logits_real.float()).mean(), d_g_z=torch.sigmoid(logits_fake.float()).mean())
@@ -136,7 +185,7 @@ class GANTrainer:
         # (2) Update G: make D score the generated images as real. Only G's weights get gradients.
         if g_step:
             with self.precision.autocast():
-                loss_g = generator_loss(args.loss, self.D_judge(fake, y))
+                loss_g = generator_loss(args.loss, self.D_judge(augment(fake, self.policy), y))
             hardware.backward_step(loss_g, self.opt_g, self.scaler_g, inputs=self.g_params)
             meter.update(loss_g=loss_g)
         if self.average_buffers:
@@ -166,7 +215,7 @@ def main(argv=None):
     noise = loop.fixed_noise(GRID, args.nz, args.seed, device)
     noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
     calibration = calibration_batches(args, device)
-    print(f"GAN ({args.loss}{', conditional' if args.conditional else ''}): G "
+    print(f"GAN ({args.recipe} recipe, {args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
           f"parameters; {len(run.batches.labels):,} training images, {len(run.batches)} steps per epoch on "
           f"{device}{distributed.processes_note(args.batch_size)}, {trainer.precision.name}")
@@ -192,7 +241,8 @@ def main(argv=None):
                                    row_labels=class_names() if args.conditional else None)
             keys, line = D_PANEL[args.loss]
             pictures.plot_curves(run.log.records, out / "curves.png", [
-                ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line), metrics.KID_PANEL])
+                ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line),
+                ("penalties", ["r1", "lecam"], None), metrics.KID_PANEL])
         run.save(epoch + 1)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 

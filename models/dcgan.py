@@ -6,8 +6,15 @@ transposed convolutions; the discriminator mirrors it and ends in one logit per 
 for any power-of-two image size from 16 up; BloodMNIST here is 64x64, which gives the classic
 4 -> 8 -> 16 -> 32 -> 64 stack.
 
-Conditioning (num_classes > 0): the generator reads [z, one_hot(y)]; the discriminator adds a
-projection term <embed(y), pooled features> to its logit (Miyato & Koyama, 2018).
+Conditioning (num_classes > 0): the discriminator adds a projection term <embed(y), pooled
+features> to its logit (Miyato & Koyama, 2018). The generator either reads [z, one_hot(y)]
+(labels="concat", the conditional DCGAN of Mirza & Osindero 2014) or normalises every layer with
+class-conditional BatchNorm (labels="batchnorm", as in SNGAN and BigGAN): each class gets its
+own scale and shift after every normalisation, which conditions each layer, not only the input.
+
+For small data (train_gan.py's --spectral-norm, --r1, --lecam): spectral normalisation of D's
+weights (Miyato et al. 2018), the R1 penalty (Mescheder et al. 2018) and LeCam regularisation
+(Tseng et al. 2021).
 """
 import math
 
@@ -16,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LOSSES = ("bce", "hinge", "wgan-gp")
+LABEL_INPUTS = ("concat", "batchnorm")  # how a conditional generator reads its labels
 VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
 
 
@@ -39,32 +47,59 @@ def _norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"norm must be batch, layer or none, got {kind!r}")
 
 
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without its own affine part, then a scale and shift per class:
+    x (B, C, H, W), labels (B,) -> gamma[y] * normalised(x) + beta[y]."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.scale = nn.Embedding(num_classes, channels)
+        self.shift = nn.Embedding(num_classes, channels)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.scale(y)[:, :, None, None] + self.shift(y)[:, :, None, None]
+
+
 def init_dcgan_weights(module: nn.Module) -> None:
     # Radford et al. 2016, section 4: weights from N(0, 0.02); BatchNorm scale from N(1, 0.02).
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
+    # (apply() reaches a module's children first, so a ConditionalBatchNorm2d sets its own last.)
+    if isinstance(module, ConditionalBatchNorm2d):
+        nn.init.normal_(module.scale.weight, 1.0, 0.02)
+        nn.init.zeros_(module.shift.weight)
+    elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)):
         nn.init.normal_(module.weight, 0.0, 0.02)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)) and module.weight is not None:
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
 
 class Generator(nn.Module):
-    """z (B, nz) [, labels (B,)] -> images (B, nc, image_size, image_size) in [-1, 1]."""
+    """z (B, nz) [, labels (B,)] -> images (B, nc, image_size, image_size) in [-1, 1].
+
+    labels: how a conditional generator (num_classes > 0) reads its labels, "concat" or
+    "batchnorm" (see the module's docstring)."""
 
     def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3, image_size: int = 64,
-                 num_classes: int = 0):
+                 num_classes: int = 0, labels: str = "concat"):
         super().__init__()
+        if labels not in LABEL_INPUTS:
+            raise ValueError(f"labels must be one of {LABEL_INPUTS}, got {labels!r}")
         self.nz, self.num_classes = nz, num_classes
+        self.concat = num_classes if labels == "concat" else 0  # one-hot entries appended to z
         n = _num_doublings(image_size)
         width = ngf * 2 ** (n - 1)  # 512 for ngf=64 at 64x64
-        # (B, nz + classes, 1, 1) -> (B, width, 4, 4)
-        layers = [nn.ConvTranspose2d(nz + num_classes, width, 4, 1, 0, bias=False),
-                  nn.BatchNorm2d(width), nn.ReLU(True)]
+
+        def norm(channels: int) -> nn.Module:
+            if num_classes and labels == "batchnorm":
+                return ConditionalBatchNorm2d(channels, num_classes)
+            return nn.BatchNorm2d(channels)
+        # (B, nz [+ classes], 1, 1) -> (B, width, 4, 4)
+        layers = [nn.ConvTranspose2d(nz + self.concat, width, 4, 1, 0, bias=False), norm(width), nn.ReLU(True)]
         for _ in range(n - 1):  # each block halves the width and doubles the resolution
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(width // 2), nn.ReLU(True)]
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), norm(width // 2), nn.ReLU(True)]
             width //= 2
         # (B, ngf, S/2, S/2) -> (B, nc, S, S)
         layers += [nn.ConvTranspose2d(width, nc, 4, 2, 1, bias=False), nn.Tanh()]
@@ -72,19 +107,25 @@ class Generator(nn.Module):
         self.apply(init_dcgan_weights)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if self.num_classes:
+        if self.concat:
             z = torch.cat([z, F.one_hot(y, self.num_classes).to(z.dtype)], 1)
-        return self.net(z.view(z.shape[0], -1, 1, 1))
+        x = z.view(z.shape[0], -1, 1, 1)
+        for layer in self.net:
+            x = layer(x, y) if isinstance(layer, ConditionalBatchNorm2d) else layer(x)
+        return x
 
 
 class Discriminator(nn.Module):
     """images (B, nc, S, S) [, labels (B,)] -> logits (B,). No sigmoid: the losses take logits.
 
     norm="batch" is the DCGAN discriminator; "layer" or "none" make a WGAN-GP critic.
+    spectral_norm divides every weight (convolutions and the class embedding) by its largest
+    singular value, estimated by one power iteration per forward pass in training (torch's own
+    parametrisation), which bounds how fast D's output can change with its input.
     """
 
     def __init__(self, ndf: int = 64, nc: int = 3, image_size: int = 64, num_classes: int = 0,
-                 norm: str = "batch"):
+                 norm: str = "batch", spectral_norm: bool = False):
         super().__init__()
         n = _num_doublings(image_size)
         # (B, nc, S, S) -> (B, ndf, S/2, S/2); no normalisation on the input layer (Radford et al.)
@@ -98,6 +139,10 @@ class Discriminator(nn.Module):
         self.out = nn.Conv2d(width, 1, 4, 1, 0, bias=False)  # (B, 1, 1, 1)
         self.embed = nn.Embedding(num_classes, width) if num_classes else None
         self.apply(init_dcgan_weights)
+        if spectral_norm:
+            for m in list(self.modules()):
+                if isinstance(m, (nn.Conv2d, nn.Embedding)):
+                    nn.utils.parametrizations.spectral_norm(m)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = self.features(x)
@@ -143,10 +188,45 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
     return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
+def r1_penalty(D: nn.Module, real: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Mescheder et al. 2018, eq. 9 without its gamma / 2: E[||grad_x D(x)||^2] over real
+    images x, which keeps D flat on the data, where it would otherwise sharpen without end. The
+    caller weights it and runs one backward() of its loss (as for gradient_penalty)."""
+    x = real.detach().requires_grad_(True)
+    out = D(x, y) if y is not None else D(x)
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(1).mean()
+
+
+class LeCamAnchors(nn.Module):
+    """LeCam regularisation (Tseng et al. 2021, eq. 3): D's logits on real images are pulled
+    towards the running mean of its logits on generated ones, and the other way round, which
+    keeps D from pushing the two apart without bound on a small training set. As in the
+    authors' code, a term counts only where the logit lies beyond the other side's mean:
+    E[relu(D(x) - a_fake)^2] + E[relu(a_real - D(G(z)))^2]. The two running means are buffers,
+    so they are saved and resumed with the run."""
+
+    def __init__(self, decay: float = 0.99):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("real", torch.zeros(()))
+        self.register_buffer("fake", torch.zeros(()))
+
+    def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, batch_mean=torch.mean) -> torch.Tensor:
+        """Update the running means with this batch's (batch_mean: over all processes under
+        torchrun), then return the penalty."""
+        with torch.no_grad():
+            self.real.lerp_(batch_mean(logits_real.float()), 1 - self.decay)
+            self.fake.lerp_(batch_mean(logits_fake.float()), 1 - self.decay)
+        return (F.relu(logits_real.float() - self.fake).pow(2).mean()
+                + F.relu(self.real - logits_fake.float()).pow(2).mean())
+
+
 def build(settings: dict, num_classes: int) -> tuple[Generator, Discriminator]:
     """The networks a run's settings (its config.json, a checkpoint's args) describe; the
     `num_classes` labels condition them when the run was --conditional."""
     classes = num_classes if settings["conditional"] else 0
-    G = Generator(settings["nz"], settings["ngf"], num_classes=classes)
-    D = Discriminator(settings["ndf"], num_classes=classes, norm="layer" if settings["loss"] == "wgan-gp" else "batch")
+    G = Generator(settings["nz"], settings["ngf"], num_classes=classes, labels=settings["g_labels"])
+    D = Discriminator(settings["ndf"], num_classes=classes, norm="layer" if settings["loss"] == "wgan-gp" else "batch",
+                      spectral_norm=settings["spectral_norm"])
     return G, D

@@ -27,13 +27,13 @@ class _SumOverProcesses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        # the same sum, through this Function again: so the backward pass is differentiable in
+        # its turn, as R1 and the gradient penalty need (they differentiate D's gradient)
+        return _SumOverProcesses.apply(grad)
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d (affine, momentum running statistics) over the batches of all processes.
+    """nn.BatchNorm2d (with momentum running statistics) over the batches of all processes.
 
     In training it always computes its statistics itself, even in one process, so that one
     process with this layer reproduces N processes with it to float rounding (BatchNorm's
@@ -60,8 +60,10 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * (n / (n - 1)), self.momentum)
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        shift = self.bias - mean * scale
+        scale = torch.rsqrt(var + self.eps)
+        if self.affine:
+            scale = self.weight * scale
+        shift = (self.bias if self.affine else 0) - mean * scale
         return (xf * scale[:, None, None] + shift[:, None, None]).to(x.dtype)
 
 
@@ -70,9 +72,9 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     weights and statistics."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum)
+            sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, affine=child.affine)
             sync.load_state_dict(child.state_dict())
-            setattr(module, name, sync.to(child.weight.device))
+            setattr(module, name, sync.to(child.running_mean.device))
         else:
             convert_sync_batchnorm(child)
     return module

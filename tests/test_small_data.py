@@ -1,0 +1,171 @@
+"""The GAN's small-data recipe: each augmentation differentiable, label-preserving, the same for
+real and generated images and deterministic under a seed; R1 and LeCam against hand computations;
+spectral norm's largest singular value; class-conditional BatchNorm; the recipes' settings; exact
+resume with every new flag on (torchrun equivalence: tests/test_distributed.py)."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import augment
+import checkpoints
+import train_gan
+from conftest import TINY_GAN, states_equal
+from models.dcgan import Discriminator, Generator, LeCamAnchors, r1_penalty
+
+
+def images(n=6, seed=0):
+    return torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("name", list(augment.OPERATIONS))
+def test_each_augmentation_is_differentiable_and_deterministic_under_a_seed(name):
+    x = images().requires_grad_(True)
+    torch.manual_seed(3)
+    a = augment.augment(x, (name,))
+    torch.manual_seed(3)
+    b = augment.augment(x, (name,))
+    assert torch.equal(a, b) and a.shape == x.shape
+    weights = torch.randn_like(a)
+    (grad,) = torch.autograd.grad((a * weights).sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0  # G's gradient passes through
+    torch.manual_seed(4)
+    assert not torch.equal(augment.augment(x, (name,)), a)  # another seed, other parameters
+
+
+def test_augmentation_is_the_same_function_for_real_and_fake():
+    """Given the same random numbers, a real and a generated batch holding the same pixels come
+    out the same: nothing in the augmentation tells the two apart."""
+    x = images()
+    fake = x.clone().requires_grad_(True)  # a generated batch carries a graph, real images do not
+    u = torch.rand(len(x), augment.draws(augment.parse_policy("all")))
+    policy = augment.parse_policy("all")
+    assert torch.equal(augment.augment(x, policy, u), augment.augment(fake, policy, u).detach())
+
+
+def test_symmetry_gives_each_image_one_of_the_eight_rotations_and_flips():
+    x = images(16)
+    out = augment.symmetry(x, torch.arange(16)[:, None] / 16.0)  # each of the 8 twice
+    for i in range(16):
+        k = i // 2
+        expected = torch.rot90(x[i], k % 4, dims=(1, 2))
+        expected = expected.flip(2) if k >= 4 else expected
+        assert torch.equal(out[i], expected)
+
+
+def test_translation_shifts_whole_pixels_and_fills_with_zero():
+    x = images(1)
+    out = augment.translation(x, torch.tensor([[0.0, 1.0 - 1e-6]]))  # 2 rows up, 2 columns right at 16 px
+    assert torch.equal(out[0, :, :-2, 2:], x[0, :, 2:, :-2])
+    assert torch.all(out[0, :, -2:, :] == 0) and torch.all(out[0, :, :, :2] == 0)
+
+
+def test_color_and_cutout_keep_the_cell_in_place():
+    x = images(4)
+    u = torch.tensor([[0.5, 0.5, 0.5]]).repeat(4, 1)  # brightness +0, saturation x1, contrast x1
+    torch.testing.assert_close(augment.color(x, u), x)
+    out = augment.cutout(x, torch.full((4, 2), 0.5))
+    hole = out == 0
+    assert hole.sum() == 4 * 3 * 8 * 8  # a square of half the side
+    assert torch.equal(out[~hole], x[~hole])  # every other pixel untouched
+
+
+def test_unknown_operation_is_refused():
+    with pytest.raises(ValueError, match="unknown augmentation 'flip'"):
+        augment.parse_policy("translation,flip")
+
+
+class LinearD(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x, y=None):
+        return (x * self.w).flatten(1).sum(1) + (0 if y is None else y.float())
+
+
+def test_r1_of_a_linear_discriminator_is_its_squared_weight_norm():
+    w = torch.randn(3, 4, 4)
+    D = LinearD(w)
+    r1 = r1_penalty(D, torch.randn(5, 3, 4, 4), torch.arange(5))
+    torch.testing.assert_close(r1, w.pow(2).sum())
+    r1.backward()  # differentiable in D's weights: d||w||^2/dw = 2w
+    torch.testing.assert_close(D.w.grad, 2 * w)
+
+
+def test_lecam_against_a_hand_computation():
+    anchors = LeCamAnchors(decay=0.5)
+    anchors.real.fill_(1.0)
+    anchors.fake.fill_(-1.0)
+    real, fake = torch.tensor([2.0, -3.0]), torch.tensor([0.0, 4.0])
+    penalty = anchors(real, fake)
+    # anchors first move halfway to the batch means: real 1 -> (1 + -0.5) / 2, fake -1 -> (-1 + 2) / 2
+    assert anchors.real.item() == 0.25 and anchors.fake.item() == 0.5
+    expected = ((2 - 0.5) ** 2 + 0) / 2 + (max(0.25 - 0, 0) ** 2 + 0) / 2
+    assert penalty.item() == pytest.approx(expected)
+
+
+def test_spectral_norm_brings_each_weight_to_a_largest_singular_value_near_one():
+    torch.manual_seed(0)
+    D = Discriminator(ndf=8, image_size=16, num_classes=3, spectral_norm=True)
+    for _ in range(30):  # the power iteration advances once per forward pass in training
+        D(torch.randn(4, 3, 16, 16), torch.randint(0, 3, (4,)))
+    layers = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Embedding))]
+    assert len(layers) == 4  # 2 stride-2 convolutions at 16 px, the output convolution, the class embedding
+    for m in layers:
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)
+        assert sigma.item() == pytest.approx(1.0, abs=0.05)
+    plain = Discriminator(ndf=8, image_size=16)
+    assert torch.linalg.matrix_norm(plain.features[0].weight.flatten(1), ord=2) < 0.5  # N(0, 0.02) weights
+
+
+@pytest.mark.parametrize("labels", ["batchnorm", "concat"])
+def test_a_conditional_generator_changes_its_output_with_the_label(labels):
+    torch.manual_seed(0)
+    G = Generator(nz=8, ngf=8, image_size=16, num_classes=4, labels=labels)
+    for module in G.modules():  # labels must matter at initialisation already, not only after training
+        if hasattr(module, "scale") and isinstance(module.scale, nn.Embedding):
+            nn.init.normal_(module.scale.weight, 1.0, 0.5)
+    z = torch.randn(6, 8)
+    for mode in (G.train, G.eval):
+        mode()
+        y = torch.tensor([0, 1, 2, 3, 0, 1])
+        a, b = G(z, y), G(z, (y + 1) % 4)
+        assert (a - b).abs().mean() > 0.1 * a.abs().mean()
+    if labels == "batchnorm":
+        assert G.net[0].in_channels == 8  # z alone: the labels enter through the normalisations
+
+
+def run_config(out):
+    return json.loads((out / "config.json").read_text())
+
+
+def test_the_paper_recipe_is_the_plain_dcgan(data_root, tmp_path):
+    common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "1", "--ngf", "8", "--ndf", "8", "--nz", "16"]
+    train_gan.main([*common, "--recipe", "paper", "--out", str(tmp_path / "paper")])
+    config = run_config(tmp_path / "paper")
+    assert (config["batch_size"], config["ema"], config["augment"], config["lecam"], config["r1"],
+            config["spectral_norm"]) == (64, 0.0, "none", 0.0, 0.0, False)
+    # the same run spelled out flag by flag, on top of the default recipe
+    train_gan.main([*common, "--batch-size", "64", "--ema", "0", "--augment", "none", "--lecam", "0", "--r1", "0",
+                    "--no-spectral-norm", "--out", str(tmp_path / "flags")])
+    a = checkpoints.load_checkpoint(tmp_path / "paper" / "ckpt.pt")
+    b = checkpoints.load_checkpoint(tmp_path / "flags" / "ckpt.pt")
+    assert states_equal(a, b) and set(a["models"]) == {"G", "D"}
+
+
+def test_resume_is_exact_with_every_small_data_flag(data_root, tmp_path):
+    common = ["--data-root", str(data_root), "--device", "cpu", *TINY_GAN, "--conditional", "--g-labels", "batchnorm",
+              "--augment", "all", "--lecam", "0.1", "--r1", "1", "--spectral-norm", "--ema", "0.9"]
+    train_gan.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
+    train_gan.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
+    train_gan.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3",
+                    "--out", str(tmp_path / "resumed"), "--resume"])
+    a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    assert states_equal(a, b) and {"G", "D", "G_ema", "lecam"} <= a["models"].keys()
+    assert any("parametrizations" in k for k in a["models"]["D"])  # spectral norm's u and v are saved
+    assert a["models"]["lecam"]["real"] != 0
+    record = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["r1"] > 0 and record["lecam"] >= 0
