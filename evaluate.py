@@ -12,17 +12,19 @@ reconstruction MSE, PSNR and SSIM. Two reference rows place the numbers: real tr
 (the best a model can do) and noise with the training images' per-pixel mean and std (a trivial
 generator). Results go to a table, to eval.json beside each checkpoint, and to --json.
 
-Is the synthetic data useful? Is it private? (synthetic.py; see the README's section of that name)
+Is the synthetic data useful? Is it private? (synthetic.py; docs/evaluation.md)
 
-    python evaluate.py outputs/cgan/ckpt.pt --utility        # conditional checkpoints only
+    python evaluate.py outputs/cgan/ckpt.pt --cas            # conditional checkpoints only
+    python evaluate.py outputs/cgan/ckpt.pt --utility
     python evaluate.py outputs/gan/ckpt.pt --memorization
 
---utility trains the feature network's classifier on a class-balanced synthetic set the size of
-the real train split and tests it on the real test split (CAS), beside the real-data ceiling and a
-noise floor, then trains on stratified real subsets (--fractions) alone and with synthetic images
-added (--synthetic-ratio), over --seeds seeds. That is 1 + C * (1 + F * S) + F * S classifiers
-for C checkpoints, F fractions and S seeds (20 for one checkpoint with the defaults), each as long
-as the feature network's training (seconds on a GPU, many minutes on a CPU).
+--cas trains the feature network's classifier on class-balanced synthetic sets of --cas-sizes
+times the real train split's images (1 and 5) and tests it on the real test split (CAS), beside
+the real-data ceiling (the feature network itself) and a noise floor: 1 + C * M classifiers for
+C checkpoints and M sizes. --utility adds the augmentation study: stratified real subsets
+(--fractions) alone and with synthetic images added (--synthetic-ratio), over --seeds seeds,
+F * S * (1 + C) classifiers more for F fractions and S seeds. Each classifier takes as long as
+the feature network's training (seconds on a GPU, many minutes on a CPU).
 --memorization compares, for the --n generated images, the distance to the nearest training
 image (in the classifier's feature space and in pixels) with that of the real test images, and
 draws the closest pairs.
@@ -60,6 +62,16 @@ def fraction_list(text: str) -> list[float]:
     return values
 
 
+def size_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected multiples separated by commas, such as 1,5; got {text}") from None
+    if not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every multiple must be above 0; got {text}")
+    return values
+
+
 def parse_args(argv=None):
     p = cli.make_parser(__doc__)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="ckpt.pt files of either training script")
@@ -83,6 +95,11 @@ def parse_args(argv=None):
     study = p.add_argument_group("is the synthetic data useful? is it private?")
     study.add_argument("--utility", action="store_true",
                        help="train-on-synthetic scores (CAS) and augmentation gains; conditional checkpoints only")
+    study.add_argument("--cas", action="store_true",
+                       help="the train-on-synthetic scores alone, without the augmentation study: one classifier "
+                            "per checkpoint and --cas-sizes entry, plus the noise floor unless --no-reference")
+    study.add_argument("--cas-sizes", type=size_list, default="1,5", metavar="M,M,...",
+                       help="--cas/--utility: synthetic training sets of M times the real train split's images")
     study.add_argument("--fractions", type=fraction_list, default="0.01,0.1,1", metavar="F,F,...",
                        help="--utility: shares of the real train split (stratified) to augment")
     study.add_argument("--seeds", type=cli.positive_int, default=3, metavar="N",
@@ -233,8 +250,9 @@ def main(argv=None):
     device = hardware.pick_device(args.device)
     hardware.speed_up(device)
     samplers = [Sampler(path, device, not args.no_ema, args.standard_prior) for path in args.checkpoints]  # bad paths fail first
-    if args.utility and (unconditional := [p for p, s in zip(args.checkpoints, samplers) if not s.conditional]):
-        raise errors.UserError(f"--utility needs conditional checkpoints: {unconditional[0]} was trained without "
+    study = "--utility" if args.utility else "--cas" if args.cas else None
+    if study and (unconditional := [p for p, s in zip(args.checkpoints, samplers) if not s.conditional]):
+        raise errors.UserError(f"{study} needs conditional checkpoints: {unconditional[0]} was trained without "
                                "--conditional, and a classifier trained on synthetic images needs each image's "
                                "class; train one with --conditional")
     args.data_root = args.data_root or data_root_of(args.checkpoints, samplers)
@@ -288,21 +306,29 @@ def main(argv=None):
     if args.memorization:
         print_memorization(memorization_rows)
         out["memorization"] = memorization_rows
-    if args.utility:
+    if study:
         names = [r["name"] for r in rows[:len(samplers)]]
         generators = {name: generator(s, name, args.batch_size) for name, s in zip(names, samplers)}
         runs = args.fractions, range(args.seed, args.seed + args.seeds)
-        total = 1 + len(generators) + len(runs[0]) * len(runs[1]) * (1 + len(generators))
-        print(f"\nUtility: training {total} classifiers of {synthetic.recipe_steps(len(splits['train'])):,} steps each")
-        with tqdm(total=total, desc="utility: classifiers", dynamic_ncols=True) as bar:
-            out["cas"] = synthetic.cas(generators, splits["train"], splits["test"], device, args.seed, fnet, bar)
+        floor = not args.no_reference
+        total = floor + len(generators) * len(args.cas_sizes)
+        total += len(runs[0]) * len(runs[1]) * (1 + len(generators)) if args.utility else 0
+        print(f"\n{'Utility' if args.utility else 'CAS'}: training {total} classifier{'s' * (total != 1)} of "
+              f"{synthetic.recipe_steps(len(splits['train'])):,} steps each")
+        with tqdm(total=total, desc=f"{study[2:]}: classifiers", dynamic_ncols=True) as bar:
+            out["cas"] = synthetic.cas(generators, splits["train"], splits["test"], device, args.seed, fnet, bar,
+                                       args.cas_sizes, floor)
             print_cas(out["cas"])
-            out["augmentation"] = synthetic.augmentation(generators, splits["train"], splits["test"], device,
-                                                         *runs, args.synthetic_ratio, bar)
-        print_augmentation(out["augmentation"])
+            if args.utility:
+                out["augmentation"] = synthetic.augmentation(generators, splits["train"], splits["test"], device,
+                                                             *runs, args.synthetic_ratio, bar)
+        if args.utility:
+            print_augmentation(out["augmentation"])
         for path, name in zip(args.checkpoints, names):
-            eval_records[path]["cas"] = next(r for r in out["cas"] if r["name"] == name)
-            eval_records[path]["augmentation"] = [r for r in out["augmentation"] if r["training_set"] in ("real only", name)]
+            eval_records[path]["cas"] = [r for r in out["cas"] if r.get("generator") == name]
+            if args.utility:
+                eval_records[path]["augmentation"] = [r for r in out["augmentation"]
+                                                      if r["training_set"] in ("real only", name)]
             write_eval_json(path, eval_records[path])
     if args.json:
         note = files.write_output_text(args.json, json.dumps(out, indent=2) + "\n")

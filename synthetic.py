@@ -72,25 +72,31 @@ def join(a: Split, b: Split) -> Split:
 
 
 def cas(generators: dict[str, Generate], train: Split, test: Split, device: torch.device, seed: int = 0,
-        ceiling: torch.nn.Module | None = None, bar: tqdm | None = None) -> list[dict]:
+        ceiling: torch.nn.Module | None = None, bar: tqdm | None = None, sizes=(1.0,),
+        floor: bool = True) -> list[dict]:
     """Rows of test scores for classifiers trained on: the real train split (the ceiling; pass
     `ceiling` when that classifier exists already, as the feature network does), noise images
-    with the real labels (the floor), and, per generator, a class-balanced synthetic set the size
-    of the real train split."""
+    with the real labels (the floor, unless floor is False), and, per generator and size, a
+    class-balanced synthetic set of size x the real train split's images (synthetic images are
+    free: a larger set shows the classifier more of what the generator knows, in the same
+    number of steps). A row's "generator" names its generator, "size" its multiple."""
     steps = recipe_steps(len(train))
     if ceiling is None:
         real = fit(train, test, device, seed, steps, "CAS: real train split", bar)
     else:
         real = metrics.classification_scores(metrics.predict(ceiling, test.images)[1], test.labels)
-    noise = Split(metrics.pixel_noise(train.images, len(train), torch.Generator().manual_seed(seed))
-                  .permute(0, 2, 3, 1).numpy(), train.labels)
-    rows = [{"name": "real train split (ceiling)", "images": len(train), **real},
-            {"name": "pixel noise, real labels (floor)", "images": len(train),
-             **fit(noise, test, device, seed, steps, "CAS: noise", bar)}]
+    rows = [{"name": "real train split (ceiling)", "images": len(train), **real}]
+    if floor:
+        noise = Split(metrics.pixel_noise(train.images, len(train), torch.Generator().manual_seed(seed))
+                      .permute(0, 2, 3, 1).numpy(), train.labels)
+        rows.append({"name": "pixel noise, real labels (floor)", "images": len(train),
+                     **fit(noise, test, device, seed, steps, "CAS: noise", bar)})
     for name, generate in generators.items():
-        synthetic = draw(generate, balanced_counts(len(train)), seed, device)
-        rows.append({"name": name, "images": len(synthetic),
-                     **fit(synthetic, test, device, seed, steps, f"CAS: {name}", bar)})
+        for size in sizes:
+            row_name = name if size == 1 else f"{name}, {size:g}x real"
+            synthetic = draw(generate, balanced_counts(round(size * len(train))), seed, device)
+            rows.append({"name": row_name, "generator": name, "size": size, "images": len(synthetic),
+                         **fit(synthetic, test, device, seed, steps, f"CAS: {row_name}", bar)})
     return rows
 
 

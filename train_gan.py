@@ -5,7 +5,7 @@
     python train_gan.py --loss wgan-gp --out outputs/wgan # critic without BatchNorm, 5 critic steps
     python train_gan.py --conditional --out outputs/cgan  # one class per row of every grid
     python train_gan.py --resume                          # continue outputs/gan/ after Ctrl-C
-    torchrun --standalone --nproc_per_node 4 train_gan.py --sync-bn   # 4 GPUs, global batch 128
+    torchrun --standalone --nproc_per_node 4 train_gan.py --sync-bn   # 4 GPUs, global batch 64
 
 Every epoch writes samples_epoch_NNN.png (the same fixed noise each time, so epochs compare; a
 class per row when conditional), metrics.jsonl, curves.png and ckpt.pt into --out.
@@ -94,10 +94,12 @@ def build_parser():
 
 
 def policy(text: str) -> str:
+    """--augment, checked and spelled one way: 'none', 'all', or the operations in order."""
     try:
-        return ",".join(parse_policy(text)) or "none"
+        ops = parse_policy(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return "none" if not ops else "all" if ops == parse_policy("all") else ",".join(ops)
 
 
 def fill_defaults(args) -> None:
@@ -225,11 +227,14 @@ def main(argv=None):
         for index, (real, y) in run.steps(epoch):
             trainer.step(real, y if args.conditional else None, index, run.meter)
 
-        # End of epoch: BatchNorm statistics of the drawn generator, metrics (and KID), a sample
-        # grid from the fixed noise, curves, checkpoint
-        loop.recalibrate_batchnorm(drawn, calibration)
+        # End of epoch: BatchNorm statistics of each generator that may be drawn (the EMA, and
+        # the raw G, which sample.py --no-ema draws), metrics (and KID), a sample grid from the
+        # fixed noise, curves, checkpoint
+        generators = [G] + ([trainer.G_ema] if trainer.G_ema is not None else [])
+        for generator in generators:
+            loop.recalibrate_batchnorm(generator, calibration)
         if trainer.average_buffers:
-            distributed.average_buffers(drawn)
+            distributed.average_buffers(*generators)
         record = {**run.epoch_record(epoch), "seconds": run.seconds()}
         if distributed.is_main():
             drawn.eval()

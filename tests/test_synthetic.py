@@ -149,14 +149,16 @@ def test_evaluate_utility_and_memorization_write_tables_json_and_pairs(ckpts, da
         assert title in printed
     results = json.loads(out.read_text())
     assert [r["name"] for r in results["cas"]] == ["real train split (ceiling)", "pixel noise, real labels (floor)",
-                                                   "cgan (EMA)"]
+                                                   "cgan (EMA)", "cgan (EMA), 5x real"]
+    assert [r["images"] for r in results["cas"][2:]] == [64, 320]  # 1 and 5 times the 64 real training images
     assert [(r["fraction"], r["training_set"]) for r in results["augmentation"]] == [
         (0.5, "real only"), (0.5, "cgan (EMA)"), (1.0, "real only"), (1.0, "cgan (EMA)")]
     (mem,) = results["memorization"]
     assert mem["n_generated"] == 24 and mem["train_images"] == 64 and mem["n_heldout"] == 16
     assert (ckpts["cgan"].parent / "memorization_pairs.png").is_file()
     beside = json.loads((ckpts["cgan"].parent / "eval.json").read_text())
-    assert beside["cas"]["name"] == "cgan (EMA)" and len(beside["augmentation"]) == 4
+    assert [r["name"] for r in beside["cas"]] == ["cgan (EMA)", "cgan (EMA), 5x real"]
+    assert len(beside["augmentation"]) == 4
     assert beside["memorization"]["pixel"] == mem["pixel"]
 
 
@@ -170,6 +172,20 @@ def test_memorization_compares_with_the_subset_a_model_was_trained_on(data_root,
                    "--kid-subsets", "2", "--kid-subset-size", "8", "--n", "16", "--no-reference",
                    str(tmp_path / "small" / "ckpt.pt"), "--memorization", "--json", str(out)])
     assert json.loads(out.read_text())["memorization"][0]["train_images"] == 16
+
+
+def test_cas_alone_trains_no_augmentation_classifiers(ckpts, data_root, feature_cache, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    evaluate.main(["--device", "cpu", "--data-root", str(data_root), "--feature-cache", str(feature_cache),
+                   "--kid-subsets", "2", "--kid-subset-size", "8", "--n", "24", "--no-reference",
+                   str(ckpts["cgan"]), "--cas", "--cas-sizes", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "CAS: training 1 classifier of" in printed and "Augmentation" not in printed
+    results = json.loads(out.read_text())
+    assert "augmentation" not in results  # nor the noise floor, with --no-reference
+    assert [(r["name"], r["images"]) for r in results["cas"]] == [("real train split (ceiling)", 64),
+                                                                  ("cgan (EMA), 2x real", 128)]
+    assert len(results["cas"][1]["recall"]) == NUM_CLASSES  # per-class recall in the table
 
 
 def test_utility_refuses_an_unconditional_checkpoint_in_one_line(ckpts):
