@@ -116,6 +116,21 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def number_list(what: str, example: str, above: float, most: float = float("inf")):
+    """An argparse type: numbers separated by commas, each above `above` and at most `most`."""
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, such as {example}; "
+                                             f"got {text}") from None
+        if not all(above < v <= most for v in values):
+            bound = f"lie in ({above:g}, {most:g}]" if most < float("inf") else f"be above {above:g}"
+            raise argparse.ArgumentTypeError(f"every one of the {what} must {bound}; got {text}")
+        return values
+    return parse
+
+
 def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float | None,
                     lr_help: str = "Adam learning rate") -> None:
     """The flags both training scripts take; defaults are shown by --help."""

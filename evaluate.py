@@ -29,7 +29,6 @@ the feature network's training (seconds on a GPU, many minutes on a CPU).
 image (in the classifier's feature space and in pixels) with that of the real test images, and
 draws the closest pairs.
 """
-import argparse
 import json
 import time
 from pathlib import Path
@@ -49,27 +48,6 @@ import vae_eval
 from data import Batches, as_tensor, class_names, load_bloodmnist
 from models.vae import VALUE_RANGE
 from sampler import Sampler
-
-
-def fraction_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected fractions separated by commas, such as 0.01,0.1,1; "
-                                         f"got {text}") from None
-    if not all(0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every fraction must lie in (0, 1]; got {text}")
-    return values
-
-
-def size_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected multiples separated by commas, such as 1,5; got {text}") from None
-    if not all(v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"every multiple must be above 0; got {text}")
-    return values
 
 
 def parse_args(argv=None):
@@ -98,9 +76,9 @@ def parse_args(argv=None):
     study.add_argument("--cas", action="store_true",
                        help="the train-on-synthetic scores alone, without the augmentation study: one classifier "
                             "per checkpoint and --cas-sizes entry, plus the noise floor unless --no-reference")
-    study.add_argument("--cas-sizes", type=size_list, default="1,5", metavar="M,M,...",
+    study.add_argument("--cas-sizes", type=cli.number_list("multiples", "1,5", above=0), default="1,5", metavar="M,M,...",
                        help="--cas/--utility: synthetic training sets of M times the real train split's images")
-    study.add_argument("--fractions", type=fraction_list, default="0.01,0.1,1", metavar="F,F,...",
+    study.add_argument("--fractions", type=cli.number_list("fractions", "0.01,0.1,1", above=0, most=1), default="0.01,0.1,1", metavar="F,F,...",
                        help="--utility: shares of the real train split (stratified) to augment")
     study.add_argument("--seeds", type=cli.positive_int, default=3, metavar="N",
                        help="--utility: seeds (subset, classifier, synthetic draw) per augmentation row")
