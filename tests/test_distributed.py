@@ -109,7 +109,8 @@ def test_gan_with_sync_bn_on_two_processes_learns_what_one_process_learns(data_r
     """--sync-bn gives G's BatchNorm (and the DCGAN discriminator's) the global batch's
     statistics, so two processes match one: the critic, G and its EMA, within float rounding
     (learning rate 1e-4 to 2e-4 a step)."""
-    common = ["--data-root", data_root, *TINY_GAN, *FP32, "--loss", loss, "--sync-bn", "--epochs", epochs, *extra]
+    common = ["--data-root", data_root, *TINY_GAN, *FP32, "--recipe", "small-data", "--loss", loss, "--sync-bn",
+              "--epochs", epochs, *extra]
     launch(1, "train_gan.py", *common, "--out", tmp_path / "one")
     launch(2, "train_gan.py", *common, "--out", tmp_path / "two")
     diff = largest_difference(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt")
@@ -155,7 +156,7 @@ def _train_a_few_steps(rank: int, port: int, data_root: str, out: str, flags: li
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    args = train_gan.build_parser().parse_args(["--data-root", data_root, "--device", "cpu", *TINY_GAN, *flags])
+    args = train_gan.build_parser().parse_args(["--data-root", data_root, "--device", "cpu", *TINY_GAN, "--recipe", "small-data", *flags])
     train_gan.fill_defaults(args)
     device = distributed.init_distributed(args)
     loop.set_seed(args.seed)
