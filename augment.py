@@ -69,7 +69,7 @@ def symmetry(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def translation(x: torch.Tensor, u: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
     """Each image shifted by whole pixels, up to ratio x its size in each direction; the pixels
     shifted in are zero."""
-    b, _, h, w = x.shape
+    h, w = x.shape[2:]
     sy, sx = int(h * ratio + 0.5), int(w * ratio + 0.5)
     dy = (u[:, 0] * (2 * sy + 1)).long().clamp(max=2 * sy) - sy  # -sy..sy
     dx = (u[:, 1] * (2 * sx + 1)).long().clamp(max=2 * sx) - sx
@@ -93,7 +93,7 @@ def color(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def cutout(x: torch.Tensor, u: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     """A square of ratio x the image's side, centred anywhere in it (clipped at the edges), set to 0."""
-    b, _, h, w = x.shape
+    h, w = x.shape[2:]
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     cy = (u[:, 0] * (h + 1 - ch % 2)).long()  # Zhao et al.: centres in 0..h - (1 - ch % 2)
     cx = (u[:, 1] * (w + 1 - cw % 2)).long()

@@ -166,6 +166,11 @@ def as_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
+def as_array(images: torch.Tensor) -> np.ndarray:
+    """The inverse of as_tensor: uint8 (N, 3, H, W) -> (N, H, W, 3) on the CPU, as MedMNIST stores them."""
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_float(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float in value_range: (0, 1) for the VAE, (-1, 1) for the GAN."""
     lo, hi = value_range

@@ -194,6 +194,6 @@ def claim_run(args: argparse.Namespace, ckpt: dict | None) -> None:
     files.lock_folder(out)
     if ckpt is None:
         refuse_existing_run(out)  # another run may have got there first, and finished
-    if ckpt is not None:
+    else:
         print(f"Resuming {out / 'ckpt.pt'} at epoch {ckpt['epoch'] + 1}, step {ckpt['step']}")
     files.atomic_write_text(out / "config.json", json.dumps(vars(args), indent=2) + "\n")

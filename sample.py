@@ -23,7 +23,7 @@ import files
 import hardware
 import loop
 import pictures
-from data import NUM_CLASSES, SPLITS, Batches, balanced_labels, class_names, load_bloodmnist
+from data import NUM_CLASSES, SPLITS, Batches, as_array, balanced_labels, class_names, load_bloodmnist
 from sampler import Sampler
 
 
@@ -89,7 +89,7 @@ def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor, source: st
     """uint8 images (N, 3, 64, 64) -> MedMNIST layout: train_images uint8 (N, 64, 64, 3),
     train_labels (N, 1); val and test present and empty, so the file loads with data.py and
     with code written for MedMNIST. `source` (the checkpoint) is kept under SYNTHETIC_MARK."""
-    arrays = {"train_images": images.permute(0, 2, 3, 1).cpu().numpy(),
+    arrays = {"train_images": as_array(images),
               "train_labels": labels.cpu().numpy().astype(np.uint8).reshape(-1, 1),
               files.SYNTHETIC_MARK: np.array(source)}  # so that --overwrite may replace it, and no dataset
     for split in ("val", "test"):

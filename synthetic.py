@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from data import NUM_CLASSES, Split, to_float
+from data import NUM_CLASSES, Split, as_array, to_float
 
 Generate = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -51,7 +51,7 @@ def draw(generate: Generate, counts: np.ndarray, seed: int, device: torch.device
     """counts[c] generated images of each class c, as a Split (NHWC uint8, like the npz)."""
     labels = torch.from_numpy(np.repeat(np.arange(NUM_CLASSES), counts))
     images = generate(labels.to(device), seed)
-    return Split(images.permute(0, 2, 3, 1).cpu().numpy(), labels.numpy())
+    return Split(as_array(images), labels.numpy())
 
 
 def stratified_subset(split: Split, fraction: float, seed: int) -> Split:
@@ -87,8 +87,8 @@ def cas(generators: dict[str, Generate], train: Split, test: Split, device: torc
         real = metrics.classification_scores(metrics.predict(ceiling, test.images)[1], test.labels)
     rows = [{"name": "real train split (ceiling)", "images": len(train), **real}]
     if floor:
-        noise = Split(metrics.pixel_noise(train.images, len(train), torch.Generator().manual_seed(seed))
-                      .permute(0, 2, 3, 1).numpy(), train.labels)
+        noise = Split(as_array(metrics.pixel_noise(train.images, len(train), torch.Generator().manual_seed(seed))),
+                      train.labels)
         rows.append({"name": "pixel noise, real labels (floor)", "images": len(train),
                      **fit(noise, test, device, seed, steps, "CAS: noise", bar)})
     for name, generate in generators.items():

@@ -182,20 +182,23 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor,
     and the final backward() carries the penalty's gradients to them like any other term."""
     if mix is None:
         mix = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
-    x_hat = (mix * real + (1 - mix) * fake).requires_grad_(True)
-    out = critic(x_hat, y) if y is not None else critic(x_hat)
-    (grad,) = torch.autograd.grad(out.sum(), x_hat, create_graph=True)
+    grad = input_gradient(critic, mix * real + (1 - mix) * fake, y)
     return ((grad.float().flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def input_gradient(D: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """d sum(D(x)) / dx, per image, kept in the graph (create_graph) so that a penalty on it
+    trains D's weights."""
+    x = x.detach().requires_grad_(True)
+    out = D(x, y) if y is not None else D(x)
+    return torch.autograd.grad(out.sum(), x, create_graph=True)[0]
 
 
 def r1_penalty(D: nn.Module, real: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Mescheder et al. 2018, eq. 9 without its gamma / 2: E[||grad_x D(x)||^2] over real
     images x, which keeps D flat on the data, where it would otherwise sharpen without end. The
     caller weights it and runs one backward() of its loss (as for gradient_penalty)."""
-    x = real.detach().requires_grad_(True)
-    out = D(x, y) if y is not None else D(x)
-    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    return grad.float().pow(2).flatten(1).sum(1).mean()
+    return input_gradient(D, real, y).float().pow(2).flatten(1).sum(1).mean()
 
 
 class LeCamAnchors(nn.Module):

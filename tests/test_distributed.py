@@ -156,7 +156,8 @@ def _train_a_few_steps(rank: int, port: int, data_root: str, out: str, flags: li
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    args = train_gan.build_parser().parse_args(["--data-root", data_root, "--device", "cpu", *TINY_GAN, "--recipe", "small-data", *flags])
+    args = train_gan.build_parser().parse_args(["--data-root", data_root, "--device", "cpu", *TINY_GAN,
+                                                "--recipe", "small-data", *flags])
     train_gan.fill_defaults(args)
     device = distributed.init_distributed(args)
     loop.set_seed(args.seed)
