@@ -21,9 +21,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 KINDS = ("gan", "vae")
-# The version of the checkpoint layout and of the settings it records, raised by any change that
-# older files cannot be read with; load_checkpoint refuses other versions in one line.
-FORMAT = 2
+# The version of each kind's checkpoint layout and of the settings it records, raised by any change
+# that older files cannot be read with; load_checkpoint refuses other versions in one line.
+FORMATS = {"gan": 2, "vae": 3}
 
 
 # What every checkpoint holds, and what resuming a training run needs besides.
@@ -47,10 +47,10 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
                                "truncated or not from this repo") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise errors.UserError(f"{path} is not a checkpoint written by train_gan.py or train_vae.py")
-    if ckpt.get("format") != FORMAT:
+    if ckpt["kind"] in FORMATS and ckpt.get("format") != FORMATS[ckpt["kind"]]:
         raise errors.UserError(f"{path} has checkpoint format {ckpt.get('format', 1)!r} and this version of the "
-                               f"repo reads format {FORMAT}; train the run again, or use it with the version "
-                               "that wrote it")
+                               f"repo reads format {FORMATS[ckpt['kind']]} for a {ckpt['kind'].upper()}; train the "
+                               "run again, or use it with the version that wrote it")
     wanted = {**CHECKPOINT_KEYS, **(TRAINING_KEYS if training else {})}
     wrong = [k for k, t in wanted.items() if not isinstance(ckpt.get(k), t)]
     if wrong or ckpt["kind"] not in KINDS:
@@ -99,7 +99,7 @@ def save_training_state(path: Path, kind: str, args: argparse.Namespace, epoch: 
     if not distributed.is_main():
         return
     save_checkpoint(path, {
-        "format": FORMAT, "kind": kind, "args": vars(args), "epoch": epoch, "step": step,
+        "format": FORMATS[kind], "kind": kind, "args": vars(args), "epoch": epoch, "step": step,
         "models": {k: m.state_dict() for k, m in models.items()},
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
         "scalers": {k: s.state_dict() for k, s in (scalers or {}).items() if s is not None},

@@ -14,7 +14,7 @@ generator). Results go to a table, to eval.json beside each checkpoint, and to -
 
 Is the synthetic data useful? Is it private? (synthetic.py; docs/evaluation.md)
 
-    python evaluate.py outputs/cgan/ckpt.pt --cas            # conditional checkpoints only
+    python evaluate.py outputs/cgan/ckpt.pt --cas            # models that draw by class only
     python evaluate.py outputs/cgan/ckpt.pt --utility
     python evaluate.py outputs/gan/ckpt.pt --memorization
 
@@ -46,7 +46,7 @@ import pictures
 import synthetic
 import vae_eval
 from data import Batches, as_tensor, class_names, load_bloodmnist
-from models.vae import VALUE_RANGE
+from models.vae import PRIORS, VALUE_RANGE
 from sampler import Sampler
 
 
@@ -56,8 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--n", type=cli.int_at_least(4), default=10_000,
                    help="images generated per checkpoint (precision and recall need more than k = 3)")
     p.add_argument("--no-ema", action="store_true", help="score the raw generator of an --ema run")
-    p.add_argument("--standard-prior", action="store_true",
-                   help="VAE: sample z from N(0, I) instead of the Gaussian fitted to the training codes")
+    p.add_argument("--prior", choices=PRIORS, default="classes",
+                   help="VAE: sample z from a Gaussian per class in the training shares (classes), one Gaussian "
+                        "for all codes (gaussian) or the training prior (standard); see sample.py")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
     p.add_argument("--kid-subsets", type=cli.positive_int, default=100, metavar="N",
                    help="subsets KID is averaged over")
@@ -72,7 +73,8 @@ def parse_args(argv=None):
     cli.add_device_and_data(p, data_root=None)
     study = p.add_argument_group("is the synthetic data useful? is it private?")
     study.add_argument("--utility", action="store_true",
-                       help="train-on-synthetic scores (CAS) and augmentation gains; conditional checkpoints only")
+                       help="train-on-synthetic scores (CAS) and augmentation gains; models that draw by class only "
+                            "(conditional, or a VAE with --prior classes)")
     study.add_argument("--cas", action="store_true",
                        help="the train-on-synthetic scores alone, without the augmentation study: one classifier "
                             "per checkpoint and --cas-sizes entry, plus the noise floor unless --no-reference")
@@ -137,7 +139,7 @@ def row_name(path: str, sampler: Sampler) -> str:
     if sampler.has_ema:
         name += " (EMA)" if sampler.ema else " (raw G)"
     if sampler.kind == "vae":
-        name += " (fitted prior)" if sampler.fitted_prior else " (N(0, I))"
+        name += f" ({sampler.prior} prior)"
     return name
 
 
@@ -199,7 +201,7 @@ def print_memorization(rows: list[dict]) -> None:
 def generator(sampler: Sampler, name: str, batch_size: int) -> synthetic.Generate:
     """A checkpoint as synthetic.py's generator: labels, seed -> uint8 images."""
     def generate(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        return sampler.decode(sampler.latents(len(labels), seed), labels, batch_size, uint8=True,
+        return sampler.decode(sampler.latents(len(labels), seed, labels), labels, batch_size, uint8=True,
                               desc=f"{name}: generating")
     return generate
 
@@ -227,12 +229,12 @@ def main(argv=None):
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
     hardware.speed_up(device)
-    samplers = [Sampler(path, device, not args.no_ema, args.standard_prior) for path in args.checkpoints]  # bad paths fail first
+    samplers = [Sampler(path, device, not args.no_ema, args.prior) for path in args.checkpoints]  # bad paths fail first
     study = "--utility" if args.utility else "--cas" if args.cas else None
-    if study and (unconditional := [p for p, s in zip(args.checkpoints, samplers) if not s.conditional]):
-        raise errors.UserError(f"{study} needs conditional checkpoints: {unconditional[0]} was trained without "
-                               "--conditional, and a classifier trained on synthetic images needs each image's "
-                               "class; train one with --conditional")
+    if study and (unlabelled := [p for p, s in zip(args.checkpoints, samplers) if not s.labelled]):
+        raise errors.UserError(f"{study} needs images that come with their class: {unlabelled[0]} was trained "
+                               "without --conditional (a VAE's --prior classes also draws by class); train one "
+                               "with --conditional")
     args.data_root = args.data_root or data_root_of(args.checkpoints, samplers)
     if args.json:
         files.check_output(args.json, "--json", (".json",), args.overwrite)
@@ -253,16 +255,16 @@ def main(argv=None):
     rows, eval_records, memorization_rows, train_features = [], {}, [], {}
     for path, sampler in zip(args.checkpoints, samplers):
         t0 = time.time()
-        labels = metrics.proportional_labels(args.n, train_shares, args.seed).to(device) if sampler.conditional else None
+        labels = metrics.proportional_labels(args.n, train_shares, args.seed).to(device) if sampler.labelled else None
         name = row_name(path, sampler)
         if any(r["name"] == name for r in rows):  # two run folders of one name: rows must differ
             name += f" [{len(rows) + 1}]"
-        images = sampler.decode(sampler.latents(args.n, args.seed), labels, args.batch_size, uint8=True,
+        images = sampler.decode(sampler.latents(args.n, args.seed, labels), labels, args.batch_size, uint8=True,
                                 desc=f"{name}: generating")
         feats, logits = metrics.predict(fnet, images, args.batch_size, desc="features")
         row = {"name": name, "checkpoint": str(path), "kind": sampler.kind,
                "conditional": sampler.conditional, "epochs": sampler.epochs_trained,
-               "ema": sampler.ema, "fitted_prior": sampler.fitted_prior,
+               "ema": sampler.ema, "prior": sampler.prior,
                **score(feats, logits, real, args, labels)}
         if sampler.kind == "vae":
             row.update(vae_measures(sampler, splits["test"], args))

@@ -316,8 +316,8 @@ class KIDProbe:
         self.model, _ = feature_network(args.data_root, device, args.feature_cache)
         self.real = predict(self.model, splits["test"].images)[0]
         self.z = loop.fixed_noise(args.eval_n, latent_dim, args.seed + 1, device)
-        self.y = (proportional_labels(args.eval_n, class_shares(splits["train"].labels), args.seed).to(device)
-                  if args.conditional else None)
+        # labels in the training shares: what conditional models and the VAE's class mixture draw
+        self.y = proportional_labels(args.eval_n, class_shares(splits["train"].labels), args.seed).to(device)
 
     def due(self, epoch: int) -> bool:
         """After `epoch` (counted from 1) epochs?"""
@@ -326,7 +326,7 @@ class KIDProbe:
     @torch.no_grad()
     def __call__(self, generate, batch_size: int = 250) -> dict[str, float]:
         """generate(z, y) -> uint8 images; returns {"kid": mean, "kid_std": std over subsets}."""
-        images = torch.cat([generate(self.z[i:i + batch_size], None if self.y is None else self.y[i:i + batch_size])
+        images = torch.cat([generate(self.z[i:i + batch_size], self.y[i:i + batch_size])
                             for i in range(0, len(self.z), batch_size)])
         mean, std = kid(predict(self.model, images)[0], self.real, subsets=50)
         return {"kid": mean, "kid_std": std}

@@ -24,6 +24,7 @@ import hardware
 import loop
 import pictures
 from data import NUM_CLASSES, SPLITS, Batches, as_array, balanced_labels, class_names, load_bloodmnist
+from models.vae import PRIORS
 from sampler import Sampler
 
 
@@ -42,13 +43,16 @@ def parse_args(argv=None):
     p.add_argument("--npz", metavar="FILE", default=None,
                    help="write the N images as a MedMNIST-format npz (train split) instead of a grid")
     p.add_argument("--class", dest="cls", metavar="NAME|ID", default=None,
-                   help="conditional runs: draw only this cell type (default: all, balanced)")
+                   help="draw only this cell type: conditional runs, and VAEs from their class mixture "
+                        "(default: every class; a row each for conditional runs)")
     p.add_argument("--steps", type=cli.positive_int, default=8, help="columns of --interpolate / --arithmetic")
     p.add_argument("--split", choices=SPLITS, default=None,
                    help="split for --arithmetic means (default train) and --latent-map (default test)")
     p.add_argument("--no-ema", action="store_true", help="use the raw generator of an --ema run")
-    p.add_argument("--standard-prior", action="store_true",
-                   help="VAE: draw z from N(0, I) instead of the Gaussian fitted to the training codes")
+    p.add_argument("--prior", choices=PRIORS, default="classes",
+                   help="VAE: draw z from a Gaussian fitted to each class's training codes, in the classes' "
+                        "shares (classes), one Gaussian fitted to all of them (gaussian), or the prior it "
+                        "trained with (standard: N(0, I), or p(z | y) of a conditional VAE)")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="output .png or .jpg (default: a name for the mode beside the checkpoint, replaced "
                         "on each call)")
@@ -112,20 +116,23 @@ def encode_split(sampler: Sampler, args, split: str) -> tuple[torch.Tensor, torc
     return torch.cat(mus), batches.labels, batches.images
 
 
-def labels_for(n: int, cls: int | None, device, by_row: bool = False) -> torch.Tensor:
-    """The labels to draw: all `cls`, or every class in turn (unconditional models ignore them)."""
-    return torch.full((n,), cls, device=device) if cls is not None else balanced_labels(n, device, by_row)
+def labels_for(sampler: Sampler, n: int, cls: int | None, seed: int, by_row: bool = False) -> torch.Tensor | None:
+    """The classes to draw: all `cls`; every class in turn for a conditional model; the model's
+    own shares for a VAE's class mixture; None for a model that draws no classes."""
+    if cls is not None:
+        return torch.full((n,), cls, device=sampler.device)
+    return balanced_labels(n, sampler.device, by_row) if sampler.conditional else sampler.labels(n, seed)
 
 
 def draw(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     """N samples to a grid PNG (a class per row for conditional runs), or to a MedMNIST npz."""
     by_row = sampler.conditional and not args.npz  # the grid: a row per class when n = 64
-    y = labels_for(args.n, cls, sampler.device, by_row)
-    images = sampler.decode(sampler.latents(args.n, args.seed), y, args.batch_size, uint8=bool(args.npz))
+    y = labels_for(sampler, args.n, cls, args.seed, by_row)
+    images = sampler.decode(sampler.latents(args.n, args.seed, y), y, args.batch_size, uint8=bool(args.npz))
     if args.npz:
-        if not sampler.conditional:
-            errors.warn("an unconditional model draws no labels; train_labels are all 0 (placeholders)")
-            y = torch.zeros_like(y)
+        if y is None:
+            errors.warn("this model draws no classes; train_labels are all 0 (placeholders)")
+            y = torch.zeros(args.n, dtype=torch.long)
         write_npz(out, images, y, source=str(args.checkpoint))
         return
     nrow, row_labels = int(math.ceil(math.sqrt(args.n))), None
@@ -138,10 +145,11 @@ def interpolate(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     """Rows that walk on great circles between pairs of latent points; a class per row."""
     eps = loop.fixed_noise(2 * args.n, sampler.latent_dim, args.seed, sampler.device)
     eps = slerp(eps[:args.n], eps[args.n:], torch.linspace(0, 1, args.steps, device=sampler.device))
-    z = sampler.to_latent(eps)  # the great circles of N(0, I), carried into the fitted Gaussian
-    y = labels_for(args.n, cls, sampler.device)
-    images = sampler.decode(z.flatten(0, 1), y.repeat_interleave(args.steps), args.batch_size)
-    row_labels = [class_names()[c] for c in y.tolist()] if sampler.conditional else None
+    y = labels_for(sampler, args.n, cls, args.seed)  # a class per row
+    rows = None if y is None else y[:, None].expand(-1, args.steps)
+    z = sampler.to_latent(eps, rows)  # the great circles of N(0, I), carried into the latent density
+    images = sampler.decode(z.flatten(0, 1), None if y is None else rows.flatten(), args.batch_size)
+    row_labels = None if y is None else [class_names()[c] for c in y.tolist()]
     pictures.save_grid(images, out, nrow=args.steps, row_labels=row_labels)
 
 
@@ -213,11 +221,11 @@ def output_path(args, folder: Path) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
-    sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema, standard_prior=args.standard_prior)
+    sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema, prior=args.prior)
     args.data_root = args.data_root or sampler.data_root
-    if args.cls is not None and not sampler.conditional:
-        raise errors.UserError(f"--class needs a conditional checkpoint; {args.checkpoint} was trained "
-                               "without --conditional")
+    if args.cls is not None and not sampler.labelled:
+        raise errors.UserError(f"--class needs a conditional checkpoint or a VAE drawn from its class mixture "
+                               f"(--prior classes); {args.checkpoint} is neither")
     if (args.arithmetic or args.latent_map) and sampler.kind != "vae":
         raise errors.UserError(f"--{'arithmetic' if args.arithmetic else 'latent-map'} works on the VAE's "
                                f"encoder; {args.checkpoint} is a GAN")

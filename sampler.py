@@ -1,6 +1,6 @@
 """A checkpoint's generator behind one interface: the GAN's G (its EMA unless told otherwise) or
-the VAE's decoder with its fitted Gaussian, rebuilt from the settings the checkpoint holds.
-sample.py draws pictures and datasets with it, evaluate.py scores it."""
+the VAE's decoder with one of its latent densities, rebuilt from the settings the checkpoint
+holds. sample.py draws pictures and datasets with it, evaluate.py scores it."""
 import torch
 from tqdm import tqdm
 
@@ -8,18 +8,19 @@ import checkpoints
 import loop
 from data import NUM_CLASSES, to_uint8
 from models import dcgan, vae
+from models.vae import PRIORS
 
 
 class Sampler:
     """A checkpoint's generator (the GAN's G, or the VAE's decoder) behind one interface."""
 
-    def __init__(self, path: str, device: torch.device, use_ema: bool = True, standard_prior: bool = False):
+    def __init__(self, path: str, device: torch.device, use_ema: bool = True, prior: str = "classes"):
         ckpt = checkpoints.load_checkpoint(path, map_location=device)
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
         self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
         self.conditional = bool(self.args.get("conditional"))
         self.data_root = self.args.get("data_root", "data")  # what it was trained on
-        self.has_ema, self.fitted_prior = False, False
+        self.has_ema, self.prior = False, None
         with checkpoints.from_checkpoint(path):
             if self.kind == "gan":
                 self.model, _ = dcgan.build(self.args, NUM_CLASSES)
@@ -31,18 +32,30 @@ class Sampler:
                 self.model = vae.build(self.args, NUM_CLASSES)
                 self.model.load_state_dict(ckpt["models"]["vae"])
                 self.latent_dim = self.args["latent_dim"]
-                self.fitted_prior = not standard_prior
+                if prior not in PRIORS:
+                    raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+                self.prior = prior
         self.model.to(device).eval()
         self.ema = self.has_ema and use_ema  # drawing from the averaged generator
+        # draws that come with a class: a conditional model's, and the VAE's per-class density
+        self.labelled = self.conditional or self.prior == "classes"
 
-    def latents(self, n: int, seed: int) -> torch.Tensor:
-        """n latents, the same on every device for a given seed: standard normal for a GAN, from
-        the fitted Gaussian for a VAE (unless standard_prior)."""
-        return self.to_latent(loop.fixed_noise(n, self.latent_dim, seed, self.device))
+    def labels(self, n: int, seed: int) -> torch.Tensor | None:
+        """n classes drawn in the training shares the model learned (the VAE's class mixture
+        weights), seeded; None where the model has no such shares."""
+        if self.prior != "classes":
+            return None
+        g = torch.Generator().manual_seed(seed)
+        return torch.multinomial(self.model.class_weights.cpu(), n, replacement=True, generator=g).to(self.device)
 
-    def to_latent(self, eps: torch.Tensor) -> torch.Tensor:
-        """Standard normal draws (..., latent_dim) -> the model's latent distribution."""
-        return self.model.prior_latents(eps) if self.fitted_prior else eps
+    def latents(self, n: int, seed: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """n latents (of classes y (n,) where the density has classes), the same on every device
+        for a given seed: standard normal for a GAN, the chosen density for a VAE."""
+        return self.to_latent(loop.fixed_noise(n, self.latent_dim, seed, self.device), y)
+
+    def to_latent(self, eps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard normal draws (..., latent_dim) [of classes y (...)] -> the model's latent distribution."""
+        return eps if self.kind == "gan" else self.model.prior_latents(eps, self.prior, y)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256,

@@ -6,8 +6,8 @@
     python train_vae.py --resume                          # continue outputs/vae/ after Ctrl-C
     torchrun --standalone --nproc_per_node 4 train_vae.py # 4 GPUs, global batch 128
 
-Every epoch writes samples_epoch_NNN.png (decoded from the same prior draws each time; a
-class per row when conditional),
+Every epoch writes samples_epoch_NNN.png (decoded from the same draws of the fitted density of
+each class, one class per row),
 recon_epoch_NNN.png (validation images over their reconstructions), metrics.jsonl with the
 validation ELBO and PSNR, curves.png and ckpt.pt into --out.
 """
@@ -61,6 +61,11 @@ def build_parser():
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate over the run: constant, or cosine decay from --lr to 0")
     p.add_argument("--beta", type=cli.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
+    p.add_argument("--res-blocks", type=cli.non_negative_int, default=0, metavar="N",
+                   help="residual blocks (two 3x3 convolutions) at each resolution of the decoder")
+    p.add_argument("--class-prior", action=argparse.BooleanOptionalAction, default=True,
+                   help="--conditional: learn a Gaussian prior p(z | y) per class, so that z carries the "
+                        "class it is drawn for; --no-class-prior: N(0, I) for every class")
     return p
 
 
@@ -85,7 +90,7 @@ class VAETrainer:
         eps = distributed.batch_noise(torch.randn, x.shape[0], self.model.latent_dim, device=x.device)
         with self.precision.autocast():
             logits, mu, logvar = self.net(x, y, eps)
-            parts = self.model.loss(x, logits, mu, logvar, beta=self.args.beta, batch_mean=distributed.batch_mean)
+            parts = self.model.loss(x, logits, mu, logvar, y, beta=self.args.beta, batch_mean=distributed.batch_mean)
         hardware.backward_step(parts["loss"], self.opt, self.scaler)
         meter.update(**parts)
 
@@ -106,8 +111,12 @@ def main(argv=None):
         errors.warn("the data file has no validation images; the validation ELBO is not logged")
     trainer = run.build(VAETrainer, args.latent_dim)
     model, opt = trainer.model, trainer.opt
+
+    def draw(eps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Decoded draws of the fitted class mixture, class y each (the condition too, if any)."""
+        return model.decode(model.prior_latents(eps, "classes", y), y if args.conditional else None)
     noise = loop.fixed_noise(GRID, args.latent_dim, args.seed, device)
-    noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
+    noise_labels = balanced_labels(GRID, device, by_row=True)  # a class per row, of the mixture or the condition
     # the images of every reconstruction grid: rows of nrow validation images
     recon_images, recon_labels = next(iter((val if val is not None else batches).epoch(0)))
     nrow = min(8, len(recon_images))
@@ -134,13 +143,12 @@ def main(argv=None):
                 record.update(vae_eval.evaluate(model, val, args.seed))
             model.eval()
             if run.probe is not None and run.probe.due(epoch + 1):
-                record.update(run.probe(lambda eps, y: to_uint8(model.decode(model.prior_latents(eps), y), VALUE_RANGE)))
+                record.update(run.probe(lambda eps, y: to_uint8(draw(eps, y), VALUE_RANGE)))
             record["seconds"] = run.seconds()
             run.log.write(record)
             tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
             with torch.no_grad():
-                pictures.save_grid(model.decode(model.prior_latents(noise), noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
-                                   row_labels=class_names() if args.conditional else None)
+                pictures.save_grid(draw(noise, noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png", row_labels=class_names())
                 # rows of originals, each over its row of mean reconstructions
                 recon = model.decode(model.encode(recon_images, recon_labels)[0], recon_labels)
                 pairs = torch.stack([recon_images.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)

@@ -1,6 +1,6 @@
 """The VAE beyond its training loss: the numbers of its reconstructions over a split (negative
 ELBO and its parts, MSE, PSNR, SSIM), which train_vae.py logs for validation and evaluate.py for
-the test split, and the sampling Gaussian fitted to its training codes after each epoch."""
+the test split, and the sampling densities fitted to its training codes after each epoch."""
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +26,7 @@ def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
         for x, y in batches.epoch(0):
             y = y if model.num_classes else None
             logits, mu, logvar = model(x, y)
-            parts = model.loss(x, logits, mu, logvar, beta=1.0)
+            parts = model.loss(x, logits, mu, logvar, y, beta=1.0)
             b = x.shape[0]
             sums["val_nelbo"] += parts["loss"].item() * b
             sums["val_recon"] += parts["recon"].item() * b
@@ -43,11 +43,11 @@ def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
 
 @torch.no_grad()
 def fit_prior(model: VAE, batches: Batches, chunk: int = 500) -> None:
-    """Fit the VAE's sampling Gaussian to the encoder means of the training split (read in order
-    from the batches' own copy of it)."""
+    """Fit the VAE's sampling densities to the encoder means and labels of the training split
+    (read in order from the batches' own copy of it)."""
     model.eval()
     mu = []
     for i in range(0, len(batches.labels), chunk):
         x, y = to_float(batches.images[i:i + chunk], VALUE_RANGE), batches.labels[i:i + chunk]
         mu.append(model.encode(x, y if model.num_classes else None)[0])
-    model.fit_prior(torch.cat(mu))
+    model.fit_prior(torch.cat(mu), batches.labels)

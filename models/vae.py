@@ -10,12 +10,21 @@ calibrated Gaussian weighs reconstruction as sharply as the decoder can currentl
 
 Sampling: the KL term pulls the codes towards N(0, I) but, with a sharp likelihood, does not get
 them there (for the default model the codes' mean has norm about 4), so decoding N(0, I) draws
-lands where no image was encoded. After training the VAE fits a full-covariance Gaussian to the
-encoder means of the training images (ex-post density estimation, Ghosh et al., 2020) and draws
-its samples from it; before fit_prior it is N(0, I).
+lands where no image was encoded. After each epoch the VAE fits densities to the encoder means of
+the training images (ex-post density estimation, Ghosh et al., 2020): one full-covariance
+Gaussian per class, weighted by the class's share ("classes", the default: the eight cell types
+form separate clusters, and one Gaussian over all of them puts its mass between them), and one
+Gaussian over all codes ("gaussian"). "standard" is the prior the model trained against. Before
+fit_prior the fitted densities are N(0, I).
 
 Conditioning (num_classes > 0, a CVAE as in Sohn et al., 2015): the encoder sees the label as
-constant one-hot planes beside the image channels, and the decoder reads [z, one_hot(y)].
+constant one-hot planes beside the image channels, and the decoder reads [z, one_hot(y)]. With
+class_prior the prior is learned per class, p(z | y) = N(m_y, diag s_y^2), so that the KL term
+gathers each class's codes around its own mean instead of one mean for all: z then says which
+class it was drawn for, and a decoder that ignores its label inputs still draws the class asked for.
+
+Decoder depth (res_blocks > 0): residual blocks of two 3x3 convolutions at each resolution
+before upsampling, so each output pixel sees more than one 4x4 transposed convolution.
 """
 import math
 
@@ -24,12 +33,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LIKELIHOODS = ("bernoulli", "gaussian")
+PRIORS = ("classes", "gaussian", "standard")  # what z is drawn from when sampling; see the docstring
 VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
+
+
+class ResidualBlock(nn.Module):
+    """relu(x + conv3x3(relu(conv3x3(x)))): depth at one resolution, shape (B, c, s, s) kept."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, 1, 1), nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+def gaussian_fit(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and a square root S of the covariance (S @ S.T = cov, (D, D)) of codes (N, D)."""
+    codes = codes.double()
+    eye = torch.eye(codes.shape[1], dtype=codes.dtype, device=codes.device)
+    cov = (torch.cov(codes.T) if len(codes) > 1 else 0 * eye) + 1e-6 * eye  # one code: a point
+    scale, info = torch.linalg.cholesky_ex(cov)
+    if info:  # not positive definite in floating point (few, nearly collinear codes)
+        w, v = torch.linalg.eigh(cov)
+        scale = v * w.clamp_min(1e-12).sqrt()
+    return codes.mean(0), scale
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | float = 0.0,
+                prior_logvar: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """KL(N(mu, e^logvar) || N(prior_mu, e^prior_logvar)) of diagonal Gaussians, summed over the
+    last dimension: 1/2 sum(prior_logvar - logvar + (e^logvar + (mu - prior_mu)^2) / e^prior_logvar - 1).
+    With the defaults it is the paper's KL against N(0, I) (Kingma & Welling 2014, Appendix B)."""
+    prior_logvar = torch.as_tensor(prior_logvar, dtype=mu.dtype, device=mu.device)
+    return 0.5 * torch.sum(prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1, -1)
 
 
 class VAE(nn.Module):
     def __init__(self, latent_dim: int = 128, widths: tuple[int, ...] = (32, 64), nc: int = 3,
-                 image_size: int = 64, num_classes: int = 0, likelihood: str = "gaussian"):
+                 image_size: int = 64, num_classes: int = 0, likelihood: str = "gaussian",
+                 class_prior: bool = False, res_blocks: int = 0, mixture: int = 0):
+        """num_classes: the labels that condition the model (0: unconditional); mixture: the
+        classes of the data, one Gaussian each in the fitted "classes" density (0: none)."""
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -51,13 +96,23 @@ class VAE(nn.Module):
         self.fc_decode = nn.Linear(latent_dim + num_classes, features)
         dec = []
         for w in reversed(widths[:-1]):  # (B, c, s, s) -> (B, w, 2s, 2s)
-            dec += [nn.ConvTranspose2d(c, w, 4, 2, 1), nn.ReLU(True)]
+            dec += [ResidualBlock(c) for _ in range(res_blocks)] + [nn.ConvTranspose2d(c, w, 4, 2, 1), nn.ReLU(True)]
             c = w
+        dec += [ResidualBlock(c) for _ in range(res_blocks)]
         dec += [nn.ConvTranspose2d(c, nc, 4, 2, 1)]  # logits; the Sigmoid is applied in decode()
         self.decoder = nn.Sequential(*dec)
-        # the sampling distribution of z: prior_mean + prior_scale @ eps, eps ~ N(0, I)
+        self.class_prior = bool(num_classes and class_prior)
+        if self.class_prior:  # p(z | y) = N(m_y, diag e^(l_y)), starting as N(0, I) for every class
+            self.prior_mu = nn.Parameter(torch.zeros(num_classes, latent_dim))
+            self.prior_logvar = nn.Parameter(torch.zeros(num_classes, latent_dim))
+        # the fitted densities of z: "gaussian", prior_mean + prior_scale @ eps with eps ~ N(0, I),
+        # and "classes", class_means[c] + class_scales[c] @ eps for class c drawn by class_weights
+        self.mixture = mixture
         self.register_buffer("prior_mean", torch.zeros(latent_dim))
         self.register_buffer("prior_scale", torch.eye(latent_dim))
+        self.register_buffer("class_means", torch.zeros(mixture, latent_dim))
+        self.register_buffer("class_scales", torch.eye(latent_dim).repeat(mixture, 1, 1))
+        self.register_buffer("class_weights", torch.full((mixture,), 1 / max(mixture, 1)))
 
     def _one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y, self.num_classes).to(like.dtype)
@@ -96,24 +151,44 @@ class VAE(nn.Module):
         return self.decode_logits(self.reparameterize(mu, logvar, eps), y), mu, logvar
 
     @torch.no_grad()
-    def fit_prior(self, mu: torch.Tensor) -> None:
-        """Fit the sampling Gaussian to encoder means mu (N, latent_dim) of training images."""
-        mu = mu.double()
-        eye = torch.eye(mu.shape[1], dtype=mu.dtype, device=mu.device)
-        cov = (torch.cov(mu.T) if len(mu) > 1 else 0 * eye) + 1e-6 * eye  # one code: a point
-        scale, info = torch.linalg.cholesky_ex(cov)
-        if info:  # not positive definite in floating point (few, nearly collinear codes)
-            w, v = torch.linalg.eigh(cov)
-            scale = v * w.clamp_min(1e-12).sqrt()  # another square root: scale @ scale.T = cov
-        self.prior_mean.copy_(mu.mean(0))
+    def fit_prior(self, mu: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Fit the sampling densities to encoder means mu (N, latent_dim) of training images and
+        their labels (N,): one Gaussian to all codes, and one per class (a class without codes
+        gets weight 0 and the Gaussian of all codes)."""
+        mean, scale = gaussian_fit(mu)
+        self.prior_mean.copy_(mean)
         self.prior_scale.copy_(scale)
+        if self.mixture and labels is not None:
+            counts = torch.bincount(labels, minlength=self.mixture)
+            for c in range(self.mixture):
+                class_mean, class_scale = gaussian_fit(mu[labels == c]) if counts[c] else (mean, scale)
+                self.class_means[c], self.class_scales[c] = class_mean, class_scale
+            self.class_weights.copy_(counts / counts.sum())
 
-    def prior_latents(self, eps: torch.Tensor) -> torch.Tensor:
-        """Standard normal eps (B, latent_dim) -> draws of the fitted Gaussian (B, latent_dim)."""
-        return self.prior_mean + eps @ self.prior_scale.T
+    def prior(self, y: torch.Tensor | None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """The mean and log variance of p(z | y) (rows of the learned table), or of N(0, I)."""
+        return (self.prior_mu[y], self.prior_logvar[y]) if self.class_prior else (0.0, 0.0)
+
+    def prior_latents(self, eps: torch.Tensor, prior: str = "gaussian", y: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard normal eps (..., latent_dim) -> draws of one of PRIORS, of class y (...) for
+        "classes" (required) and for "standard" with a learned class prior."""
+        if prior == "gaussian":
+            return self.prior_mean + eps @ self.prior_scale.T
+        if prior == "standard":
+            if not self.class_prior:
+                return eps
+            mean, logvar = self.prior(y)
+            return mean + torch.exp(0.5 * logvar) * eps
+        if not self.mixture or y is None:
+            raise ValueError("the classes density needs a model with mixture > 0 and a class per draw")
+        z = torch.empty_like(eps)
+        for c in y.unique().tolist():  # class by class: (N, D, D) gathered scales would not fit memory
+            m = y == c
+            z[m] = self.class_means[c] + eps[m] @ self.class_scales[c].T
+        return z
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-             beta: float = 1.0, batch_mean=torch.mean) -> dict[str, torch.Tensor]:
+             y: torch.Tensor | None = None, beta: float = 1.0, batch_mean=torch.mean) -> dict[str, torch.Tensor]:
         """The negative ELBO with a beta-weighted KL; each part summed per image, batch-averaged.
 
         recon: -log p(x|z). Bernoulli: binary cross-entropy on the logits. Gaussian: with
@@ -121,8 +196,8 @@ class VAE(nn.Module):
             D/2 log(2 pi sigma^2); sigma is held fixed in the gradient, which at the optimum
             changes nothing (d/dsigma = 0 there). batch_mean(squared errors) gives sigma^2; under
             torchrun the training script passes a mean over the global batch of all processes.
-        kl: KL(q(z|x) || N(0, I)) in closed form, Kingma & Welling 2014, Appendix B:
-            -1/2 * sum(1 + log sigma^2 - mu^2 - sigma^2).
+        kl: KL(q(z|x) || p(z)) in closed form (gaussian_kl): p(z) = N(0, I), or p(z | y) with a
+            learned class prior.
         """
         b = x.shape[0]
         logits, mu, logvar = logits.float(), mu.float(), logvar.float()  # fp32 sums under autocast
@@ -132,7 +207,7 @@ class VAE(nn.Module):
             se = (torch.sigmoid(logits) - x).pow(2)
             var = batch_mean(se.detach()).clamp_min(1e-6)
             recon = (se.sum() / (2 * var) + 0.5 * se.numel() * torch.log(2 * math.pi * var)) / b
-        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / b
+        kl = gaussian_kl(mu, logvar, *self.prior(y)).sum() / b
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
 
 
@@ -140,4 +215,5 @@ def build(settings: dict, num_classes: int) -> VAE:
     """The VAE a run's settings (its config.json, a checkpoint's args) describe; the
     `num_classes` labels condition it when the run was --conditional."""
     return VAE(settings["latent_dim"], tuple(settings["widths"]), num_classes=num_classes if settings["conditional"] else 0,
-               likelihood=settings["likelihood"])
+               likelihood=settings["likelihood"], class_prior=settings["class_prior"],
+               res_blocks=settings["res_blocks"], mixture=num_classes)

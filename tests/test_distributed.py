@@ -58,10 +58,11 @@ def records(out) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def vae_runs(data_root, tmp_path_factory):
-    """The tiny VAE for 2 epochs of 4 steps (global batch 16): in one process, in two, and
-    resumed after epoch 1 from two processes into one and from one into two."""
+    """The tiny conditional VAE (its class prior learned outside DDP's forward) for 2 epochs of 4 steps
+    (global batch 16): in one process, in two, and resumed after epoch 1 from two processes into
+    one and from one into two."""
     root = tmp_path_factory.mktemp("vae_runs")
-    common = ["--data-root", data_root, *TINY_VAE, *FP32]
+    common = ["--data-root", data_root, *TINY_VAE, *FP32, "--conditional"]
     launch(1, "train_vae.py", *common, "--epochs", 2, "--out", root / "one")
     launch(2, "train_vae.py", *common, "--epochs", 2, "--out", root / "two")
     for first, then in ((2, 1), (1, 2)):
@@ -72,7 +73,12 @@ def vae_runs(data_root, tmp_path_factory):
 
 
 def test_vae_on_two_processes_learns_what_one_process_learns(vae_runs):
-    assert max(largest_difference(vae_runs / "one" / "ckpt.pt", vae_runs / "two" / "ckpt.pt").values()) < 1e-5
+    # Adam divides by the gradient's running RMS, so a weight whose gradient is near zero (a rarely
+    # active unit) moves by rounding differences: about 1e-5 in these 8 steps
+    a, b = (checkpoints.load_checkpoint(vae_runs / run / "ckpt.pt")["models"]["vae"] for run in ("one", "two"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5
+    for k in ("prior_mu", "prior_logvar"):  # learned outside DDP's forward, averaged all the same
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     # the logged losses are means over both processes' shares: the whole batch's, as in one process
     for one, two in zip(records(vae_runs / "one"), records(vae_runs / "two"), strict=True):
         for key in ("loss", "recon", "kl", "val_nelbo", "val_psnr"):

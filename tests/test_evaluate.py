@@ -23,7 +23,7 @@ def test_every_kind_of_checkpoint_is_scored(ckpts, data_root, feature_cache, tmp
     table = capsys.readouterr().out
     results = json.loads(out.read_text())
     rows = {r["name"]: r for r in results["results"]}
-    assert list(rows) == ["cgan (EMA)", "gan", "vae (fitted prior)", "cvae (fitted prior)",
+    assert list(rows) == ["cgan (EMA)", "gan", "vae (classes prior)", "cvae (classes prior)",
                           "ref: real train images", "ref: pixel noise"]
     for name, row in rows.items():
         assert name in table
@@ -31,9 +31,10 @@ def test_every_kind_of_checkpoint_is_scored(ckpts, data_root, feature_cache, tmp
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
         assert sum(row["class_shares"]) == pytest.approx(1, abs=1e-3)
         assert row["n"] == 40
-    for name in ("cgan (EMA)", "cvae (fitted prior)"):
+    for name in ("cgan (EMA)", "vae (classes prior)", "cvae (classes prior)"):  # models that draw by class
         assert len(rows[name]["class_accuracy_per_class"]) == 8
-    for name in ("vae (fitted prior)", "cvae (fitted prior)"):
+    assert "class_accuracy" not in rows["gan"]
+    for name in ("vae (classes prior)", "cvae (classes prior)"):
         assert {"test_nelbo", "test_mse", "test_psnr", "test_ssim"} <= set(rows[name])
         assert "test_psnr" not in rows["gan"]
     # the real images sit far closer to the test split than noise does
@@ -50,13 +51,16 @@ def test_no_ema_scores_the_raw_generator_and_no_reference_skips_rows(ckpts, data
         assert [r["name"] for r in rows] == [name]
 
 
-def test_standard_prior_scores_n01_draws(ckpts, data_root, feature_cache, tmp_path):
-    fids = {}
-    for flag in ([], ["--standard-prior"]):
+def test_each_vae_prior_scores_its_own_draws(ckpts, data_root, feature_cache, tmp_path):
+    rows = {}
+    for flag in ([], ["--prior", "gaussian"], ["--prior", "standard"]):
         run(data_root, feature_cache, ckpts["vae"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", "--overwrite", *flag)
         row = json.loads((tmp_path / "r.json").read_text())["results"][0]
-        fids[row["name"]] = row["fid"]
-    assert list(fids) == ["vae (fitted prior)", "vae (N(0, I))"] and len(set(fids.values())) == 2
+        rows[row["name"]] = row
+    assert list(rows) == ["vae (classes prior)", "vae (gaussian prior)", "vae (standard prior)"]
+    assert len({r["fid"] for r in rows.values()}) == 3
+    # the class mixture draws by class, so its samples have a class accuracy; the others do not
+    assert "class_accuracy" in rows["vae (classes prior)"] and "class_accuracy" not in rows["vae (standard prior)"]
 
 
 def test_same_seed_same_numbers_at_any_batch_size(ckpts, data_root, feature_cache, tmp_path):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from models.dcgan import Discriminator, Generator
-from models.vae import VAE
+from models.vae import VAE, gaussian_kl
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
@@ -99,6 +99,69 @@ def test_fitted_prior_matches_the_codes_it_was_fitted_to():
     torch.testing.assert_close(draws.mean(0), codes.mean(0), atol=0.05, rtol=0)
     torch.testing.assert_close(torch.cov(draws.T), torch.cov(codes.T), atol=0.05, rtol=0.05)
     assert "prior_mean" in vae.state_dict() and "prior_scale" in vae.state_dict()  # saved with the model
+
+
+def test_class_mixture_reproduces_a_known_mixture():
+    torch.manual_seed(0)
+    vae = VAE(latent_dim=2, widths=(8, 16), mixture=3)
+    means = torch.tensor([[5.0, 0.0], [-5.0, 1.0], [0.0, -6.0]])
+    stds = torch.tensor([[1.0, 0.5], [0.3, 2.0], [1.5, 1.5]])
+    labels = torch.multinomial(torch.tensor([0.6, 0.3, 0.1]), 30000, replacement=True)
+    codes = means[labels] + stds[labels] * torch.randn(30000, 2)
+    vae.fit_prior(codes, labels)
+    torch.testing.assert_close(vae.class_weights, torch.bincount(labels, minlength=3) / 30000.0)
+    torch.testing.assert_close(vae.class_weights, torch.tensor([0.6, 0.3, 0.1]), atol=0.01, rtol=0)
+    y = torch.arange(3).repeat_interleave(20000)
+    draws = vae.prior_latents(torch.randn(60000, 2), "classes", y)
+    for c in range(3):  # each class's draws come from its own component
+        torch.testing.assert_close(draws[y == c].mean(0), means[c], atol=0.05, rtol=0)
+        torch.testing.assert_close(draws[y == c].std(0), stds[c], atol=0.05, rtol=0.03)
+    # the single Gaussian spans all three: its mean is the mixture's
+    torch.testing.assert_close(vae.prior_mean.float(), codes.mean(0), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="class per draw"):
+        vae.prior_latents(torch.randn(4, 2), "classes")
+
+
+def test_a_class_without_codes_gets_no_weight():
+    vae = VAE(latent_dim=2, widths=(8, 16), mixture=3)
+    codes, labels = torch.randn(50, 2) + 3, torch.tensor([0, 2] * 25)
+    vae.fit_prior(codes, labels)
+    assert vae.class_weights.tolist() == [0.5, 0.0, 0.5]
+    torch.testing.assert_close(vae.class_means[1], vae.prior_mean.float())  # falls back to all codes
+    assert torch.isfinite(vae.class_scales).all()
+
+
+def test_class_prior_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    vae = VAE(latent_dim=5, widths=(8, 16), num_classes=3, class_prior=True)
+    with torch.no_grad():
+        vae.prior_mu.normal_()
+        vae.prior_logvar.normal_(0, 0.5)
+    mu, logvar, y = torch.randn(4, 5), torch.randn(4, 5) * 0.3, torch.tensor([0, 2, 1, 2])
+    prior_mu, prior_logvar = vae.prior(y)
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(prior_mu, torch.exp(0.5 * prior_logvar))
+    expected = torch.distributions.kl_divergence(q, p).sum(1)
+    torch.testing.assert_close(gaussian_kl(mu, logvar, prior_mu, prior_logvar), expected)
+    x = torch.rand(4, 3, 64, 64)
+    loss = vae.loss(x, torch.zeros_like(x), mu, logvar, y)
+    torch.testing.assert_close(loss["kl"], expected.mean())
+    loss["loss"].backward()  # the prior is learned with the model
+    assert vae.prior_mu.grad[[0, 1, 2]].abs().sum(1).gt(0).all()
+    # without the class prior the KL is against N(0, I)
+    standard = torch.distributions.Normal(torch.zeros(5), torch.ones(5))
+    torch.testing.assert_close(gaussian_kl(mu, logvar), torch.distributions.kl_divergence(q, standard).sum(1))
+    # drawing from the learned prior of class y
+    eps = torch.randn(3, 5)
+    torch.testing.assert_close(vae.prior_latents(eps, "standard", y[:3]), prior_mu[:3] + torch.exp(0.5 * prior_logvar[:3]) * eps)
+
+
+def test_residual_decoder_keeps_shapes_and_adds_depth():
+    plain, deep = VAE(latent_dim=8, widths=(8, 16)), VAE(latent_dim=8, widths=(8, 16), res_blocks=2)
+    z = torch.randn(2, 8)
+    assert deep.decode(z).shape == plain.decode(z).shape == (2, 3, 64, 64)
+    convs = lambda m: sum(isinstance(l, torch.nn.Conv2d) for l in m.decoder.modules())
+    assert convs(plain) == 0 and convs(deep) == 2 * 2 * 2  # two blocks of two convolutions per resolution
 
 
 def test_gradient_reaches_mu_and_logvar_through_sampling():

@@ -228,7 +228,7 @@ def test_latent_map_of_a_one_image_split_is_refused(run, tmp_path):
 ])
 def test_crafted_checkpoints_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "ckpt.pt"
-    torch.save({"format": checkpoints.FORMAT, **content}, path)
+    torch.save({"format": checkpoints.FORMATS.get(content["kind"]), **content}, path)
     before = snapshot(tmp_path)
     one_line_error(run_script("sample.py", path), message)
     one_line_error(run_script("evaluate.py", path, "--feature-cache", tmp_path / "cache"), message)

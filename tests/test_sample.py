@@ -52,6 +52,20 @@ def test_npz_of_one_class_matches_the_grid_of_that_class(ckpts, tmp_path):
         assert np.array_equal(a["train_images"], b["train_images"])  # same seed, same class
 
 
+def test_an_unconditional_vae_draws_the_classes_of_its_mixture(ckpts, tmp_path):
+    """--prior classes picks each draw's class by the mixture weights (the training shares), and
+    --class asks for one; the npz then carries real labels instead of placeholders."""
+    run(ckpts["vae"], "--n", 400, "--npz", tmp_path / "all.npz")
+    shares = np.bincount(data.load_bloodmnist(tmp_path / "all.npz")["train"].labels, minlength=8) / 400
+    weights = torch.load(ckpts["vae"], weights_only=True)["models"]["vae"]["class_weights"].numpy()
+    assert np.abs(shares - weights).max() < 0.08
+    for cls in ("basophil", "platelet"):
+        run(ckpts["vae"], "--n", 4, "--class", cls, "--npz", tmp_path / f"{cls}.npz")
+    with np.load(tmp_path / "basophil.npz") as a, np.load(tmp_path / "platelet.npz") as b:
+        assert a["train_labels"].flatten().tolist() == [0] * 4 and b["train_labels"].flatten().tolist() == [7] * 4
+        assert not np.array_equal(a["train_images"], b["train_images"])  # same noise, another component
+
+
 def test_ema_is_used_unless_no_ema(ckpts, tmp_path):
     run(ckpts["cgan"], "--n", 8, "--npz", tmp_path / "ema.npz")
     run(ckpts["cgan"], "--n", 8, "--npz", tmp_path / "raw.npz", "--no-ema")
@@ -85,7 +99,8 @@ def test_vae_arithmetic_and_latent_map(ckpts, data_root, tmp_path):
 
 
 @pytest.mark.parametrize("name,argv,message", [
-    ("gan", ["--class", "3"], "needs a conditional checkpoint"),
+    ("gan", ["--class", "3"], "needs a conditional checkpoint or a VAE drawn from its class mixture"),
+    ("vae", ["--class", "3", "--prior", "gaussian"], "needs a conditional checkpoint or a VAE"),
     ("cgan", ["--class", "macrophage"], "unknown class 'macrophage'"),
     ("gan", ["--latent-map"], "is a GAN"),
     ("gan", ["--arithmetic", "0", "1"], "is a GAN"),

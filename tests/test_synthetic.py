@@ -192,8 +192,8 @@ def test_utility_refuses_an_unconditional_checkpoint_in_one_line(ckpts):
     r = run_script("evaluate.py", ckpts["gan"], "--utility")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
-        f"error: --utility needs conditional checkpoints: {ckpts['gan']} was trained without --conditional, "
-        "and a classifier trained on synthetic images needs each image's class; train one with --conditional"]
+        f"error: --utility needs images that come with their class: {ckpts['gan']} was trained without "
+        "--conditional (a VAE's --prior classes also draws by class); train one with --conditional"]
 
 
 @pytest.mark.parametrize("bad", ["0,0.5", "0.1,x", "1.5"])

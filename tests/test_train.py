@@ -89,9 +89,11 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(data_root, tmp_pat
 
 
 def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch):
-    """Stopped mid-run (as by Ctrl-C) and resumed with the same --epochs, the cosine schedule and
-    the fitted prior pick up where they were: the weights end as in an uninterrupted run."""
-    common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "3", "--schedule", "cosine", *TINY_VAE]
+    """Stopped mid-run (as by Ctrl-C) and resumed with the same --epochs, the cosine schedule, the
+    learned class prior and the fitted densities pick up where they were: the weights end as in
+    an uninterrupted run."""
+    common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "3", "--schedule", "cosine", *TINY_VAE,
+              "--conditional", "--res-blocks", "1"]
     train_vae.main([*common, "--out", str(tmp_path / "straight")])
     steps = {"n": 0}
     real_show = loop.show_progress
@@ -109,13 +111,14 @@ def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch):
     a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
     b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
     assert states_equal(a, b) and a["args"]["schedule"] == "cosine"
-    assert torch.equal(a["models"]["vae"]["prior_scale"], b["models"]["vae"]["prior_scale"])
+    for name in ("prior_scale", "class_scales", "class_weights", "prior_mu", "prior_logvar"):
+        assert torch.equal(a["models"]["vae"][name], b["models"]["vae"][name])
     assert a["optimizers"]["vae"]["param_groups"][0]["lr"] < 0.2 * a["args"]["lr"]  # decayed near 0
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    state = lambda x: {"format": checkpoints.FORMAT, "kind": "gan", "args": {}, "epoch": 1, "step": 0, "models": {"G": {"x": x}}}
+    state = lambda x: {"format": checkpoints.FORMATS["gan"], "kind": "gan", "args": {}, "epoch": 1, "step": 0, "models": {"G": {"x": x}}}
     checkpoints.save_checkpoint(path, state(torch.ones(3)))
 
     def crash(obj, f, *args, **kwargs):
