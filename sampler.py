@@ -45,7 +45,7 @@ class Sampler:
         weights), seeded; None where the model has no such shares."""
         if self.prior != "classes":
             return None
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed + 3)  # not the latents' stream: classes independent of eps
         return torch.multinomial(self.model.class_weights.cpu(), n, replacement=True, generator=g).to(self.device)
 
     def latents(self, n: int, seed: int, y: torch.Tensor | None = None) -> torch.Tensor:
