@@ -34,7 +34,7 @@ def test_gan_script_writes_its_run(data_root, tmp_path):
     assert Image.open(out / "samples_epoch_002.png").size == (8 * 66 + 2, 8 * 66 + 2)  # 8 x 8 grid
     assert json.loads((out / "config.json").read_text())["ngf"] == 8
     ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", "gan")
-    assert ckpt["epoch"] == 2 and ckpt["step"] == 0 and set(ckpt["models"]) == {"G", "D"}  # the paper recipe: no EMA
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 0 and set(ckpt["models"]) == {"G", "D", "G_ema"}  # the default recipe: an EMA of G
     assert "loss_d=" in r.stderr  # the progress bar shows the losses
 
 
