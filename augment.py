@@ -15,6 +15,8 @@ Images are (B, C, H, W) in [-1, 1]. Every image gets its own random parameters, 
 global batch and cut to this process's rows (distributed.batch_noise), so a run's augmentations
 depend on its seed alone, resume exactly and do not depend on the number of processes.
 """
+import argparse
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,16 @@ def parse_policy(text: str) -> tuple[str, ...]:
         raise ValueError(f"unknown augmentation {unknown[0]!r}; choose from {', '.join(OPERATIONS)}, "
                          "'all' or 'none'")
     return names
+
+
+def policy(text: str) -> str:
+    """--augment as argparse reads it: checked, and spelled one way ('none', 'all', or the
+    operations in order)."""
+    try:
+        ops = parse_policy(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return "none" if not ops else "all" if ops == parse_policy("all") else ",".join(ops)
 
 
 def augment(x: torch.Tensor, policy: tuple[str, ...], u: torch.Tensor | None = None) -> torch.Tensor:

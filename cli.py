@@ -131,12 +131,12 @@ def number_list(what: str, example: str, above: float, most: float = float("inf"
     return parse
 
 
-def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float | None,
+def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float | None, batch_size: int | None,
                     lr_help: str = "Adam learning rate") -> None:
-    """The flags both training scripts take; defaults are shown by --help."""
+    """The flags both training scripts take; defaults are shown by --help (None: set later)."""
     p.add_argument("--epochs", type=positive_int, default=epochs, metavar="N",
                    help="passes over the training split")
-    p.add_argument("--batch-size", type=positive_int, default=128, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
                    help="images per step, over all processes under torchrun (each takes an equal share)")
     p.add_argument("--lr", type=positive_float, default=lr, help=lr_help)
     p.add_argument("--seed", type=int, default=0, help="seeds weights, noise and data order")

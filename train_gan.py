@@ -22,7 +22,7 @@ import hardware
 import loop
 import metrics
 import pictures
-from augment import augment, parse_policy
+from augment import augment, parse_policy, policy
 from data import NUM_CLASSES, balanced_labels, class_names, to_uint8
 from models import dcgan
 from models.dcgan import (LABEL_INPUTS, LOSSES, VALUE_RANGE, LeCamAnchors, discriminator_loss, generator_loss,
@@ -51,9 +51,8 @@ D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
 
 def build_parser():
     p = cli.make_parser(__doc__)
-    cli.add_common_args(p, out="outputs/gan", epochs=25, lr=None,
+    cli.add_common_args(p, out="outputs/gan", epochs=25, lr=None, batch_size=None,  # the recipe's batch
                         lr_help="Adam learning rate (default: 2e-4; 1e-4 for wgan-gp)")
-    p.set_defaults(batch_size=None)  # the recipe's
     p.add_argument("--recipe", choices=RECIPES, default="small-data",
                    help="the defaults of --batch-size, --ema, --augment, --lecam, --r1, --spectral-norm and "
                         "--g-labels: " + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in r.items())
@@ -92,15 +91,6 @@ def build_parser():
                         "as one process would; without it each process normalises its own share "
                         "(--batch-size / processes images), a different and noisier model")
     return p
-
-
-def policy(text: str) -> str:
-    """--augment, checked and spelled one way: 'none', 'all', or the operations in order."""
-    try:
-        ops = parse_policy(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return "none" if not ops else "all" if ops == parse_policy("all") else ",".join(ops)
 
 
 def fill_defaults(args) -> None:

@@ -4,7 +4,7 @@
     python train_vae.py --conditional --out outputs/cvae  # decoder and encoder see the cell type
     python train_vae.py --data-root ../my_data --epochs 5 --out outputs/vae_quick
     python train_vae.py --resume                          # continue outputs/vae/ after Ctrl-C
-    torchrun --standalone --nproc_per_node 4 train_vae.py # 4 GPUs, global batch 128
+    torchrun --standalone --nproc_per_node 4 train_vae.py # 4 GPUs, global batch 32
 
 Every epoch writes samples_epoch_NNN.png (decoded from the same draws of the fitted density of
 each class, one class per row),
@@ -25,6 +25,7 @@ import loop
 import metrics
 import pictures
 import vae_eval
+from augment import augment, parse_policy
 from data import IMAGE_SIZE, NUM_CLASSES, Batches, balanced_labels, class_names, to_uint8
 from models import vae
 from models.vae import LIKELIHOODS, VALUE_RANGE
@@ -51,7 +52,7 @@ def widths(text: str) -> tuple[int, ...]:
 
 def build_parser():
     p = cli.make_parser(__doc__)
-    cli.add_common_args(p, out="outputs/vae", epochs=25, lr=1e-3)
+    cli.add_common_args(p, out="outputs/vae", epochs=25, lr=1e-3, batch_size=32)
     p.add_argument("--latent-dim", type=cli.positive_int, default=128, metavar="N", help="size of z")
     p.add_argument("--widths", type=widths, default="32,64", metavar="C1,C2,...",
                    help="channels of the encoder's stride-2 convolutions, mirrored by the decoder")
@@ -61,6 +62,9 @@ def build_parser():
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                    help="learning rate over the run: constant, or cosine decay from --lr to 0")
     p.add_argument("--beta", type=cli.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
+    p.add_argument("--augment", choices=["symmetry", "none"], default="symmetry",
+                   help="show every training image (input and target alike) in one of the 8 rotations and "
+                        "flips of the square, drawn at random each time (augment.py), or as it is")
     p.add_argument("--res-blocks", type=cli.non_negative_int, default=0, metavar="N",
                    help="residual blocks (two 3x3 convolutions) at each resolution of the decoder")
     p.add_argument("--class-prior", action=argparse.BooleanOptionalAction, default=True,
@@ -79,14 +83,16 @@ class VAETrainer:
         self.precision = hardware.Precision(args.precision, device)
         self.scaler = self.precision.scaler()
         self.net = hardware.compiled(distributed.ddp(self.model, device), args.compile)  # DDP under torchrun
+        self.policy = parse_policy(args.augment)
 
     def state(self) -> tuple[dict, dict, dict]:
         """Models, optimisers and scalers, as the checkpoint names them."""
         return {"vae": self.model}, {"vae": self.opt}, {"vae": self.scaler}
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None, meter: loop.Meter) -> None:
-        """x is this process's share of the batch; the posterior noise and the Gaussian
-        likelihood's variance are those of the global batch."""
+        """x is this process's share of the batch; the augmentation's draws, the posterior noise
+        and the Gaussian likelihood's variance are those of the global batch."""
+        x = augment(x, self.policy)  # the 8 symmetries of a cell: new training images, not noise
         eps = distributed.batch_noise(torch.randn, x.shape[0], self.model.latent_dim, device=x.device)
         with self.precision.autocast():
             logits, mu, logvar = self.net(x, y, eps)

@@ -158,3 +158,29 @@ def test_resume_is_exact_with_conditioning_and_ema(data_root, tmp_path, kind, ex
     # the grid of a conditional run has a label column on its left: wider than a plain 8 x 8 grid
     from PIL import Image
     assert Image.open(tmp_path / "resumed" / "samples_epoch_003.png").size[0] > 8 * 66 + 2
+
+
+def test_vae_symmetries_feed_the_step_turned_and_mirrored_images(monkeypatch):
+    """--augment symmetry: each image of the batch reaches the model (as input and as target) in
+    one of its 8 rotations and flips; --augment none: as it is."""
+    import argparse
+    seen, x = {}, torch.rand(64, 3, 64, 64)
+    for policy in ("symmetry", "none"):
+        args = argparse.Namespace(latent_dim=8, widths=(8, 16), conditional=False, likelihood="gaussian",
+                                  class_prior=True, res_blocks=0, channels_last=False, lr=1e-3, precision="fp32",
+                                  compile=False, beta=1.0, augment=policy)
+        trainer = train_vae.VAETrainer(args, torch.device("cpu"))
+
+        def record(x, logits, *rest, policy=policy, **kwargs):  # the images the loss is given
+            seen[policy] = x
+            zero = logits.float().sum() * 0
+            return {"loss": zero, "recon": zero, "kl": zero}
+        monkeypatch.setattr(trainer.model, "loss", record)
+        trainer.step(x, None, loop.Meter())
+    views = lambda img: [torch.rot90(m, k, (1, 2)) for m in (img, img.flip(2)) for k in range(4)]
+    assert torch.equal(seen["none"], x)
+    moved = 0
+    for a, b in zip(seen["symmetry"], x):
+        assert any(torch.equal(a, v) for v in views(b))  # one of the 8 views of its own image
+        moved += not torch.equal(a, b)
+    assert moved > 40  # 7 in 8 of them turned or mirrored
