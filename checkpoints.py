@@ -20,10 +20,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-KINDS = ("gan", "vae")
 # The version of each kind's checkpoint layout and of the settings it records, raised by any change
 # that older files cannot be read with; load_checkpoint refuses other versions in one line.
 FORMATS = {"gan": 2, "vae": 3}
+KINDS = tuple(FORMATS)
 
 
 # What every checkpoint holds, and what resuming a training run needs besides.

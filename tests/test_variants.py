@@ -163,12 +163,10 @@ def test_resume_is_exact_with_conditioning_and_ema(data_root, tmp_path, kind, ex
 def test_vae_symmetries_feed_the_step_turned_and_mirrored_images(monkeypatch):
     """--augment symmetry: each image of the batch reaches the model (as input and as target) in
     one of its 8 rotations and flips; --augment none: as it is."""
-    import argparse
     seen, x = {}, torch.rand(64, 3, 64, 64)
     for policy in ("symmetry", "none"):
-        args = argparse.Namespace(latent_dim=8, widths=(8, 16), conditional=False, likelihood="gaussian",
-                                  class_prior=True, res_blocks=0, channels_last=False, lr=1e-3, precision="fp32",
-                                  compile=False, beta=1.0, augment=policy)
+        args = train_vae.build_parser().parse_args([*TINY_VAE, "--precision", "fp32", "--no-channels-last",
+                                                    "--augment", policy])
         trainer = train_vae.VAETrainer(args, torch.device("cpu"))
 
         def record(x, logits, *rest, policy=policy, **kwargs):  # the images the loss is given
