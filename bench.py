@@ -3,6 +3,7 @@
     python bench.py                                     # every workload on the best device
     python bench.py --workloads gan-default gan-bce --device cpu --json outputs/bench.json
     python bench.py --precision bf16 --compile          # the trade-offs the training scripts offer
+    python bench.py --dataset pathmnist --size 128      # another MedMNIST set, another size
 
 For each workload it times two ways of doing the same work on the same model and batch size:
 
@@ -15,8 +16,8 @@ For each workload it times two ways of doing the same work on the same model and
             plain Adam, and .item() on the losses after every step.
 
 Warm-up steps are not timed; each figure is the median of --repeats timings of --steps steps,
-ours and the baseline taking turns. "s/epoch" is the training split (11,959 images) divided by
-the rate. This is a benchmark, not a test: it prints numbers and asserts nothing about them.
+ours and the baseline taking turns. "s/epoch" is the official training split (11,959 images for
+BloodMNIST) divided by the rate. This is a benchmark, not a test: it prints numbers and asserts nothing about them.
 It is the one script that imports the training scripts, since it times exactly their step.
 """
 import itertools
@@ -40,7 +41,7 @@ import loop
 import metrics
 import train_gan
 import train_vae
-from data import NUM_CLASSES, Batches, as_tensor, load_bloodmnist
+from data import Batches, Dataset, as_tensor, load
 from models.classifier import Classifier
 from models import dcgan, vae
 from models.dcgan import discriminator_loss, generator_loss, gradient_penalty
@@ -48,17 +49,17 @@ from models.dcgan import discriminator_loss, generator_loss, gradient_penalty
 # gan-default is train_gan.py's default recipe (augmentation, EMA), what a run costs; the gan-LOSS
 # workloads are the paper recipe with that loss, the same work as the baseline loop does.
 WORKLOADS = ("gan-default", "gan-bce", "gan-hinge", "gan-wgan-gp", "vae", "features")
-TRAIN_IMAGES = 11_959  # the official BloodMNIST training split, for s/epoch
 
 
 def build_parser():
     p = cli.make_parser(__doc__)
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), metavar="NAME",
                    help=f"what to time, any of: {', '.join(WORKLOADS)}")
+    cli.add_dataset_args(p)
     cli.add_device_and_data(p)
     p.add_argument("--batch-size", type=cli.positive_int, default=None, metavar="N",
                    help="images per training step (default: the training script's own, 64 for the GAN "
-                        "recipes, 128 for the VAE)")
+                        "recipes, 32 for the VAE)")
     p.add_argument("--feature-batch-size", type=cli.positive_int, default=500, metavar="N",
                    help="images per batch of the feature pass (evaluate.py's)")
     p.add_argument("--steps", type=cli.positive_int, default=10, metavar="N", help="steps per timing")
@@ -85,13 +86,18 @@ class PILDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+        return self.transform(Image.fromarray(self.images[i])), torch.as_tensor(self.labels[i])
 
 
 def forever(loader):
     """Batches of a DataLoader epoch after epoch (a new epoch restarts its workers, as in a real loop)."""
     while True:
         yield from loader
+
+
+def to_symmetric():
+    """PIL image -> tensor in [-1, 1], for any number of channels (ToTensor, then Normalize(0.5, 0.5))."""
+    return T.Compose([T.ToTensor(), T.Normalize(0.5, 0.5)])
 
 
 def baseline_loader(split, transform, batch_size: int, workers: int, shuffle: bool = True):
@@ -102,11 +108,10 @@ def baseline_loader(split, transform, batch_size: int, workers: int, shuffle: bo
 
 def baseline_gan(args, split, device, workers: int):
     """pytorch/examples' DCGAN loop (and its WGAN-GP cousin) on our G and D."""
-    G, D = (m.to(device) for m in dcgan.build(vars(args), NUM_CLASSES))
+    G, D = (m.to(device) for m in dcgan.build(vars(args), Dataset(args.dataset, args.size)))
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    normalize = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    batches = baseline_loader(split, normalize, args.batch_size, workers)
+    batches = baseline_loader(split, to_symmetric(), args.batch_size, workers)
     counter = itertools.count(1)
 
     def step():
@@ -132,7 +137,7 @@ def baseline_gan(args, split, device, workers: int):
 
 def baseline_vae(args, split, device, workers: int):
     """pytorch/examples' VAE loop on our VAE and its loss."""
-    model = vae.build(vars(args), NUM_CLASSES).to(device)
+    model = vae.build(vars(args), Dataset(args.dataset, args.size)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     batches = baseline_loader(split, T.ToTensor(), args.batch_size, workers)
 
@@ -149,8 +154,7 @@ def baseline_vae(args, split, device, workers: int):
 
 
 def baseline_features(model, split, batch_size: int, device, workers: int):
-    normalize = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    batches = baseline_loader(split, normalize, batch_size, workers, shuffle=False)
+    batches = baseline_loader(split, to_symmetric(), batch_size, workers, shuffle=False)
 
     @torch.no_grad()
     def step():
@@ -203,7 +207,7 @@ def rate(step, images_per_step: int, steps: int, device: torch.device) -> float:
 
 def training_args(workload: str, opts) -> object:
     """The training script's own defaults for this workload, with the bench's speed flags."""
-    flags = ["--precision", opts.precision, "--channels-last" if opts.channels_last else "--no-channels-last",
+    flags = ["--dataset", opts.dataset, "--size", str(opts.size), "--precision", opts.precision, "--channels-last" if opts.channels_last else "--no-channels-last",
              *(["--compile"] if opts.compile else []), *(["--batch-size", str(opts.batch_size)] if opts.batch_size else [])]
     if workload == "vae":
         return train_vae.build_parser().parse_args(flags)
@@ -217,7 +221,8 @@ def training_args(workload: str, opts) -> object:
 def make_step(path: str, workload: str, opts, device: torch.device, split):
     """(step, images per step) of one path for one workload."""
     if workload == "features":
-        net = Classifier(widths=tuple(metrics.RECIPE["widths"])).to(device).eval()
+        data = Dataset(opts.dataset, opts.size)
+        net = Classifier(data.num_classes, data.channels, tuple(metrics.RECIPE["widths"])).to(device).eval()
         if path == "baseline":
             return baseline_features(net, split, opts.feature_batch_size, device, opts.workers), opts.feature_batch_size
         images = as_tensor(split.images)  # uint8, as evaluate.py holds them
@@ -229,10 +234,11 @@ def make_step(path: str, workload: str, opts, device: torch.device, split):
         return make(args, split, device, opts.workers), args.batch_size
     script = train_vae if workload == "vae" else train_gan
     batches = Batches(split, args.batch_size, device, script.VALUE_RANGE, channels_last=args.channels_last)
+    data = Dataset(args.dataset, args.size)
     if workload == "vae":
-        trainer = train_vae.VAETrainer(args, device)
+        trainer = train_vae.VAETrainer(args, data, device)
         return ours_training(lambda x, i, meter: trainer.step(x, None, meter), batches), args.batch_size
-    trainer = train_gan.GANTrainer(args, device)
+    trainer = train_gan.GANTrainer(args, data, device)
     return ours_training(lambda x, i, meter: trainer.step(x, None, i, meter), batches), args.batch_size
 
 
@@ -245,7 +251,7 @@ def serve(path: str, workload: str, opts, conn, warned: set) -> None:
         device = hardware.pick_device(opts.device)
         if path == "ours":
             hardware.speed_up(device)
-        split = load_bloodmnist(opts.data_root, splits=("train",))["train"]
+        split = load(Dataset(opts.dataset, opts.size), opts.data_root, splits=("train",))["train"]
         loop.set_seed(0)
         step, batch = make_step(path, workload, opts, device, split)
         for _ in range(opts.warmup):
@@ -301,7 +307,9 @@ def main(argv=None):
     device = hardware.pick_device(opts.device)
     if opts.json:
         files.check_output(opts.json, "--json", (".json",), opts.overwrite)
-    split = load_bloodmnist(opts.data_root, splits=("train",))["train"]  # checks the file before any process starts
+    data = Dataset(opts.dataset, opts.size)
+    split = load(data, opts.data_root, splits=("train",))["train"]  # checks the file before any process starts
+    train_images = data.info["n_samples"]["train"]  # the official split, for s/epoch
     batch_sizes = {w: opts.feature_batch_size if w == "features" else training_args(w, opts).batch_size
                    for w in opts.workloads}
     if len(split) < max(batch_sizes.values()):
@@ -309,7 +317,7 @@ def main(argv=None):
                                "lower --batch-size / --feature-batch-size")
     name = hardware.device_name(device)
     precision = hardware.Precision(opts.precision, device).name
-    print(f"bench on {device} ({name}): ours in {precision}{', compiled' if opts.compile else ''}"
+    print(f"bench on {device} ({name}), {data}: ours in {precision}{', compiled' if opts.compile else ''}"
           f"{', channels-last' if opts.channels_last else ''}; the baseline in fp32 with {opts.workers} "
           f"DataLoader workers; median of {opts.repeats} x {opts.steps} steps after {opts.warmup} warm-up")
     rows = []
@@ -317,13 +325,13 @@ def main(argv=None):
         rates = time_workload(workload, opts)
         ours = statistics.median(rates["ours"])
         base = statistics.median(rates["baseline"]) if "baseline" in rates else None
-        rows.append({"workload": workload, "device": name, "precision": precision, "compile": opts.compile,
+        rows.append({"workload": workload, "dataset": data.name, "size": data.size, "device": name, "precision": precision, "compile": opts.compile,
                      "channels_last": opts.channels_last, "batch_size": batch_sizes[workload],
                      "images_per_s": round(ours, 1),
                      "baseline_images_per_s": None if base is None else round(base, 1),
                      "speedup": None if base is None else round(ours / base, 2),
-                     "epoch_s": round(TRAIN_IMAGES / ours, 2),
-                     "baseline_epoch_s": None if base is None else round(TRAIN_IMAGES / base, 2)})
+                     "epoch_s": round(train_images / ours, 2),
+                     "baseline_epoch_s": None if base is None else round(train_images / base, 2)})
         print_row(rows[-1], header=len(rows) == 1)
     if opts.json:
         path = Path(opts.json)

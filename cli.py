@@ -131,9 +131,10 @@ def number_list(what: str, example: str, above: float, most: float = float("inf"
     return parse
 
 
-def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float | None, batch_size: int | None,
+def add_common_args(p: argparse.ArgumentParser, kind: str, epochs: int, lr: float | None, batch_size: int | None,
                     lr_help: str = "Adam learning rate") -> None:
     """The flags both training scripts take; defaults are shown by --help (None: set later)."""
+    add_dataset_args(p)
     p.add_argument("--epochs", type=positive_int, default=epochs, metavar="N",
                    help="passes over the training split")
     p.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
@@ -144,7 +145,8 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
     p.add_argument("--subset", type=positive_int, default=None, metavar="N",
                    help="train on the first N training images only (a quick check)")
     p.add_argument("--conditional", action="store_true",
-                   help="condition the model on the cell type; grids then show one class per row")
+                   help="condition the model on the class (the cell type of BloodMNIST); grids then show one "
+                        "class per row. Not for the multi-label chestmnist")
     p.add_argument("--eval-every", type=non_negative_int, default=0, metavar="K",
                    help="every K epochs and after the last, log the KID of --eval-n samples against the "
                         "test split (evaluate.py's feature network; trained once if not cached); 0: off")
@@ -152,9 +154,20 @@ def add_common_args(p: argparse.ArgumentParser, out: str, epochs: int, lr: float
     p.add_argument("--feature-cache", default="outputs/features", metavar="DIR",
                    help="where evaluate.py's feature network is cached")
     add_speed_args(p)
-    p.add_argument("--out", default=out, metavar="DIR", help="run folder: config, metrics, grids, curves, ckpt.pt")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"run folder: config, metrics, grids, curves, ckpt.pt (default: outputs/{kind} for "
+                        f"BloodMNIST at 64, else outputs/{kind}_DATASET_SIZE)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its ckpt.pt, with that run's settings")
+
+
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """--dataset and --size: which MedMNIST file a run trains on (sample.py and evaluate.py read
+    them from the checkpoint)."""
+    from data import DATASETS, SIZES
+    p.add_argument("--dataset", choices=DATASETS, default="bloodmnist", metavar="NAME",
+                   help="a MedMNIST 2D dataset: " + ", ".join(DATASETS))
+    p.add_argument("--size", type=int, choices=SIZES, default=64, help="image side in pixels, as MedMNIST ships it")
 
 
 def add_device_and_data(p: argparse.ArgumentParser, data_root: str | None = "data") -> None:
@@ -162,7 +175,8 @@ def add_device_and_data(p: argparse.ArgumentParser, data_root: str | None = "dat
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto picks cuda, then mps, then cpu")
     p.add_argument("--data-root", default=data_root, metavar="PATH",
-                   help="folder holding bloodmnist_64.npz (downloaded there if missing), or the .npz itself"
+                   help="folder holding the dataset's npz (bloodmnist_64.npz; downloaded there if missing), "
+                        "or the .npz itself"
                         + ("" if data_root else " (default: the one the checkpoint was trained on)"))
 
 

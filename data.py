@@ -1,14 +1,19 @@
-"""BloodMNIST at 64x64: the one loader both training scripts use.
+"""MedMNIST 2D datasets at any of their sizes: the one loader both training scripts use.
 
-The MedMNIST file (`bloodmnist_64.npz`: `{train,val,test}_images` uint8 (N, 64, 64, 3) and
-`{train,val,test}_labels` (N, 1)) is read once into memory and checked; batches are then cut from
-one uint8 tensor held on the training device, so there is no per-image PIL work at all.
+A MedMNIST file (`bloodmnist_64.npz`; `pathmnist.npz` at 28 pixels) holds `{train,val,test}_images`
+uint8, (N, S, S, 3) for colour sets and (N, S, S) for grayscale ones, and `{train,val,test}_labels`
+(N, 1) class ids, or (N, L) 0/1 columns for the multi-label chestmnist. It is read once into
+memory and checked against its Dataset (name and size, with channels, class names and task from
+`medmnist.INFO`); batches are then cut from one uint8 tensor held on the training device, so there
+is no per-image PIL work at all.
 
-    from data import load_bloodmnist, Batches
-    splits = load_bloodmnist("data")                 # downloads through medmnist if missing
+    from data import Dataset, load, Batches
+    dataset = Dataset("bloodmnist", 64)
+    splits = load(dataset, "data")                   # downloads through medmnist's URL if missing
     batches = Batches(splits["train"], 128, device, value_range=(-1, 1), seed=0)
     for x, y in batches.epoch(0): ...                # x (128, 3, 64, 64) float, y (128,) int64
 """
+import functools
 import hashlib
 import os
 import zipfile
@@ -22,39 +27,109 @@ from errors import UserError, warn
 from files import atomic_write
 from hardware import memory_format
 
-FLAG = "bloodmnist"
-IMAGE_SIZE = 64
-FILENAME = f"{FLAG}_{IMAGE_SIZE}.npz"
-NUM_CLASSES = 8
+# MedMNIST v3's 2D datasets and their sizes (medmnist.INFO also lists 3D volumes, not for here)
+DATASETS = ("bloodmnist", "breastmnist", "chestmnist", "dermamnist", "octmnist", "organamnist",
+            "organcmnist", "organsmnist", "pathmnist", "pneumoniamnist", "retinamnist", "tissuemnist")
+SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
 
 
-def dataset_info() -> dict:
-    """MedMNIST's record for BloodMNIST: URLs, MD5s, label names, split sizes."""
+@functools.cache
+def _info(name: str) -> dict:
     from medmnist.info import INFO  # imported here: it pulls in medmnist's whole package
-    return INFO[FLAG]
+    return INFO[name]
 
 
-def class_names() -> list[str]:
-    """Short class names in label order ("immature granulocytes(myelocytes, ...)" is cut)."""
-    labels = dataset_info()["label"]
-    return [labels[str(i)].split("(")[0].strip() for i in range(NUM_CLASSES)]
+@dataclass(frozen=True)
+class Dataset:
+    """One MedMNIST dataset at one size: what the models, grids and checks need to know of it."""
+    name: str = "bloodmnist"
+    size: int = 64
+
+    def __post_init__(self):
+        if self.name not in DATASETS:
+            raise UserError(f"unknown dataset {self.name!r}; choose one of {', '.join(DATASETS)}")
+        if self.size not in SIZES:
+            raise UserError(f"MedMNIST has no {self.size}-pixel files; --size takes one of {', '.join(map(str, SIZES))}")
+
+    @property
+    def info(self) -> dict:
+        """MedMNIST's record: URLs, MD5s, label names, task, channels, split sizes."""
+        return _info(self.name)
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.npz" if self.size == 28 else f"{self.name}_{self.size}.npz"
+
+    @property
+    def url(self) -> str:
+        return self.info["url" if self.size == 28 else f"url_{self.size}"]
+
+    @property
+    def md5(self) -> str:
+        return self.info["MD5" if self.size == 28 else f"MD5_{self.size}"]
+
+    @property
+    def channels(self) -> int:
+        return self.info["n_channels"]
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a single-label set; labels (columns) of the multi-label chestmnist."""
+        return len(self.info["label"])
+
+    @property
+    def multi_label(self) -> bool:
+        """Several findings per image (chestmnist): no one class to condition on or draw by."""
+        return self.info["task"].startswith("multi-label")
+
+    @property
+    def class_names(self) -> list[str]:
+        """Short names in label order ("immature granulocytes(myelocytes, ...)" is cut)."""
+        labels = self.info["label"]
+        return [labels[str(i)].split("(")[0].strip() for i in range(self.num_classes)]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """One image as MedMNIST stores it: (S, S, 3) in colour, (S, S) in grey."""
+        return (self.size, self.size, 3) if self.channels == 3 else (self.size, self.size)
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.size}x{self.size}"
 
 
-def balanced_labels(n: int, device: torch.device | str = "cpu", by_row: bool = False) -> torch.Tensor:
-    """n labels with every class n // 8 or n // 8 + 1 times: 0, 1, ..., 7, 0, 1, ..., or sorted
-    (by_row) so that a grid of n // 8 columns shows one class per row."""
-    labels = torch.arange(n, device=device) % NUM_CLASSES
-    return labels.sort().values if by_row else labels
+def dataset_of(settings: dict) -> Dataset:
+    """The dataset a run's settings (config.json, a checkpoint's args) name; runs that predate
+    --dataset and --size were BloodMNIST at 64."""
+    return Dataset(settings.get("dataset", "bloodmnist"), settings.get("size", 64))
+
+
+def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """n labels with every class n // C or n // C + 1 times: 0, 1, ..., C-1, 0, 1, ..."""
+    return torch.arange(n, device=device) % num_classes
+
+
+def grid_labels(num_classes: int, per_row: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Labels for a grid of `per_row` columns that shows one class per row: 0 x per_row, 1 x per_row, ..."""
+    return torch.arange(num_classes, device=device).repeat_interleave(per_row)
 
 
 @dataclass
 class Split:
-    images: np.ndarray  # (N, 64, 64, 3) uint8
-    labels: np.ndarray  # (N,) int64 in 0..7
+    images: np.ndarray  # (N, S, S, 3) or (N, S, S) uint8
+    labels: np.ndarray  # (N,) int64 class ids, or (N, L) 0/1 int64 for a multi-label set
+    num_classes: int  # the dataset's classes (L for a multi-label set), present here or not
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.labels.ndim == 2
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.images.ndim == 3 else self.images.shape[-1]
 
 
 def md5(path: Path) -> str:
@@ -65,27 +140,26 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def locate(data_root: str | os.PathLike, download: bool = True) -> Path:
-    """The npz to read: `data_root` itself if it is a file, else `data_root/bloodmnist_64.npz`,
+def locate(dataset: Dataset, data_root: str | os.PathLike, download: bool = True) -> Path:
+    """The npz to read: `data_root` itself if it is a file, else `data_root/<dataset's file>`,
     downloaded through MedMNIST's URL (MD5-checked) when it is missing."""
     root = Path(data_root)
     if root.is_file():
         return root
     if root.suffix == ".npz":
         raise UserError(f"{root} not found; --data-root takes an existing .npz file or a folder")
-    path = root / FILENAME
+    path = root / dataset.filename
     if path.is_file():
         return path
-    info = dataset_info()
-    url, md5 = info[f"url_{IMAGE_SIZE}"], info[f"MD5_{IMAGE_SIZE}"]
+    url, md5 = dataset.url, dataset.md5
     hint = (f"download {url} (MD5 {md5}) by hand and pass --data-root with the folder "
-            f"that holds {FILENAME} (or the file itself)")
+            f"that holds {dataset.filename} (or the file itself)")
     if not download:
         raise UserError(f"{path} not found; {hint}")
     from torchvision.datasets.utils import download_url
     try:
         root.mkdir(parents=True, exist_ok=True)
-        print(f"Downloading {FILENAME} ({url}) to {root}/ ...")
+        print(f"Downloading {dataset.filename} ({url}) to {root}/ ...")
         with atomic_write(path) as partial:  # the real name appears only once the MD5 checks
             download_url(url, str(root), filename=partial.name, md5=md5)  # raises on a mismatch
     except Exception as e:  # network, disk or checksum: all end in the same advice
@@ -94,38 +168,42 @@ def locate(data_root: str | os.PathLike, download: bool = True) -> Path:
     return path
 
 
-def _check_split(path: Path, npz, split: str) -> Split:
+def _check_split(dataset: Dataset, path: Path, npz, split: str) -> Split:
     images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
-    want = f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3)"
+    want = "(N, " + ", ".join(map(str, dataset.image_shape)) + ")"
     if images.dtype != np.uint8:
         raise UserError(f"{path}: {split}_images has dtype {images.dtype}, expected uint8 "
                         "(0..255) as in MedMNIST")
-    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise UserError(f"{path}: {split}_images has shape {images.shape}, expected {want}; "
-                        f"use the {IMAGE_SIZE}x{IMAGE_SIZE} RGB file ({FILENAME})")
+    if images.shape[1:] != dataset.image_shape:
+        colour = "RGB" if dataset.channels == 3 else "grayscale"
+        raise UserError(f"{path}: {split}_images has shape {images.shape}, expected {want} for {dataset} "
+                        f"({colour}); use {dataset.filename}, or pass the --dataset and --size it was made for")
     if not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{path}: {split}_labels has dtype {labels.dtype}, expected integers")
-    if labels.shape not in ((len(images), 1), (len(images),)):
-        raise UserError(f"{path}: {split}_labels has shape {labels.shape}, expected "
-                        f"({len(images)}, 1) to match {split}_images")
-    labels = labels.reshape(-1).astype(np.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    columns = dataset.num_classes if dataset.multi_label else 1
+    if labels.shape != (len(images), columns) and (columns > 1 or labels.shape != (len(images),)):
+        raise UserError(f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)}, {columns}) "
+                        f"to match {split}_images" + (f" (one 0/1 column per finding of {dataset.name})"
+                                                      if dataset.multi_label else ""))
+    labels = labels.astype(np.int64)
+    top = 1 if dataset.multi_label else dataset.num_classes - 1
+    if labels.size and (labels.min() < 0 or labels.max() > top):
         raise UserError(f"{path}: {split}_labels holds values in {labels.min()}..{labels.max()}, "
-                        f"expected 0..{NUM_CLASSES - 1}")
-    return Split(images, labels)
+                        f"expected 0..{top} for {dataset.name}")
+    return Split(images, labels if dataset.multi_label else labels.reshape(-1), dataset.num_classes)
 
 
-def load_bloodmnist(data_root: str | os.PathLike = "data", splits=SPLITS,
-                    subset: int | None = None, download: bool = True) -> dict[str, Split]:
-    """Read and check the BloodMNIST-64 npz; `subset` keeps the first N training images.
+def load(dataset: Dataset, data_root: str | os.PathLike = "data", splits=SPLITS,
+         subset: int | None = None, download: bool = True) -> dict[str, Split]:
+    """Read and check the dataset's npz; `subset` keeps the first N training images.
 
     Every problem a user can cause (no file, a broken file, wrong keys, dtypes, shapes or
     labels) raises UserError with a one-line message; a file that is not the official one
     (another MD5) loads with a warning, since people build their own copies.
     """
-    path = locate(data_root, download)
-    official = dataset_info()[f"MD5_{IMAGE_SIZE}"]
-    if path.name == FILENAME and (digest := md5(path)) != official:
+    path = locate(dataset, data_root, download)
+    official = dataset.md5
+    if path.name == dataset.filename and (digest := md5(path)) != official:
         warn(f"{path} has MD5 {digest}, not the official {official}; using it as it is")
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not an .npz file (a MedMNIST file is a zip archive of arrays); "
@@ -137,7 +215,7 @@ def load_bloodmnist(data_root: str | os.PathLike = "data", splits=SPLITS,
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)}; a MedMNIST npz holds "
                                 "train/val/test _images and _labels")
-            out = {s: _check_split(path, npz, s) for s in splits}
+            out = {s: _check_split(dataset, path, npz, s) for s in splits}
     except UserError:
         raise
     except ValueError as e:
@@ -157,28 +235,31 @@ def load_bloodmnist(data_root: str | os.PathLike = "data", splits=SPLITS,
         t = out["train"]
         if subset > len(t):
             warn(f"--subset {subset} is more than the {len(t):,} training images of {path}; all are used")
-        out["train"] = Split(t.images[:subset], t.labels[:subset])
+        out["train"] = Split(t.images[:subset], t.labels[:subset], t.num_classes)
     return out
 
 
 def as_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 images as MedMNIST stores them, (N, H, W, 3) -> a tensor view (N, 3, H, W), no copy."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2)
+    """uint8 images as MedMNIST stores them, (N, H, W, 3) or grayscale (N, H, W) -> a tensor view
+    (N, C, H, W), no copy."""
+    t = torch.from_numpy(images)
+    return t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2)
 
 
 def as_array(images: torch.Tensor) -> np.ndarray:
-    """The inverse of as_tensor: uint8 (N, 3, H, W) -> (N, H, W, 3) on the CPU, as MedMNIST stores them."""
-    return images.permute(0, 2, 3, 1).cpu().numpy()
+    """The inverse of as_tensor: uint8 (N, C, H, W) -> (N, H, W, 3) or (N, H, W) on the CPU, as
+    MedMNIST stores them."""
+    return (images[:, 0] if images.shape[1] == 1 else images.permute(0, 2, 3, 1)).cpu().numpy()
 
 
 def to_float(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in value_range: (0, 1) for the VAE, (-1, 1) for the GAN."""
+    """uint8 (B, C, H, W) -> float in value_range: (0, 1) for the VAE, (-1, 1) for the GAN."""
     lo, hi = value_range
     return images.float().mul_((hi - lo) / 255.0).add_(lo)
 
 
 def to_uint8(images: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
-    """The inverse of to_float, rounded and clamped: float (B, 3, H, W) -> uint8."""
+    """The inverse of to_float, rounded and clamped: float (B, C, H, W) -> uint8."""
     lo, hi = value_range
     return ((images - lo) * (255.0 / (hi - lo))).round_().clamp_(0, 255).to(torch.uint8)
 

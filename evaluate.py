@@ -1,12 +1,13 @@
-"""Score checkpoints of train_gan.py and train_vae.py against the BloodMNIST test split.
+"""Score checkpoints of train_gan.py and train_vae.py against the test split of their dataset.
 
     python evaluate.py outputs/gan/ckpt.pt outputs/vae/ckpt.pt
     python evaluate.py outputs/cgan/ckpt.pt --n 2000 --json results.json
 
-For each checkpoint it draws --n images and reports, in the feature space of a BloodMNIST
-classifier trained here (metrics.py; once per data file, then cached):
+For each checkpoint it draws --n images and reports, in the feature space of a classifier trained
+here on the checkpoint's dataset and size (metrics.py; once per data file, then cached):
 FID, KID (mean and std over subsets), precision and recall (k = 3), the generated images' class
-shares under the classifier against the real ones, and for conditional models how often the
+shares under the classifier against the real ones (for the multi-label chestmnist, the share of
+images showing each finding), and for conditional models how often the
 classifier finds the class that was asked for. VAEs also get test-split negative ELBO,
 reconstruction MSE, PSNR and SSIM. Two reference rows place the numbers: real training images
 (the best a model can do) and noise with the training images' per-pixel mean and std (a trivial
@@ -45,7 +46,7 @@ import metrics
 import pictures
 import synthetic
 import vae_eval
-from data import Batches, as_tensor, class_names, load_bloodmnist
+from data import Batches, as_tensor, load
 from models.vae import PRIORS, VALUE_RANGE
 from sampler import Sampler
 
@@ -56,9 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--n", type=cli.int_at_least(4), default=10_000,
                    help="images generated per checkpoint (precision and recall need more than k = 3)")
     p.add_argument("--no-ema", action="store_true", help="score the raw generator of an --ema run")
-    p.add_argument("--prior", choices=PRIORS, default="classes",
-                   help="VAE: sample z from a Gaussian per class in the training shares (classes), one Gaussian "
-                        "for all codes (gaussian) or the training prior (standard); see sample.py")
+    p.add_argument("--prior", choices=PRIORS, default=None,
+                   help="VAE: sample z from a Gaussian per class in the training shares (classes; the default), "
+                        "one Gaussian for all codes (gaussian; the default for a multi-label set) or the training "
+                        "prior (standard); see sample.py")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
     p.add_argument("--kid-subsets", type=cli.positive_int, default=100, metavar="N",
                    help="subsets KID is averaged over")
@@ -95,16 +97,20 @@ def parse_args(argv=None):
 def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested: torch.Tensor | None = None) -> dict:
     """Feature-space measures of images, given as metrics.predict's features and logits,
     against the test split."""
-    predicted = logits.argmax(1)
+    multi_label = real["multi_label"]
+    predicted = (logits > 0).long() if multi_label else logits.argmax(1)
     n = min(len(feats), len(real["features"]))  # precision/recall want equal set sizes
     precision, recall = metrics.precision_recall(real["features"], feats[:n], k=3)
     kid, kid_std = metrics.kid(feats, real["features"], args.kid_subsets, args.kid_subset_size, args.seed)
-    shares = metrics.class_shares(predicted)
+    shares = metrics.class_shares(predicted, logits.shape[1])
+    present = real["shares"] > 0  # a class missing from the test split has no ratio
     out = {"n": len(feats), "fid": metrics.fid(feats, real["features"]), "kid": kid, "kid_std": kid_std,
            "precision": precision, "recall": recall, "class_shares": shares.round(4).tolist(),
-           # how far the class make-up is from the test split's: total variation, worst share ratio
-           "class_tv": 0.5 * float(np.abs(shares - real["shares"]).sum()),
-           "min_share_ratio": float((shares / real["shares"]).min())}
+           # how far the class make-up is from the test split's: total variation (for findings, which
+           # are not shares of one whole, the mean absolute difference), and the worst share ratio
+           "class_tv": float(np.abs(shares - real["shares"]).mean() if multi_label
+                             else 0.5 * np.abs(shares - real["shares"]).sum()),
+           "min_share_ratio": float((shares[present] / real["shares"][present]).min())}
     if requested is not None:  # conditional: does the classifier see the class that was asked for?
         hit = (predicted == requested.cpu()).double()
         per_class = [hit[requested.cpu() == c].mean().item() for c in range(len(real["shares"]))]
@@ -152,7 +158,7 @@ def print_aligned(table: list[list[str]], left: int = 1, write=print) -> None:
             write("  ".join("-" * w for w in widths))
 
 
-def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
+def print_table(rows: list[dict], real_shares: np.ndarray, class_names: list[str], multi_label: bool) -> None:
     cols = [("FID", "fid", "{:.2f}"), ("KID", "kid", None), ("prec", "precision", "{:.3f}"),
             ("recall", "recall", "{:.3f}"), ("class TV", "class_tv", "{:.3f}"), ("min share", "min_share_ratio", "{:.2f}"),
             ("cls acc", "class_accuracy", "{:.3f}"), ("PSNR", "test_psnr", "{:.2f}"), ("SSIM", "test_ssim", "{:.3f}"),
@@ -161,17 +167,18 @@ def print_table(rows: list[dict], real_shares: np.ndarray) -> None:
     cell = lambda r, key, fmt: ("-" if key not in r else f"{r['kid']:.3f} ± {r['kid_std']:.3f}"
                                 if key == "kid" else fmt.format(r[key]))
     print_aligned([["model"] + [c[0] for c in cols]] + [[r["name"]] + [cell(r, k, f) for _, k, f in cols] for r in rows])
-    print("\nClass shares under the classifier (test split: true labels)")
+    print("\n" + ("Share of images showing each finding" if multi_label else "Class shares")
+          + " under the classifier (test split: true labels)")
     heads = ["test"] + [r["name"].removeprefix("ref: ")[:30] for r in rows]
     shares = [real_shares] + [r["class_shares"] for r in rows]
     w = [max(6, len(h)) for h in heads]
     print("class".ljust(14) + "".join(h.rjust(wi + 2) for h, wi in zip(heads, w)))
-    for c, name in enumerate(class_names()):
+    for c, name in enumerate(class_names):
         print(name[:14].ljust(14) + "".join(f"{s[c]:{wi + 2}.3f}" for s, wi in zip(shares, w)))
 
 
-def print_cas(cas: list[dict]) -> None:
-    short = [name[:5] for name in class_names()]
+def print_cas(cas: list[dict], class_names: list[str]) -> None:
+    short = [name[:5] for name in class_names]
     tqdm.write("\nTrain on synthetic, test on real (CAS): the classifier's scores on the real test split")
     print_aligned([["training set", "images", "acc", "bal acc", "AUC", *[f"{n} rec" for n in short]]] + [
         [r["name"], f"{r['images']:,}", f"{r['accuracy']:.3f}", f"{r['balanced_accuracy']:.3f}", f"{r['auc']:.3f}",
@@ -231,6 +238,10 @@ def main(argv=None):
     hardware.speed_up(device)
     samplers = [Sampler(path, device, not args.no_ema, args.prior) for path in args.checkpoints]  # bad paths fail first
     study = "--utility" if args.utility else "--cas" if args.cas else None
+    data = dataset_of_all(args.checkpoints, samplers)
+    if study and data.multi_label:
+        raise errors.UserError(f"{study}: {data.name} is multi-label, and its models (unconditional) do not draw "
+                               "the findings of each image that a classifier would learn from")
     if study and (unlabelled := [p for p, s in zip(args.checkpoints, samplers) if not s.labelled]):
         raise errors.UserError(f"{study} needs images that come with their class: {unlabelled[0]} was trained "
                                "without --conditional (a VAE's --prior classes also draws by class); train one "
@@ -241,14 +252,15 @@ def main(argv=None):
     for path in args.checkpoints:
         files.check_folder(Path(path).parent, "the folder of", "evaluate.py writes eval.json beside each "
                            "checkpoint; copy the run to a folder you can write")
-    splits = load_bloodmnist(args.data_root)  # checked before the feature network takes its minutes
+    splits = load(data, args.data_root)  # checked before the feature network takes its minutes
     if len(splits["test"]) < 4:
         raise errors.UserError(f"the test split of {args.data_root} has {len(splits['test'])} images; "
                                "scoring needs at least 4")
-    fnet, info = metrics.feature_network(args.data_root, device, args.feature_cache)
+    fnet, info = metrics.feature_network(data, args.data_root, device, args.feature_cache)
     test_feats = metrics.predict(fnet, splits["test"].images, args.batch_size, desc="test split")[0]
-    real = {"features": test_feats, "shares": metrics.class_shares(splits["test"].labels)}
-    train_shares = metrics.class_shares(splits["train"].labels)
+    real = {"features": test_feats, "shares": metrics.class_shares(splits["test"].labels, data.num_classes),
+            "multi_label": data.multi_label}
+    train_shares = metrics.class_shares(splits["train"].labels, data.num_classes)
     print(f"Feature network: {info['file']} (test accuracy {metrics.percent(info['test_accuracy'])}); "
           f"{len(splits['test']):,} test images; {args.n:,} generated images per checkpoint")
 
@@ -279,8 +291,8 @@ def main(argv=None):
     if not args.no_reference:
         rows += references(splits, real, fnet, args)
     print()
-    print_table(rows, real["shares"])
-    out = {"feature_network": info, "n": args.n, "seed": args.seed, "test_shares": real["shares"].tolist(),
+    print_table(rows, real["shares"], data.class_names, data.multi_label)
+    out = {"dataset": data.name, "size": data.size, "feature_network": info, "n": args.n, "seed": args.seed, "test_shares": real["shares"].tolist(),
            "results": rows}
 
     if args.memorization:
@@ -298,7 +310,7 @@ def main(argv=None):
         with tqdm(total=total, desc=f"{study[2:]}: classifiers", dynamic_ncols=True) as bar:
             out["cas"] = synthetic.cas(generators, splits["train"], splits["test"], device, args.seed, fnet, bar,
                                        args.cas_sizes, floor)
-            print_cas(out["cas"])
+            print_cas(out["cas"], data.class_names)
             if args.utility:
                 out["augmentation"] = synthetic.augmentation(generators, splits["train"], splits["test"], device,
                                                              *runs, args.synthetic_ratio, bar)
@@ -313,6 +325,15 @@ def main(argv=None):
     if args.json:
         note = files.write_output_text(args.json, json.dumps(out, indent=2) + "\n")
         print(f"\nWrote {args.json}{note}")
+
+
+def dataset_of_all(checkpoints: list[str], samplers: list[Sampler]):
+    """The dataset and size the checkpoints were trained on, when they agree."""
+    datasets = {s.data for s in samplers}
+    if len(datasets) > 1:
+        raise errors.UserError(f"{', '.join(checkpoints)} were trained on different datasets or sizes "
+                               f"({', '.join(sorted(map(str, datasets)))}); score each on its own")
+    return datasets.pop()
 
 
 def data_root_of(checkpoints: list[str], samplers: list[Sampler]) -> str:

@@ -1,5 +1,5 @@
-"""Numbers for generated blood-cell images, taken in the feature space of a BloodMNIST classifier
-trained here (models/classifier.py) instead of ImageNet's Inception network.
+"""Numbers for generated images, taken in the feature space of a classifier trained here on the
+same dataset and size (models/classifier.py) instead of ImageNet's Inception network.
 
     feature_network(...)   the classifier, trained once per data file and cached under outputs/
     fid, kid               Frechet and kernel Inception distances (Heusel 2017, Binkowski 2018)
@@ -7,7 +7,7 @@ trained here (models/classifier.py) instead of ImageNet's Inception network.
     ssim                   structural similarity (Wang et al. 2004) for VAE reconstructions
     KIDProbe               the cheap KID that --eval-every logs during training
 
-Images enter as uint8 (N, 3, 64, 64), exactly what a PNG or an exported npz would hold.
+Images enter as uint8 (N, C, S, S), exactly what a PNG or an exported npz would hold.
 """
 import json
 import math
@@ -21,7 +21,7 @@ from tqdm import tqdm
 import errors
 import files
 import loop
-from data import NUM_CLASSES, Batches, Split, as_tensor, load_bloodmnist, locate, md5, to_float
+from data import Batches, Dataset, Split, as_tensor, load, locate, md5, to_float
 from models.classifier import Classifier, random_symmetry
 
 VALUE_RANGE = (-1.0, 1.0)  # what the classifier reads
@@ -38,13 +38,13 @@ RECIPE = {"version": 1, "widths": [32, 64, 128, 256, 256], "epochs": 15, "batch_
 def train_classifier(train: Split, device: torch.device, epochs: int, batch_size: int, lr: float,
                      weight_decay: float, seed: int, widths=RECIPE["widths"], val: Split | None = None,
                      desc: str = "classifier", steps: int | None = None, log_epochs: bool = True) -> Classifier:
-    """Cross-entropy with AdamW and a one-cycle schedule; each image under a random symmetry of
+    """Cross-entropy (per label, for a multi-label set) with AdamW and a one-cycle schedule; each image under a random symmetry of
     the square (flips, 90 degree rotations) every time it is seen. `steps`, when given, replaces
     `epochs`: that many optimiser steps whatever the set's size (the utility study compares sets
     of different sizes at equal compute). One progress bar over all steps; with log_epochs, a
     line per epoch."""
     loop.set_seed(seed)
-    model = Classifier(NUM_CLASSES, widths=tuple(widths)).to(device)
+    model = Classifier(train.num_classes, train.channels, tuple(widths)).to(device)
     batches = Batches(train, batch_size, device, VALUE_RANGE, seed=seed)
     total = steps or epochs * len(batches)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -57,12 +57,15 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
         meter = loop.Meter()
         for x, y in batches.epoch(epoch):
             logits = model(random_symmetry(x, flips))
-            loss = F.cross_entropy(logits, y)
+            if train.multi_label:
+                loss, hit = F.binary_cross_entropy_with_logits(logits, y.float()), (logits > 0) == y.bool()
+            else:
+                loss, hit = F.cross_entropy(logits, y), logits.argmax(1) == y
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            meter.update(loss=loss.detach(), acc=(logits.argmax(1) == y).float().mean())
+            meter.update(loss=loss.detach(), acc=hit.float().mean())
             step += 1
             bar.update()
             if step % 10 == 0 or step == total:
@@ -81,8 +84,8 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
 @torch.no_grad()
 def predict(model: Classifier, images: torch.Tensor | np.ndarray, batch_size: int = 500,
             desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, 3, 64, 64) (or an (N, 64, 64, 3) array as in the npz) -> features
-    (N, D) float64 and logits (N, 8), on the CPU. `desc` shows a progress bar."""
+    """uint8 images (N, C, S, S) (or an array as in the npz) -> features (N, D) float64 and
+    logits (N, classes), on the CPU. `desc` shows a progress bar."""
     if isinstance(images, np.ndarray):
         images = as_tensor(images)
     device = next(model.parameters()).device
@@ -103,8 +106,10 @@ def percent(accuracy: float | None) -> str:
 
 
 def accuracy(model: Classifier, split: Split) -> float:
+    """The share of right classes; of right labels (each finding present or not) for a multi-label set."""
     logits = predict(model, split.images)[1]
-    return (logits.argmax(1).numpy() == split.labels).mean().item()
+    predicted = (logits > 0).long() if split.multi_label else logits.argmax(1)
+    return (predicted.numpy() == split.labels).mean().item()
 
 
 def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -125,9 +130,10 @@ def classification_scores(logits: torch.Tensor, labels: torch.Tensor | np.ndarra
     labels = torch.as_tensor(np.asarray(labels)).reshape(-1)
     probs = logits.double().softmax(1)
     predicted = probs.argmax(1)
-    present = [c for c in range(NUM_CLASSES) if (labels == c).any()]
+    classes = logits.shape[1]
+    present = [c for c in range(classes) if (labels == c).any()]
     recall = [(predicted[labels == c] == c).double().mean().item() if c in present else None
-              for c in range(NUM_CLASSES)]
+              for c in range(classes)]
     aucs = [roc_auc(probs[:, c], labels == c) for c in present if (labels != c).any()]
     return {"accuracy": (predicted == labels).double().mean().item(),
             "balanced_accuracy": float(np.mean([recall[c] for c in present])),
@@ -137,22 +143,22 @@ def classification_scores(logits: torch.Tensor, labels: torch.Tensor | np.ndarra
 
 def pixel_noise(images: np.ndarray, n: int, generator: torch.Generator) -> torch.Tensor:
     """n images of independent per-pixel Gaussian noise with the mean and std of `images`
-    ((N, 64, 64, 3) uint8, as in the npz): a generator that learned only the palette.
-    Returns uint8 (n, 3, 64, 64)."""
+    (uint8, as in the npz): a generator that learned only the palette. Returns uint8 (n, C, S, S)."""
     pixels = as_tensor(images).float()
     mean, std = pixels.mean(0), pixels.std(0)
     return torch.stack([(mean + std * torch.randn(mean.shape, generator=generator)).round().clamp(0, 255)
                         for _ in range(n)]).to(torch.uint8)
 
 
-def feature_network(data_root: str, device: torch.device, cache: str = "outputs/features",
+def feature_network(data: Dataset, data_root: str, device: torch.device, cache: str = "outputs/features",
                     recipe: dict | None = None) -> tuple[Classifier, dict]:
-    """The classifier for this data file: loaded from `cache` when one was trained for the same
-    file (by MD5) and recipe, else trained now (minutes on a CPU) and saved there.
+    """The classifier for this dataset's file: loaded from `cache` when one was trained for the
+    same file (by MD5) and recipe, else trained now (minutes on a CPU) and saved there. Its
+    input channels and classes are the dataset's.
     Returns (model in eval mode on `device`, info with its accuracies and cache path)."""
     recipe = recipe or RECIPE
     files.check_folder(Path(cache), "--feature-cache")  # before minutes of training, not after
-    path = locate(data_root)
+    path = locate(data, data_root)
     digest = md5(path)
     file = Path(cache) / f"classifier_{path.stem}_{digest[:12]}.pt"
     if file.is_file():
@@ -163,7 +169,7 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
         if not isinstance(saved, dict) or not {"model", "info"} <= saved.keys():
             raise errors.UserError(f"{file} is not a feature network of this repo; delete it to retrain")
         if saved.get("recipe") == recipe and saved.get("data_md5") == digest:
-            model = Classifier(NUM_CLASSES, widths=tuple(recipe["widths"]))
+            model = Classifier(data.num_classes, data.channels, tuple(recipe["widths"]))
             try:
                 model.load_state_dict(saved["model"])
             except (RuntimeError, TypeError, AttributeError) as e:
@@ -172,7 +178,7 @@ def feature_network(data_root: str, device: torch.device, cache: str = "outputs/
             return model.to(device, memory_format=torch.channels_last).eval(), saved["info"]
     print(f"Training the feature network on {path.name} ({recipe['epochs']} epochs; once, then "
           f"cached in {file})")
-    splits = load_bloodmnist(data_root)
+    splits = load(data, data_root)
     settings = {k: v for k, v in recipe.items() if k != "version"}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a training run's RNG stays as it was
         model = train_classifier(splits["train"], device, val=splits["val"], desc="feature network", **settings)
@@ -282,9 +288,13 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
 # Class make-up
 
 
-def class_shares(labels: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(N,) class ids -> (8,) shares summing to 1."""
-    counts = np.bincount(np.asarray(labels).reshape(-1), minlength=NUM_CLASSES)
+def class_shares(labels: torch.Tensor | np.ndarray, num_classes: int) -> np.ndarray:
+    """(N,) class ids -> (C,) shares summing to 1; (N, L) 0/1 labels of a multi-label set ->
+    (L,) the share of images that show each finding."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return labels.mean(0) if len(labels) else np.zeros(labels.shape[1])
+    counts = np.bincount(labels, minlength=num_classes)
     return counts / max(1, counts.sum())
 
 
@@ -307,17 +317,19 @@ class KIDProbe:
     scripts. The feature network and the test features are computed once; each call draws
     --eval-n images from fixed latents (the same every time, without touching the run's RNG)."""
 
-    def __init__(self, args, latent_dim: int, device: torch.device):
+    def __init__(self, args, data: Dataset, latent_dim: int, device: torch.device):
         self.every, self.epochs = args.eval_every, args.epochs
-        splits = load_bloodmnist(args.data_root, splits=("train", "test"))
+        splits = load(data, args.data_root, splits=("train", "test"))
         if len(splits["test"]) < 2:
             raise errors.UserError(f"--eval-every needs at least 2 test images; the data file's test split "
                                    f"has {len(splits['test'])}")
-        self.model, _ = feature_network(args.data_root, device, args.feature_cache)
+        self.model, _ = feature_network(data, args.data_root, device, args.feature_cache)
         self.real = predict(self.model, splits["test"].images)[0]
         self.z = loop.fixed_noise(args.eval_n, latent_dim, args.seed + 1, device)
         # labels in the training shares: what conditional models and the VAE's class mixture draw
-        self.y = proportional_labels(args.eval_n, class_shares(splits["train"].labels), args.seed).to(device)
+        # (a multi-label set has neither)
+        self.y = None if data.multi_label else proportional_labels(
+            args.eval_n, class_shares(splits["train"].labels, data.num_classes), args.seed).to(device)
 
     def due(self, epoch: int) -> bool:
         """After `epoch` (counted from 1) epochs?"""
@@ -326,7 +338,7 @@ class KIDProbe:
     @torch.no_grad()
     def __call__(self, generate, batch_size: int = 250) -> dict[str, float]:
         """generate(z, y) -> uint8 images; returns {"kid": mean, "kid_std": std over subsets}."""
-        images = torch.cat([generate(self.z[i:i + batch_size], self.y[i:i + batch_size])
+        images = torch.cat([generate(self.z[i:i + batch_size], None if self.y is None else self.y[i:i + batch_size])
                             for i in range(0, len(self.z), batch_size)])
         mean, std = kid(predict(self.model, images)[0], self.real, subsets=50)
         return {"kid": mean, "kid_std": std}

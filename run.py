@@ -24,7 +24,7 @@ import files
 import hardware
 import loop
 import metrics
-from data import Batches, load_bloodmnist
+from data import Batches, Dataset, load
 
 
 class Run:
@@ -35,28 +35,34 @@ class Run:
                  splits: tuple[str, ...] = ("train",), fill_defaults=None, check=None):
         self.args = args = parser.parse_args(argv)
         self.kind = kind
+        if args.out is None:  # the default folder names the dataset, so runs on two sets never meet
+            args.out = default_out(kind, Dataset(args.dataset, args.size))
         self.ckpt = start_run(args, parser, kind, cli.given_flags(parser, argv), fill_defaults)
+        self.data = Dataset(args.dataset, args.size)  # as resumed: the run's own
+        if args.conditional and self.data.multi_label:
+            raise errors.UserError(f"--conditional: {self.data.name} is multi-label ({self.data.num_classes} findings, "
+                                   "several per image), so there is no one class to condition on; train without it")
         if check is not None:
-            check(args)
+            check(args, self.data)
         self.out = Path(args.out)
         self.ckpt_path = self.out / "ckpt.pt"
         self.device = distributed.init_distributed(args)  # and joins the other processes under torchrun
         hardware.speed_up(self.device)
         loop.set_seed(args.seed)
         with distributed.main_first():  # only rank 0 may download; the others then read its file
-            self.splits = load_bloodmnist(args.data_root, splits=splits, subset=args.subset, download=distributed.is_main())
+            self.splits = load(self.data, args.data_root, splits=splits, subset=args.subset, download=distributed.is_main())
         args.subset = args.subset and len(self.splits["train"])  # the number used, for config.json
         self.batches = Batches(self.splits["train"], args.batch_size, self.device, value_range, seed=args.seed,
                                channels_last=args.channels_last, rank=distributed.rank(),
                                world_size=distributed.world_size())
 
     def build(self, make_trainer, latent_dim: int):
-        """make_trainer(args, device) -> a trainer with .state() (models, optimisers, scalers, as
+        """make_trainer(args, data, device) -> a trainer with .state() (models, optimisers, scalers, as
         the checkpoint names them); with --resume their state is restored. Then the run claims
         --out: it makes the folder, locks it and writes config.json. Returns the trainer."""
         resuming = self.ckpt_path if self.ckpt is not None else None
         with checkpoints.from_checkpoint(resuming):  # a resumed run's settings come from the file
-            trainer = make_trainer(self.args, self.device)
+            trainer = make_trainer(self.args, self.data, self.device)
         self.models, self.optimizers, self.scalers = trainer.state()
         self.meter = loop.Meter()
         self.epoch, self.step = 0, 0  # finished epochs, and steps into the next
@@ -65,7 +71,7 @@ class Run:
                 self.epoch, self.step = checkpoints.restore_training_state(
                     self.ckpt, self.models, self.optimizers, self.meter, self.device, self.scalers)
         # rank 0 alone evaluates, logs and draws
-        self.probe = metrics.KIDProbe(self.args, latent_dim, self.device) \
+        self.probe = metrics.KIDProbe(self.args, self.data, latent_dim, self.device) \
             if self.args.eval_every and distributed.is_main() else None
         claim_run(self.args, self.ckpt)  # nothing in --out has changed before this line
         self.log = checkpoints.MetricsLog(self.out / "metrics.jsonl", keep_epochs=self.epoch) \
@@ -108,6 +114,11 @@ class Run:
         """The checkpoint after `epoch` finished epochs and `step` steps into the next."""
         checkpoints.save_training_state(self.ckpt_path, self.kind, self.args, epoch, step, self.models,
                                         self.optimizers, self.meter, self.device, self.scalers)
+
+
+def default_out(kind: str, data: Dataset) -> str:
+    """outputs/gan for BloodMNIST at 64, outputs/gan_pathmnist_28 for another dataset or size."""
+    return f"outputs/{kind}" if data == Dataset() else f"outputs/{kind}_{data.name}_{data.size}"
 
 
 # Settings a resumed run may change when given; everything else comes from the checkpoint.

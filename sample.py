@@ -8,6 +8,8 @@ interpolations and, for the VAE, latent arithmetic and a map of the latent space
     python sample.py outputs/vae/ckpt.pt --arithmetic lymphocyte neutrophil
     python sample.py outputs/vae/ckpt.pt --latent-map           # PCA and t-SNE of mu, by class
 
+The dataset and size (train_*.py --dataset, --size) come from the checkpoint too.
+
 The model's settings come from the checkpoint; nothing needs repeating. Runs with --ema draw from
 the averaged generator unless --no-ema is given.
 """
@@ -23,7 +25,7 @@ import files
 import hardware
 import loop
 import pictures
-from data import NUM_CLASSES, SPLITS, Batches, as_array, balanced_labels, class_names, load_bloodmnist
+from data import SPLITS, Batches, Dataset, as_array, balanced_labels, grid_labels, load
 from models.vae import PRIORS
 from sampler import Sampler
 
@@ -49,10 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=SPLITS, default=None,
                    help="split for --arithmetic means (default train) and --latent-map (default test)")
     p.add_argument("--no-ema", action="store_true", help="use the raw generator of an --ema run")
-    p.add_argument("--prior", choices=PRIORS, default="classes",
+    p.add_argument("--prior", choices=PRIORS, default=None,
                    help="VAE: draw z from a Gaussian fitted to each class's training codes, in the classes' "
-                        "shares (classes), one Gaussian fitted to all of them (gaussian), or the prior it "
-                        "trained with (standard: N(0, I), or p(z | y) of a conditional VAE)")
+                        "shares (classes; the default), one Gaussian fitted to all of them (gaussian; the default "
+                        "for a multi-label set), or the prior it trained with (standard: N(0, I), or p(z | y) of "
+                        "a conditional VAE)")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="output .png or .jpg (default: a name for the mode beside the checkpoint, replaced "
                         "on each call)")
@@ -64,13 +67,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_class(text: str) -> int:
-    names = class_names()
-    if text.isdigit() and int(text) < NUM_CLASSES:
+def parse_class(text: str, data: Dataset) -> int:
+    names = data.class_names
+    if text.isdigit() and int(text) < data.num_classes:
         return int(text)
     matches = [i for i, name in enumerate(names) if name.lower().startswith(text.lower())]
     if len(matches) != 1:
-        raise errors.UserError(f"unknown class {text!r}; use an id 0..{NUM_CLASSES - 1} or one of: "
+        raise errors.UserError(f"unknown class {text!r} of {data.name}; use an id 0..{data.num_classes - 1} or one of: "
                                + ", ".join(names))
     return matches[0]
 
@@ -90,15 +93,16 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor, source: str) -> None:
-    """uint8 images (N, 3, 64, 64) -> MedMNIST layout: train_images uint8 (N, 64, 64, 3),
-    train_labels (N, 1); val and test present and empty, so the file loads with data.py and
-    with code written for MedMNIST. `source` (the checkpoint) is kept under SYNTHETIC_MARK."""
-    arrays = {"train_images": as_array(images),
-              "train_labels": labels.cpu().numpy().astype(np.uint8).reshape(-1, 1),
+    """uint8 images (N, C, S, S) and labels (N,) or (N, L) -> MedMNIST layout: train_images uint8
+    (N, S, S, 3) or (N, S, S) in grey, train_labels (N, 1) or (N, L); val and test present and
+    empty, so the file loads with data.py and with code written for MedMNIST. `source` (the
+    checkpoint) is kept under SYNTHETIC_MARK."""
+    labels = labels.cpu().numpy().astype(np.uint8).reshape(len(labels), -1)
+    arrays = {"train_images": as_array(images), "train_labels": labels,
               files.SYNTHETIC_MARK: np.array(source)}  # so that --overwrite may replace it, and no dataset
     for split in ("val", "test"):
         arrays[f"{split}_images"] = np.zeros((0, *arrays["train_images"].shape[1:]), np.uint8)
-        arrays[f"{split}_labels"] = np.zeros((0, 1), np.uint8)
+        arrays[f"{split}_labels"] = np.zeros((0, labels.shape[1]), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file: numpy adds no .npz
         np.savez_compressed(f, **arrays)
@@ -106,8 +110,8 @@ def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor, source: st
 
 @torch.no_grad()
 def encode_split(sampler: Sampler, args, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The VAE's mu over one split: (mu (N, D), labels (N,), images (N, 3, 64, 64) in [0, 1])."""
-    data = load_bloodmnist(args.data_root, splits=(split,))[split]
+    """The VAE's mu over one split: (mu (N, D), labels (N,) or (N, L), images (N, C, S, S) uint8)."""
+    data = load(sampler.data, args.data_root, splits=(split,))[split]
     if len(data) < 2:
         raise errors.UserError(f"the {split} split of {args.data_root} has {len(data)} images, too few to "
                                "compare; choose another --split")
@@ -121,23 +125,27 @@ def labels_for(sampler: Sampler, n: int, cls: int | None, seed: int, by_row: boo
     own shares for a VAE's class mixture; None for a model that draws no classes."""
     if cls is not None:
         return torch.full((n,), cls, device=sampler.device)
-    return balanced_labels(n, sampler.device, by_row) if sampler.conditional else sampler.labels(n, seed)
+    if not sampler.conditional:
+        return sampler.labels(n, seed)
+    classes = sampler.data.num_classes
+    return grid_labels(classes, n // classes, sampler.device) if by_row else balanced_labels(n, classes, sampler.device)
 
 
 def draw(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     """N samples to a grid PNG (a class per row for conditional runs), or to a MedMNIST npz."""
-    by_row = sampler.conditional and not args.npz  # the grid: a row per class when n = 64
+    classes = sampler.data.num_classes
+    by_row = sampler.conditional and cls is None and not args.npz and args.n % classes == 0  # a row per class
     y = labels_for(sampler, args.n, cls, args.seed, by_row)
     images = sampler.decode(sampler.latents(args.n, args.seed, y), y, args.batch_size, uint8=bool(args.npz))
     if args.npz:
         if y is None:
             errors.warn("this model draws no classes; train_labels are all 0 (placeholders)")
-            y = torch.zeros(args.n, dtype=torch.long)
+            y = torch.zeros(args.n, classes if sampler.data.multi_label else 1, dtype=torch.long)
         write_npz(out, images, y, source=str(args.checkpoint))
         return
     nrow, row_labels = int(math.ceil(math.sqrt(args.n))), None
-    if sampler.conditional and cls is None and args.n % NUM_CLASSES == 0:
-        nrow, row_labels = args.n // NUM_CLASSES, class_names()
+    if by_row:
+        nrow, row_labels = args.n // classes, sampler.data.class_names
     pictures.save_grid(images, out, nrow=nrow, row_labels=row_labels)
 
 
@@ -149,14 +157,14 @@ def interpolate(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     rows = None if y is None else y[:, None].expand(-1, args.steps)
     z = sampler.to_latent(eps, rows)  # the great circles of N(0, I), carried into the latent density
     images = sampler.decode(z.flatten(0, 1), None if y is None else rows.flatten(), args.batch_size)
-    row_labels = None if y is None else [class_names()[c] for c in y.tolist()]
+    row_labels = None if y is None else [sampler.data.class_names[c] for c in y.tolist()]
     pictures.save_grid(images, out, nrow=args.steps, row_labels=row_labels)
 
 
 def arithmetic(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     """Real FROM images (first column), then decode(z + t * (mean(TO) - mean(FROM))), t = 0..1."""
-    a, b = (parse_class(c) for c in args.arithmetic)
-    names, split = class_names(), args.split or "train"
+    a, b = (parse_class(c, sampler.data) for c in args.arithmetic)
+    names, split = sampler.data.class_names, args.split or "train"
     mu, labels, images = encode_split(sampler, args, split)
     if not (labels == a).any() or not (labels == b).any():
         raise errors.UserError(f"the {split} split lacks {names[a]} or {names[b]} images")
@@ -188,13 +196,14 @@ def latent_map(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     print(f"t-SNE of {len(mu):,} points ...")
     tsne = TSNE(2, init="pca", perplexity=min(30.0, (len(mu) - 1) / 3), random_state=args.seed).fit_transform(mu.numpy())
     fig, axes = plt.subplots(1, 2, figsize=(13, 6))
-    names = class_names()
-    colours = plt.get_cmap("tab10")
+    names = sampler.data.class_names
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    groups = [(labels == c, f"{names[c]} ({(labels == c).sum()})", colours(c)) for c in range(len(names))] \
+        if labels.ndim == 1 else [(slice(None), f"all {len(labels)} images (multi-label: no one class)", "tab:blue")]
     for ax, points, title in [(axes[0], pca, f"PCA ({explained[0]:.0%} + {explained[1]:.0%} of the variance)"),
                               (axes[1], tsne, "t-SNE")]:
-        for c in range(NUM_CLASSES):
-            m = labels == c
-            ax.scatter(points[m, 0], points[m, 1], s=4, color=colours(c), label=f"{names[c]} ({m.sum()})")
+        for m, label, colour in groups:
+            ax.scatter(points[m, 0], points[m, 1], s=4, color=colour, label=label)
         ax.set_title(title)
         ax.set_xticks([]), ax.set_yticks([])
     axes[1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=4, frameon=False)
@@ -204,7 +213,7 @@ def latent_map(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     plt.close(fig)
 
 
-def output_path(args, folder: Path) -> Path:
+def output_path(args, folder: Path, data: Dataset) -> Path:
     """Where this call writes, checked before any work: --npz or --out as given (an existing file
     only with --overwrite), else the mode's own name beside the checkpoint, replaced each time."""
     if args.npz:
@@ -212,7 +221,7 @@ def output_path(args, folder: Path) -> Path:
     if args.out:
         return files.check_output(args.out, "--out", pictures.PICTURES, args.overwrite, inputs=(args.checkpoint,))
     if args.arithmetic:
-        name = "arithmetic_{}_to_{}.png".format(*(class_names()[parse_class(c)] for c in args.arithmetic))
+        name = "arithmetic_{}_to_{}.png".format(*(data.class_names[parse_class(c, data)] for c in args.arithmetic))
     else:
         name = "latent_map.png" if args.latent_map else "interpolation.png" if args.interpolate else "samples.png"
     return files.check_output(folder / name.replace(" ", "_"), "the output", pictures.PICTURES, overwrite=True)
@@ -229,13 +238,16 @@ def main(argv=None):
     if (args.arithmetic or args.latent_map) and sampler.kind != "vae":
         raise errors.UserError(f"--{'arithmetic' if args.arithmetic else 'latent-map'} works on the VAE's "
                                f"encoder; {args.checkpoint} is a GAN")
+    if args.arithmetic and sampler.data.multi_label:
+        raise errors.UserError(f"--arithmetic moves images from one class to another; {sampler.data.name} is "
+                               "multi-label and has no one class per image")
     if args.arithmetic and sampler.conditional:
         raise errors.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
                                "class out of z (decode with --class instead)")
     if args.npz and (args.interpolate or args.arithmetic or args.latent_map):
         raise errors.UserError("--npz writes drawn samples; it does not combine with the other modes")
-    cls = parse_class(args.cls) if args.cls is not None else None
-    out = output_path(args, Path(args.checkpoint).parent)
+    cls = parse_class(args.cls, sampler.data) if args.cls is not None else None
+    out = output_path(args, Path(args.checkpoint).parent, sampler.data)
     if args.n is None:
         args.n = 8 if args.interpolate or args.arithmetic else 64
 

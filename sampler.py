@@ -6,7 +6,8 @@ from tqdm import tqdm
 
 import checkpoints
 import loop
-from data import NUM_CLASSES, to_uint8
+import errors
+from data import dataset_of, to_uint8
 from models import dcgan, vae
 from models.vae import PRIORS
 
@@ -14,26 +15,34 @@ from models.vae import PRIORS
 class Sampler:
     """A checkpoint's generator (the GAN's G, or the VAE's decoder) behind one interface."""
 
-    def __init__(self, path: str, device: torch.device, use_ema: bool = True, prior: str = "classes"):
+    def __init__(self, path: str, device: torch.device, use_ema: bool = True, prior: str | None = None):
+        """prior: the VAE's latent density (models/vae.py PRIORS); None: "classes" where the model
+        has them, else "gaussian" (a multi-label set has no classes to draw by)."""
         ckpt = checkpoints.load_checkpoint(path, map_location=device)
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
         self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
         self.conditional = bool(self.args.get("conditional"))
         self.data_root = self.args.get("data_root", "data")  # what it was trained on
+        self.data = dataset_of(self.args)
         self.has_ema, self.prior = False, None
         with checkpoints.from_checkpoint(path):
             if self.kind == "gan":
-                self.model, _ = dcgan.build(self.args, NUM_CLASSES)
+                self.model, _ = dcgan.build(self.args, self.data)
                 self.has_ema = "G_ema" in ckpt["models"]
                 key = "G_ema" if use_ema and self.has_ema else "G"
                 self.model.load_state_dict(ckpt["models"][key])
                 self.latent_dim = self.args["nz"]
             else:
-                self.model = vae.build(self.args, NUM_CLASSES)
+                self.model = vae.build(self.args, self.data)
                 self.model.load_state_dict(ckpt["models"]["vae"])
                 self.latent_dim = self.args["latent_dim"]
+                if prior is None:
+                    prior = "classes" if self.model.mixture else "gaussian"
                 if prior not in PRIORS:
                     raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+                if prior == "classes" and not self.model.mixture:
+                    raise errors.UserError(f"--prior classes: {self.data.name} is multi-label, so its codes have no "
+                                           "one class each to fit a Gaussian to; use --prior gaussian")
                 self.prior = prior
         self.model.to(device).eval()
         self.ema = self.has_ema and use_ema  # drawing from the averaged generator
@@ -60,7 +69,7 @@ class Sampler:
     @torch.no_grad()
     def decode(self, z: torch.Tensor, y: torch.Tensor | None, batch_size: int = 256,
                uint8: bool = False, desc: str | None = None) -> torch.Tensor:
-        """Latents (N, latent_dim) [and labels (N,)] -> images (N, 3, 64, 64) in [0, 1], or as
+        """Latents (N, latent_dim) [and labels (N,)] -> images (N, C, S, S) in [0, 1], or as
         uint8 0..255 (a quarter of the memory, for large exports)."""
         y = y if self.conditional else None
         parts = []

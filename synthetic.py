@@ -9,7 +9,7 @@
     memorization(...)  how close generated images come to the generator's training images,
                        against how close held-out real images come to them
 
-A generator here is any function `generate(labels (N,), seed) -> uint8 images (N, 3, 64, 64)`:
+A generator here is any function `generate(labels (N,), seed) -> uint8 images (N, C, S, S)`:
 evaluate.py passes a checkpoint's sampler, the tests pass real images and noise. Every classifier
 is metrics.train_classifier with the feature network's recipe and takes the recipe's number of
 steps on the full train split, whatever its own set's size, so that rows differ in data alone.
@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 import metrics
-from data import NUM_CLASSES, Split, as_array, to_float
+from data import Split, as_array, to_float
 
 Generate = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -42,29 +42,29 @@ def fit(train: Split, test: Split, device: torch.device, seed: int, steps: int, 
     return scores
 
 
-def balanced_counts(n: int) -> np.ndarray:
-    """n images over the 8 classes, n // 8 or n // 8 + 1 each."""
-    return np.array([n // NUM_CLASSES + (c < n % NUM_CLASSES) for c in range(NUM_CLASSES)])
+def balanced_counts(n: int, num_classes: int) -> np.ndarray:
+    """n images over the classes, n // C or n // C + 1 each."""
+    return np.array([n // num_classes + (c < n % num_classes) for c in range(num_classes)])
 
 
 def draw(generate: Generate, counts: np.ndarray, seed: int, device: torch.device) -> Split:
     """counts[c] generated images of each class c, as a Split (NHWC uint8, like the npz)."""
-    labels = torch.from_numpy(np.repeat(np.arange(NUM_CLASSES), counts))
+    labels = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))
     images = generate(labels.to(device), seed)
-    return Split(as_array(images), labels.numpy())
+    return Split(as_array(images), labels.numpy(), len(counts))
 
 
 def stratified_subset(split: Split, fraction: float, seed: int) -> Split:
     """round(fraction * n_c) images of each class c (at least one), drawn by `seed`."""
     rng = np.random.default_rng(seed)
     keep = [rng.choice(idx, max(1, round(fraction * len(idx))), replace=False)
-            for c in range(NUM_CLASSES) if len(idx := np.flatnonzero(split.labels == c))]
+            for c in range(split.num_classes) if len(idx := np.flatnonzero(split.labels == c))]
     keep = np.sort(np.concatenate(keep))
-    return Split(split.images[keep], split.labels[keep])
+    return Split(split.images[keep], split.labels[keep], split.num_classes)
 
 
 def join(a: Split, b: Split) -> Split:
-    return Split(np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]))
+    return Split(np.concatenate([a.images, b.images]), np.concatenate([a.labels, b.labels]), a.num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,13 +88,13 @@ def cas(generators: dict[str, Generate], train: Split, test: Split, device: torc
     rows = [{"name": "real train split (ceiling)", "images": len(train), **real}]
     if floor:
         noise = Split(as_array(metrics.pixel_noise(train.images, len(train), torch.Generator().manual_seed(seed))),
-                      train.labels)
+                      train.labels, train.num_classes)
         rows.append({"name": "pixel noise, real labels (floor)", "images": len(train),
                      **fit(noise, test, device, seed, steps, "CAS: noise", bar)})
     for name, generate in generators.items():
         for size in sizes:
             row_name = name if size == 1 else f"{name}, {size:g}x real"
-            synthetic = draw(generate, balanced_counts(round(size * len(train))), seed, device)
+            synthetic = draw(generate, balanced_counts(round(size * len(train)), train.num_classes), seed, device)
             rows.append({"name": row_name, "generator": name, "size": size, "images": len(synthetic),
                          **fit(synthetic, test, device, seed, steps, f"CAS: {row_name}", bar)})
     return rows
@@ -119,7 +119,7 @@ def augmentation(generators: dict[str, Generate], train: Split, test: Split, dev
             runs, n_real, n_synthetic = [], 0, 0
             for seed in seeds:
                 real = stratified_subset(train, fraction, seed)
-                counts = np.round(ratio * np.bincount(real.labels, minlength=NUM_CLASSES)).astype(int)
+                counts = np.round(ratio * np.bincount(real.labels, minlength=real.num_classes)).astype(int)
                 data = real if generate is None else join(real, draw(generate, counts, seed, device))
                 n_real, n_synthetic = len(real), len(data) - len(real)
                 runs.append(fit(data, test, device, seed, steps, f"{fraction:.0%} {name}, seed {seed}", bar))

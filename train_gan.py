@@ -1,10 +1,12 @@
-"""Train a DCGAN (or a WGAN-GP, hinge or class-conditional variant) on BloodMNIST-64.
+"""Train a DCGAN (or a WGAN-GP, hinge or class-conditional variant) on BloodMNIST-64, or on any
+MedMNIST 2D dataset at any of its sizes.
 
     python train_gan.py                                   # DCGAN, symmetries and EMA, 25 epochs: outputs/gan/
     python train_gan.py --recipe paper --out outputs/gan_paper  # the DCGAN as published
     python train_gan.py --loss wgan-gp --out outputs/wgan # critic without BatchNorm, 5 critic steps
     python train_gan.py --conditional --out outputs/cgan  # one class per row of every grid
     python train_gan.py --resume                          # continue outputs/gan/ after Ctrl-C
+    python train_gan.py --dataset pneumoniamnist --size 28  # grayscale chest X-rays: outputs/gan_pneumoniamnist_28/
     torchrun --standalone --nproc_per_node 4 train_gan.py --sync-bn   # 4 GPUs, global batch 64
 
 Every epoch writes samples_epoch_NNN.png (the same fixed noise each time, so epochs compare; a
@@ -23,14 +25,14 @@ import loop
 import metrics
 import pictures
 from augment import augment, parse_policy, policy
-from data import NUM_CLASSES, balanced_labels, class_names, to_uint8
+from data import balanced_labels, grid_labels, to_uint8
 from models import dcgan
 from models.dcgan import (LABEL_INPUTS, LOSSES, VALUE_RANGE, LeCamAnchors, discriminator_loss, generator_loss,
                           gradient_penalty, r1_penalty)
 from models.sync_batchnorm import convert_sync_batchnorm
 from run import Run
 
-GRID = 64  # images in each sample grid, 8 x 8
+GRID = 64  # images in each sample grid, 8 x 8 (conditional: 8 of each class, a class per row)
 CALIBRATION = 4  # batches of noise that set the drawn generator's BatchNorm statistics
 # Per loss: learning rate, Adam betas, D steps per G step. WGAN-GP: Gulrajani et al. 2017, Alg. 1.
 LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
@@ -51,7 +53,7 @@ D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
 
 def build_parser():
     p = cli.make_parser(__doc__)
-    cli.add_common_args(p, out="outputs/gan", epochs=25, lr=None, batch_size=None,  # the recipe's batch
+    cli.add_common_args(p, "gan", epochs=25, lr=None, batch_size=None,  # the recipe's batch
                         lr_help="Adam learning rate (default: 2e-4; 1e-4 for wgan-gp)")
     p.add_argument("--recipe", choices=RECIPES, default="small-data",
                    help="the defaults of --batch-size, --ema, --augment, --lecam, --r1, --spectral-norm and "
@@ -107,10 +109,10 @@ class GANTrainer:
     batch. Losses stay on the device in `meter`; nothing in a step waits for the device.
     """
 
-    def __init__(self, args, device: torch.device):
-        self.args = args
+    def __init__(self, args, data, device: torch.device):
+        self.args, self.data = args, data
         fmt = hardware.memory_format(args.channels_last)
-        models = dcgan.build(vars(args), NUM_CLASSES)
+        models = dcgan.build(vars(args), data)
         if args.sync_bn:
             models = map(convert_sync_batchnorm, models)
         self.G, self.D = (m.to(device, memory_format=fmt) for m in models)
@@ -187,12 +189,12 @@ class GANTrainer:
             loop.ema_update(self.G_ema, self.G, loop.ema_decay(args.ema, batch_index // args.n_critic - 1))
 
 
-def calibration_batches(args, device: torch.device) -> list[tuple]:
+def calibration_batches(args, num_classes: int, device: torch.device) -> list[tuple]:
     """CALIBRATION batches of fixed noise (and balanced labels), the same every epoch, over which
     the drawn generator's BatchNorm statistics are re-estimated before it draws. Under torchrun
     each process takes its own share of each batch, as in training."""
     z = loop.fixed_noise(CALIBRATION * args.batch_size, args.nz, args.seed + 2, device).split(args.batch_size)
-    y = balanced_labels(CALIBRATION * args.batch_size, device).split(args.batch_size) if args.conditional else None
+    y = balanced_labels(CALIBRATION * args.batch_size, num_classes, device).split(args.batch_size) if args.conditional else None
     return [(distributed.own_rows(z[i]), None if y is None else distributed.own_rows(y[i])) for i in range(CALIBRATION)]
 
 
@@ -205,10 +207,10 @@ def main(argv=None):
     trainer = run.build(GANTrainer, args.nz)
     G, D = trainer.G, trainer.D
     drawn = trainer.G_ema if trainer.G_ema is not None else G  # what grids, KID and sample.py draw from
-    noise = loop.fixed_noise(GRID, args.nz, args.seed, device)
-    noise_labels = balanced_labels(GRID, device, by_row=True) if args.conditional else None
-    calibration = calibration_batches(args, device)
-    print(f"GAN ({args.recipe} recipe, {args.loss}{', conditional' if args.conditional else ''}): G "
+    noise_labels = grid_labels(run.data.num_classes, GRID // 8, device) if args.conditional else None
+    noise = loop.fixed_noise(GRID if noise_labels is None else len(noise_labels), args.nz, args.seed, device)
+    calibration = calibration_batches(args, run.data.num_classes, device)
+    print(f"GAN on {run.data} ({args.recipe} recipe, {args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
           f"parameters; {len(run.batches.labels):,} training images, {len(run.batches)} steps per epoch on "
           f"{device}{distributed.processes_note(args.batch_size)}, {trainer.precision.name}")
@@ -234,7 +236,7 @@ def main(argv=None):
             run.log.write(record)
             with torch.no_grad():
                 pictures.save_grid(drawn(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
-                                   row_labels=class_names() if args.conditional else None)
+                                   row_labels=run.data.class_names if args.conditional else None)
             keys, line = D_PANEL[args.loss]
             pictures.plot_curves(run.log.records, out / "curves.png", [
                 ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line),

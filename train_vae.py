@@ -1,9 +1,11 @@
-"""Train a convolutional VAE (or a class-conditional one) on BloodMNIST-64.
+"""Train a convolutional VAE (or a class-conditional one) on BloodMNIST-64, or on any MedMNIST
+2D dataset at any of its sizes.
 
     python train_vae.py                                   # 25 epochs, writes outputs/vae/
     python train_vae.py --conditional --out outputs/cvae  # decoder and encoder see the cell type
     python train_vae.py --data-root ../my_data --epochs 5 --out outputs/vae_quick
     python train_vae.py --resume                          # continue outputs/vae/ after Ctrl-C
+    python train_vae.py --dataset pathmnist --size 28     # colon pathology: outputs/vae_pathmnist_28/
     torchrun --standalone --nproc_per_node 4 train_vae.py # 4 GPUs, global batch 32
 
 Every epoch writes samples_epoch_NNN.png (decoded from the same draws of the fitted density of
@@ -26,12 +28,12 @@ import metrics
 import pictures
 import vae_eval
 from augment import augment, parse_policy
-from data import IMAGE_SIZE, NUM_CLASSES, Batches, balanced_labels, class_names, to_uint8
+from data import Batches, grid_labels, to_uint8
 from models import vae
 from models.vae import LIKELIHOODS, VALUE_RANGE
 from run import Run
 
-GRID = 64  # prior samples in each grid, 8 x 8
+GRID = 64  # prior samples in each grid, 8 x 8 (by class: 8 of each, a class per row)
 CURVES = [("negative ELBO (nats per image)", ["loss", "val_nelbo"], None),
           ("reconstruction (nats)", ["recon", "val_recon"], None),
           ("KL (nats)", ["kl", "val_kl"], None),
@@ -52,7 +54,7 @@ def widths(text: str) -> tuple[int, ...]:
 
 def build_parser():
     p = cli.make_parser(__doc__)
-    cli.add_common_args(p, out="outputs/vae", epochs=25, lr=1e-3, batch_size=32)
+    cli.add_common_args(p, "vae", epochs=25, lr=1e-3, batch_size=32)
     p.add_argument("--latent-dim", type=cli.positive_int, default=128, metavar="N", help="size of z")
     p.add_argument("--widths", type=widths, default="32,64", metavar="C1,C2,...",
                    help="channels of the encoder's stride-2 convolutions, mirrored by the decoder")
@@ -76,9 +78,9 @@ def build_parser():
 class VAETrainer:
     """The model, optimiser and precision of a run, and its step (shared with bench.py)."""
 
-    def __init__(self, args, device: torch.device):
+    def __init__(self, args, data, device: torch.device):
         self.args = args
-        self.model = vae.build(vars(args), NUM_CLASSES).to(device, memory_format=hardware.memory_format(args.channels_last))
+        self.model = vae.build(vars(args), data).to(device, memory_format=hardware.memory_format(args.channels_last))
         self.opt = hardware.adam(self.model.parameters(), args.lr)
         self.precision = hardware.Precision(args.precision, device)
         self.scaler = self.precision.scaler()
@@ -101,11 +103,11 @@ class VAETrainer:
         meter.update(**parts)
 
 
-def check_widths(args) -> None:
-    if IMAGE_SIZE % 2 ** len(args.widths):
+def check_widths(args, data) -> None:
+    if data.size % 2 ** len(args.widths):
+        most = max(n for n in range(len(args.widths)) if data.size % 2 ** n == 0)
         raise errors.UserError(f"--widths {','.join(map(str, args.widths))}: {len(args.widths)} stride-2 "
-                               f"layers do not divide {IMAGE_SIZE} pixels evenly; use at most "
-                               f"{IMAGE_SIZE.bit_length() - 1} widths")
+                               f"layers do not divide {data.size} pixels evenly; use at most {most} widths")
 
 
 def main(argv=None):
@@ -118,17 +120,20 @@ def main(argv=None):
     trainer = run.build(VAETrainer, args.latent_dim)
     model, opt = trainer.model, trainer.opt
 
-    def draw(eps: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Decoded draws of the fitted class mixture, class y each (the condition too, if any)."""
-        return model.decode(model.prior_latents(eps, "classes", y), y if args.conditional else None)
-    noise = loop.fixed_noise(GRID, args.latent_dim, args.seed, device)
-    noise_labels = balanced_labels(GRID, device, by_row=True)  # a class per row, of the mixture or the condition
+    def draw(eps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """Decoded draws of the fitted class mixture, class y each (the condition too, if any);
+        of the one fitted Gaussian for a multi-label set, which has no classes to draw by."""
+        density = "classes" if model.mixture else "gaussian"
+        return model.decode(model.prior_latents(eps, density, y), y if args.conditional else None)
+    # a class per row, of the mixture or the condition
+    noise_labels = grid_labels(model.mixture, GRID // 8, device) if model.mixture else None
+    noise = loop.fixed_noise(GRID if noise_labels is None else len(noise_labels), args.latent_dim, args.seed, device)
     # the images of every reconstruction grid: rows of nrow validation images
     recon_images, recon_labels = next(iter((val if val is not None else batches).epoch(0)))
     nrow = min(8, len(recon_images))
     keep = min(RECON, len(recon_images) - len(recon_images) % nrow)
     recon_images, recon_labels = recon_images[:keep], recon_labels[:keep] if args.conditional else None
-    print(f"VAE: {sum(p.numel() for p in model.parameters()):,} parameters; {len(batches.labels):,} "
+    print(f"VAE on {run.data}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(batches.labels):,} "
           f"training images, {len(batches)} steps per epoch on {device}{distributed.processes_note(args.batch_size)}, "
           f"{trainer.precision.name}")
 
@@ -154,7 +159,7 @@ def main(argv=None):
             run.log.write(record)
             tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
             with torch.no_grad():
-                pictures.save_grid(draw(noise, noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png", row_labels=class_names())
+                pictures.save_grid(draw(noise, noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png", row_labels=run.data.class_names if model.mixture else None)
                 # rows of originals, each over its row of mean reconstructions
                 recon = model.decode(model.encode(recon_images, recon_labels)[0], recon_labels)
                 pairs = torch.stack([recon_images.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)

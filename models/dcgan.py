@@ -2,9 +2,10 @@
 reaches for next: class conditioning, a critic without BatchNorm for WGAN-GP, and the losses.
 
 The generator maps z of size `nz` to an image by doubling the resolution from 4x4 with strided
-transposed convolutions; the discriminator mirrors it and ends in one logit per image. Both work
-for any power-of-two image size from 16 up; BloodMNIST here is 64x64, which gives the classic
-4 -> 8 -> 16 -> 32 -> 64 stack.
+transposed convolutions; the discriminator mirrors it and ends in one logit per image. 64x64
+gives the classic 4 -> 8 -> 16 -> 32 -> 64 stack, and any power of two from 16 up works the same
+way. MedMNIST's 28 and 224 are 7 times a power of two: their stacks start (and D ends) at 7x7,
+7 -> 14 -> 28 and 7 -> 14 -> ... -> 224.
 
 Conditioning (num_classes > 0): the discriminator adds a projection term <embed(y), pooled
 features> to its logit (Miyato & Koyama, 2018). The generator either reads [z, one_hot(y)]
@@ -27,12 +28,14 @@ LABEL_INPUTS = ("concat", "batchnorm")  # how a conditional generator reads its 
 VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
 
 
-def _num_doublings(image_size: int) -> int:
-    """How many stride-2 layers take 4x4 to image_size (4 for 64x64)."""
-    n = int(math.log2(image_size)) - 2
-    if image_size < 16 or 2 ** (n + 2) != image_size:
-        raise ValueError(f"image_size must be a power of two >= 16, got {image_size}")
-    return n
+def _stack(image_size: int) -> tuple[int, int]:
+    """(start, n): the side of the first feature map and the stride-2 layers that take it to
+    image_size: (4, 4) for 64x64, (7, 2) for 28x28, (7, 5) for 224x224."""
+    for start in (4, 7):
+        n = round(math.log2(image_size / start))
+        if n >= 2 and start * 2 ** n == image_size:
+            return start, n
+    raise ValueError(f"image_size must be 4 or 7 times a power of two, at least 16, got {image_size}")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -89,15 +92,15 @@ class Generator(nn.Module):
             raise ValueError(f"labels must be one of {LABEL_INPUTS}, got {labels!r}")
         self.nz, self.num_classes = nz, num_classes
         self.concat = num_classes if labels == "concat" else 0  # one-hot entries appended to z
-        n = _num_doublings(image_size)
+        start, n = _stack(image_size)
         width = ngf * 2 ** (n - 1)  # 512 for ngf=64 at 64x64
 
         def norm(channels: int) -> nn.Module:
             if num_classes and labels == "batchnorm":
                 return ConditionalBatchNorm2d(channels, num_classes)
             return nn.BatchNorm2d(channels)
-        # (B, nz [+ classes], 1, 1) -> (B, width, 4, 4)
-        layers = [nn.ConvTranspose2d(nz + self.concat, width, 4, 1, 0, bias=False), norm(width), nn.ReLU(True)]
+        # (B, nz [+ classes], 1, 1) -> (B, width, start, start)
+        layers = [nn.ConvTranspose2d(nz + self.concat, width, start, 1, 0, bias=False), norm(width), nn.ReLU(True)]
         for _ in range(n - 1):  # each block halves the width and doubles the resolution
             layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), norm(width // 2), nn.ReLU(True)]
             width //= 2
@@ -127,7 +130,7 @@ class Discriminator(nn.Module):
     def __init__(self, ndf: int = 64, nc: int = 3, image_size: int = 64, num_classes: int = 0,
                  norm: str = "batch", spectral_norm: bool = False):
         super().__init__()
-        n = _num_doublings(image_size)
+        start, n = _stack(image_size)
         # (B, nc, S, S) -> (B, ndf, S/2, S/2); no normalisation on the input layer (Radford et al.)
         layers = [nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True)]
         width = ndf
@@ -135,8 +138,8 @@ class Discriminator(nn.Module):
             layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"),
                        _norm(norm, width * 2), nn.LeakyReLU(0.2, inplace=True)]
             width *= 2
-        self.features = nn.Sequential(*layers)  # (B, ndf * 2**(n-1), 4, 4)
-        self.out = nn.Conv2d(width, 1, 4, 1, 0, bias=False)  # (B, 1, 1, 1)
+        self.features = nn.Sequential(*layers)  # (B, ndf * 2**(n-1), start, start)
+        self.out = nn.Conv2d(width, 1, start, 1, 0, bias=False)  # (B, 1, 1, 1)
         self.embed = nn.Embedding(num_classes, width) if num_classes else None
         self.apply(init_dcgan_weights)
         if spectral_norm:
@@ -225,11 +228,13 @@ class LeCamAnchors(nn.Module):
                 + F.relu(self.real - logits_fake.float()).pow(2).mean())
 
 
-def build(settings: dict, num_classes: int) -> tuple[Generator, Discriminator]:
-    """The networks a run's settings (its config.json, a checkpoint's args) describe; the
-    `num_classes` labels condition them when the run was --conditional."""
-    classes = num_classes if settings["conditional"] else 0
-    G = Generator(settings["nz"], settings["ngf"], num_classes=classes, labels=settings["g_labels"])
-    D = Discriminator(settings["ndf"], num_classes=classes, norm="layer" if settings["loss"] == "wgan-gp" else "batch",
-                      spectral_norm=settings["spectral_norm"])
+def build(settings: dict, data) -> tuple[Generator, Discriminator]:
+    """The networks a run's settings (its config.json, a checkpoint's args) describe, for `data`
+    (a data.Dataset: its size, channels and classes, which condition them when the run was
+    --conditional)."""
+    classes = data.num_classes if settings["conditional"] else 0
+    G = Generator(settings["nz"], settings["ngf"], data.channels, data.size, num_classes=classes,
+                  labels=settings["g_labels"])
+    D = Discriminator(settings["ndf"], data.channels, data.size, num_classes=classes,
+                      norm="layer" if settings["loss"] == "wgan-gp" else "batch", spectral_norm=settings["spectral_norm"])
     return G, D

@@ -211,9 +211,12 @@ class VAE(nn.Module):
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
 
 
-def build(settings: dict, num_classes: int) -> VAE:
-    """The VAE a run's settings (its config.json, a checkpoint's args) describe; the
-    `num_classes` labels condition it when the run was --conditional."""
-    return VAE(settings["latent_dim"], tuple(settings["widths"]), num_classes=num_classes if settings["conditional"] else 0,
-               likelihood=settings["likelihood"], class_prior=settings["class_prior"],
-               res_blocks=settings["res_blocks"], mixture=num_classes)
+def build(settings: dict, data) -> VAE:
+    """The VAE a run's settings (its config.json, a checkpoint's args) describe, for `data` (a
+    data.Dataset: its size and channels; its classes condition the model when the run was
+    --conditional, and give the fitted "classes" density its components unless the set is
+    multi-label)."""
+    classes = 0 if data.multi_label else data.num_classes
+    return VAE(settings["latent_dim"], tuple(settings["widths"]), data.channels, data.size,
+               num_classes=classes if settings["conditional"] else 0, likelihood=settings["likelihood"],
+               class_prior=settings["class_prior"], res_blocks=settings["res_blocks"], mixture=classes)

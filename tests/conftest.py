@@ -16,29 +16,41 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def make_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n uint8 images (n, 64, 64, 3) with labels: a class-coloured disc on a pale background,
-    so there is something to learn."""
+def make_images(n: int, seed: int = 0, size: int = 64, channels: int = 3, classes: int = 8,
+                multi_label: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """n uint8 images in the MedMNIST layout ((n, size, size, 3), or (n, size, size) in grey) with
+    labels ((n, 1), or (n, classes) 0/1 columns): a class-coloured disc on a pale background, so
+    there is something to learn."""
     rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 8
+    labels = np.arange(n) % classes
     rng.shuffle(labels)
-    yy, xx = np.mgrid[:64, :64]
-    images = np.empty((n, 64, 64, 3), np.uint8)
+    yy, xx = (np.mgrid[:size, :size] * 64 / size)  # the 64-pixel picture at any size
+    images = np.empty((n, size, size, 3), np.uint8)
     for i, c in enumerate(labels):
+        c = c % 8
         cy, cx, r = rng.integers(24, 40), rng.integers(24, 40), 8 + c
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
         colour = np.array([40 + 25 * c, 200 - 20 * c, 120 + 10 * c])
-        img = np.full((64, 64, 3), 225.0) + rng.normal(0, 6, (64, 64, 3))
+        img = np.full((size, size, 3), 225.0) + rng.normal(0, 6, (size, size, 3))
         img[disc] = colour + rng.normal(0, 6, (disc.sum(), 3))
         images[i] = np.clip(img, 0, 255).astype(np.uint8)
+    if channels == 1:
+        images = images.mean(3).astype(np.uint8)
+    if multi_label:  # each image shows its class's finding, and at random some others
+        columns = (rng.random((n, classes)) < 0.2) | (np.arange(classes) == labels[:, None])
+        return images, columns.astype(np.uint8)
     return images, labels.reshape(-1, 1).astype(np.uint8)
 
 
-def write_npz(path: Path, sizes=(64, 16, 16), **override) -> Path:
-    """A MedMNIST-format file; `override` replaces or (with None) removes keys."""
+def write_npz(path: Path, sizes=(64, 16, 16), dataset: str = "bloodmnist", size: int = 64, **override) -> Path:
+    """A file in the MedMNIST layout of `dataset` at `size` (channels, classes and labels as
+    medmnist.INFO says); `override` replaces or (with None) removes keys."""
+    import data
+    spec = data.Dataset(dataset, size)
     arrays = {}
     for seed, (split, n) in enumerate(zip(("train", "val", "test"), sizes)):
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = make_images(n, seed)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = make_images(
+            n, seed, size, spec.channels, spec.num_classes, spec.multi_label)
     for k, v in override.items():
         if v is None:
             arrays.pop(k)

@@ -9,25 +9,27 @@ import errors
 from conftest import write_npz
 from errors import UserError
 
+BLOOD = data.Dataset()  # the default: BloodMNIST at 64
+
 
 def test_loads_splits_with_labels(data_root):
-    splits = data.load_bloodmnist(data_root)
+    splits = data.load(BLOOD, data_root)
     assert set(splits) == {"train", "val", "test"}
     assert splits["train"].images.shape == (64, 64, 64, 3) and splits["train"].images.dtype == np.uint8
     assert splits["train"].labels.shape == (64,) and splits["train"].labels.dtype == np.int64
     assert len(splits["val"]) == len(splits["test"]) == 16
-    assert data.load_bloodmnist(data_root / data.FILENAME, splits=("val",)).keys() == {"val"}
+    assert data.load(BLOOD, data_root / BLOOD.filename, splits=("val",)).keys() == {"val"}
 
 
 def test_subset_keeps_first_training_images(data_root):
-    full = data.load_bloodmnist(data_root)["train"]
-    sub = data.load_bloodmnist(data_root, subset=10)["train"]
+    full = data.load(BLOOD, data_root)["train"]
+    sub = data.load(BLOOD, data_root, subset=10)["train"]
     assert len(sub) == 10 and np.array_equal(sub.images, full.images[:10])
 
 
 @pytest.mark.parametrize("value_range", [(-1.0, 1.0), (0.0, 1.0)])
 def test_batches_scale_and_carry_labels(data_root, value_range):
-    split = data.load_bloodmnist(data_root)["train"]
+    split = data.load(BLOOD, data_root)["train"]
     batches = data.Batches(split, 16, "cpu", value_range, shuffle=False)
     x, y = next(batches.epoch(0))
     assert x.shape == (16, 3, 64, 64) and x.dtype == torch.float32
@@ -39,7 +41,7 @@ def test_batches_scale_and_carry_labels(data_root, value_range):
 
 
 def test_shuffling_is_seeded_and_replayable(data_root):
-    split = data.load_bloodmnist(data_root)["train"]
+    split = data.load(BLOOD, data_root)["train"]
     a = data.Batches(split, 16, "cpu", (0, 1), seed=0)
     b = data.Batches(split, 16, "cpu", (0, 1), seed=0)
     c = data.Batches(split, 16, "cpu", (0, 1), seed=1)
@@ -53,9 +55,9 @@ def test_shuffling_is_seeded_and_replayable(data_root):
 
 
 def test_small_split_gives_one_batch_and_eval_keeps_remainder(data_root):
-    split = data.load_bloodmnist(data_root, subset=5)["train"]
+    split = data.load(BLOOD, data_root, subset=5)["train"]
     assert [x.shape[0] for x, _ in data.Batches(split, 16, "cpu", (0, 1)).epoch(0)] == [5]
-    val = data.load_bloodmnist(data_root)["val"]
+    val = data.load(BLOOD, data_root)["val"]
     assert [x.shape[0] for x, _ in data.Batches(val, 6, "cpu", (0, 1), shuffle=False).epoch(0)] == [6, 6, 4]
 
 
@@ -80,7 +82,7 @@ def test_bad_file_gives_clear_error(tmp_path, case):
     override, message = BAD_FILES[case]
     path = write_npz(tmp_path / "bloodmnist_64.npz", **override)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
-        data.load_bloodmnist(tmp_path)
+        data.load(BLOOD, tmp_path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -88,15 +90,15 @@ def test_bad_file_gives_clear_error(tmp_path, case):
 def test_unreadable_file_gives_clear_error(tmp_path, content):
     (tmp_path / "bloodmnist_64.npz").write_bytes(content)
     with pytest.raises(UserError, match="is not an .npz file|is damaged"):
-        data.load_bloodmnist(tmp_path)
+        data.load(BLOOD, tmp_path)
 
 
 def test_unofficial_md5_warns_once_and_loads(data_root, capsys, monkeypatch):
     monkeypatch.setattr(errors, "warned", set())  # as in a fresh process
-    data.load_bloodmnist(data_root)
+    data.load(BLOOD, data_root)
     err = capsys.readouterr().err
-    assert err.count("warning:") == 1 and "not the official" in err and data.dataset_info()["MD5_64"] in err
-    data.load_bloodmnist(data_root)  # evaluate.py reads the file twice: one warning is enough
+    assert err.count("warning:") == 1 and "not the official" in err and BLOOD.md5 in err
+    data.load(BLOOD, data_root)  # evaluate.py reads the file twice: one warning is enough
     assert capsys.readouterr().err == ""
 
 
@@ -106,10 +108,9 @@ def test_missing_file_without_network_says_what_to_do(tmp_path, monkeypatch):
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
     monkeypatch.setattr("torchvision.datasets.utils.download_url", no_network)
     with pytest.raises(UserError) as e:
-        data.load_bloodmnist(tmp_path / "root")
-    info = data.dataset_info()
+        data.load(BLOOD, tmp_path / "root")
     message = str(e.value)
-    for part in (str(tmp_path / "root" / "bloodmnist_64.npz"), info["url_64"], info["MD5_64"], "--data-root",
+    for part in (str(tmp_path / "root" / "bloodmnist_64.npz"), BLOOD.url, BLOOD.md5, "--data-root",
                  "name resolution"):
         assert part in message
     assert "\n" not in message
@@ -118,21 +119,21 @@ def test_missing_file_without_network_says_what_to_do(tmp_path, monkeypatch):
 
 def test_missing_npz_path_is_not_made_a_folder(tmp_path):
     with pytest.raises(UserError, match="not found; --data-root takes an existing .npz file"):
-        data.load_bloodmnist(tmp_path / "synthetic.npz")
+        data.load(BLOOD, tmp_path / "synthetic.npz")
     assert not (tmp_path / "synthetic.npz").exists()
 
 
 def test_download_lands_under_the_real_name(tmp_path, monkeypatch):
     def fake_download(url, root, filename, md5):
-        assert url == data.dataset_info()["url_64"] and md5 == data.dataset_info()["MD5_64"]
-        assert filename != data.FILENAME  # written aside first, renamed when complete
+        assert url == BLOOD.url and md5 == BLOOD.md5
+        assert filename != BLOOD.filename  # written aside first, renamed when complete
         write_npz(tmp_path / "root" / filename)
     monkeypatch.setattr("torchvision.datasets.utils.download_url", fake_download)
-    splits = data.load_bloodmnist(tmp_path / "root")
+    splits = data.load(BLOOD, tmp_path / "root")
     assert len(splits["train"]) == 64
     assert [p.name for p in (tmp_path / "root").iterdir()] == ["bloodmnist_64.npz"]
 
 
 def test_class_names():
-    names = data.class_names()
+    names = BLOOD.class_names
     assert len(names) == 8 and names[0] == "basophil" and names[3] == "immature granulocytes"

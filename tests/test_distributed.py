@@ -18,7 +18,7 @@ import distributed
 import loop
 import train_gan
 from conftest import TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command
-from data import Batches, load_bloodmnist
+from data import Batches, Dataset, load
 from models import dcgan
 
 # The comparisons of one process with two are at float32 rounding: --precision auto would pick
@@ -167,10 +167,10 @@ def _train_a_few_steps(rank: int, port: int, data_root: str, out: str, flags: li
     train_gan.fill_defaults(args)
     device = distributed.init_distributed(args)
     loop.set_seed(args.seed)
-    split = load_bloodmnist(data_root, splits=("train",))["train"]
+    split = load(Dataset(), data_root, splits=("train",))["train"]
     batches = Batches(split, args.batch_size, device, dcgan.VALUE_RANGE, seed=args.seed,
                       channels_last=args.channels_last, rank=rank, world_size=2)
-    trainer = train_gan.GANTrainer(args, device)
+    trainer = train_gan.GANTrainer(args, Dataset(), device)
     meter = loop.Meter()
     for step, (real, y) in enumerate(batches.epoch(0), start=1):
         trainer.step(real, y if args.conditional else None, step, meter)

@@ -9,6 +9,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 import metrics
+from data import Dataset
 from conftest import write_npz
 from models.classifier import Classifier, random_symmetry
 
@@ -78,7 +79,7 @@ def test_class_shares_and_proportional_labels():
     shares = np.array([0.5, 0.25, 0.125, 0.125, 0, 0, 0, 0])
     labels = metrics.proportional_labels(10, shares, seed=3)
     assert np.bincount(labels.numpy(), minlength=8).sum() == 10
-    assert np.abs(metrics.class_shares(labels) - shares).max() <= 0.1
+    assert np.abs(metrics.class_shares(labels, 8) - shares).max() <= 0.1
     assert torch.equal(labels, metrics.proportional_labels(10, shares, seed=3))
 
 
@@ -105,17 +106,17 @@ def test_feature_network_is_cached_per_file_and_recipe(tmp_path, monkeypatch):
     trained = []
     real_train = metrics.train_classifier
     monkeypatch.setattr(metrics, "train_classifier", lambda *a, **k: trained.append(1) or real_train(*a, **k))
-    first, info = metrics.feature_network(str(root), torch.device("cpu"), str(cache), TINY_RECIPE)
+    first, info = metrics.feature_network(Dataset(), str(root), torch.device("cpu"), str(cache), TINY_RECIPE)
     assert len(trained) == 1 and 0 <= info["test_accuracy"] <= 1
     assert len(list(cache.glob("*.pt"))) == 1 and len(list(cache.glob("*.json"))) == 1
-    again, _ = metrics.feature_network(str(root), torch.device("cpu"), str(cache), TINY_RECIPE)
+    again, _ = metrics.feature_network(Dataset(), str(root), torch.device("cpu"), str(cache), TINY_RECIPE)
     assert len(trained) == 1  # reloaded, not retrained
     x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
     torch.testing.assert_close(metrics.predict(first, x)[0], metrics.predict(again, x)[0])
-    metrics.feature_network(str(root), torch.device("cpu"), str(cache), {**TINY_RECIPE, "epochs": 1})
+    metrics.feature_network(Dataset(), str(root), torch.device("cpu"), str(cache), {**TINY_RECIPE, "epochs": 1})
     assert len(trained) == 2  # another recipe retrains
     write_npz(root / "bloodmnist_64.npz", sizes=(48, 16, 16))  # another data file: another key
-    metrics.feature_network(str(root), torch.device("cpu"), str(cache), TINY_RECIPE)
+    metrics.feature_network(Dataset(), str(root), torch.device("cpu"), str(cache), TINY_RECIPE)
     assert len(trained) == 3 and len(list(cache.glob("*.pt"))) == 2
 
 
@@ -123,6 +124,6 @@ def test_classifier_learns_the_tiny_classes(tmp_path):
     """The recipe works: on the tiny coloured discs it beats chance (1/8) by far."""
     root = tmp_path / "data"
     write_npz(root / "bloodmnist_64.npz", sizes=(128, 16, 64))
-    _, info = metrics.feature_network(str(root), torch.device("cpu"), str(tmp_path / "cache"),
+    _, info = metrics.feature_network(Dataset(), str(root), torch.device("cpu"), str(tmp_path / "cache"),
                                       {**TINY_RECIPE, "epochs": 8})
     assert info["test_accuracy"] > 0.6

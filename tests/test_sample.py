@@ -37,7 +37,7 @@ def test_npz_export_reloads_with_balanced_labels(ckpts, tmp_path, name):
         assert f["train_images"].shape == (20, 64, 64, 3) and f["train_images"].dtype == np.uint8
         assert f["train_labels"].shape == (20, 1)
         assert f["val_images"].shape == (0, 64, 64, 3) and f["test_labels"].shape == (0, 1)
-    splits = data.load_bloodmnist(path)
+    splits = data.load(data.Dataset(), path)
     counts = np.bincount(splits["train"].labels, minlength=8)
     assert counts.tolist() == [3, 3, 3, 3, 2, 2, 2, 2]
     assert len(splits["val"]) == 0
@@ -45,7 +45,7 @@ def test_npz_export_reloads_with_balanced_labels(ckpts, tmp_path, name):
 
 def test_npz_of_one_class_matches_the_grid_of_that_class(ckpts, tmp_path):
     run(ckpts["cgan"], "--n", 8, "--class", "neutrophil", "--npz", tmp_path / "n.npz")
-    labels = data.load_bloodmnist(tmp_path / "n.npz")["train"].labels
+    labels = data.load(data.Dataset(), tmp_path / "n.npz")["train"].labels
     assert labels.tolist() == [6] * 8
     run(ckpts["cgan"], "--n", 8, "--class", "6", "--npz", tmp_path / "six.npz")
     with np.load(tmp_path / "n.npz") as a, np.load(tmp_path / "six.npz") as b:
@@ -56,7 +56,7 @@ def test_an_unconditional_vae_draws_the_classes_of_its_mixture(ckpts, tmp_path):
     """--prior classes picks each draw's class by the mixture weights (the training shares), and
     --class asks for one; the npz then carries real labels instead of placeholders."""
     run(ckpts["vae"], "--n", 400, "--npz", tmp_path / "all.npz")
-    shares = np.bincount(data.load_bloodmnist(tmp_path / "all.npz")["train"].labels, minlength=8) / 400
+    shares = np.bincount(data.load(data.Dataset(), tmp_path / "all.npz")["train"].labels, minlength=8) / 400
     weights = torch.load(ckpts["vae"], weights_only=True)["models"]["vae"]["class_weights"].numpy()
     assert np.abs(shares - weights).max() < 0.08
     for cls in ("basophil", "platelet"):

@@ -12,7 +12,7 @@ import loop
 import train_gan
 import train_vae
 from conftest import TINY_GAN, TINY_VAE, run_script
-from data import NUM_CLASSES
+from data import Dataset
 from models import vae
 from models.dcgan import Discriminator, Generator, generator_loss
 
@@ -81,7 +81,7 @@ def test_compiled_vae_trains_and_saves_plain_weights(data_root, tmp_path):
                     *TINY_VAE, "--out", str(tmp_path / "vae")])
     ckpt = checkpoints.load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")
     assert not any(k.startswith("_orig_mod") for k in ckpt["models"]["vae"])  # loads into a plain VAE
-    vae.build(ckpt["args"], NUM_CLASSES).load_state_dict(ckpt["models"]["vae"])
+    vae.build(ckpt["args"], Dataset()).load_state_dict(ckpt["models"]["vae"])
 
 
 def test_generator_step_computes_no_discriminator_gradients():

@@ -12,6 +12,7 @@ import checkpoints
 import loop
 import train_gan
 import train_vae
+from data import Dataset
 from conftest import TINY_GAN, TINY_VAE, states_equal
 from models.dcgan import Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
 from models.vae import VAE
@@ -167,7 +168,7 @@ def test_vae_symmetries_feed_the_step_turned_and_mirrored_images(monkeypatch):
     for policy in ("symmetry", "none"):
         args = train_vae.build_parser().parse_args([*TINY_VAE, "--precision", "fp32", "--no-channels-last",
                                                     "--augment", policy])
-        trainer = train_vae.VAETrainer(args, torch.device("cpu"))
+        trainer = train_vae.VAETrainer(args, Dataset(), torch.device("cpu"))
 
         def record(x, logits, *rest, policy=policy, **kwargs):  # the images the loss is given
             seen[policy] = x
