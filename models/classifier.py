@@ -1,8 +1,9 @@
-"""A small BloodMNIST classifier whose penultimate layer is evaluate.py's feature space.
+"""A small classifier whose penultimate layer is evaluate.py's feature space.
 
 FID computed with ImageNet Inception weights measures what ImageNet cares about; this network is
-trained on blood cells, so its features separate the eight cell types. Five conv-BN-ReLU stages,
-each followed by 2x2 max pooling, then global average pooling:
+trained on the dataset itself (blood cells for BloodMNIST), so its features separate its classes.
+Five conv-BN-ReLU stages, each but the last followed by 2x2 max pooling, then global average
+pooling, which takes any image size and channel count:
 
     (B, 3, 64, 64) -> 32 @ 64 -> 64 @ 32 -> 128 @ 16 -> 256 @ 8 -> 256 @ 4 -> mean -> (B, 256)
 """
