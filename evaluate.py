@@ -61,6 +61,8 @@ def parse_args(argv=None):
                    help="VAE: sample z from a Gaussian per class in the training shares (classes; the default), "
                         "one Gaussian for all codes (gaussian; the default for a multi-label set) or the training "
                         "prior (standard); see sample.py")
+    p.add_argument("--temperature", type=cli.positive_float, default=1.0, metavar="T",
+                   help="scale of the noise each draw starts from (sample.py --temperature)")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
     p.add_argument("--kid-subsets", type=cli.positive_int, default=100, metavar="N",
                    help="subsets KID is averaged over")
@@ -146,6 +148,8 @@ def row_name(path: str, sampler: Sampler) -> str:
         name += " (EMA)" if sampler.ema else " (raw G)"
     if sampler.kind == "vae":
         name += f" ({sampler.prior} prior)"
+    if sampler.temperature != 1:
+        name += f" (T {sampler.temperature:g})"
     return name
 
 
@@ -236,7 +240,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
     hardware.speed_up(device)
-    samplers = [Sampler(path, device, not args.no_ema, args.prior) for path in args.checkpoints]  # bad paths fail first
+    samplers = [Sampler(path, device, not args.no_ema, args.prior, args.temperature) for path in args.checkpoints]  # bad paths fail first
     study = "--utility" if args.utility else "--cas" if args.cas else None
     data = dataset_of_all(args.checkpoints, samplers)
     if study and data.multi_label:
@@ -276,7 +280,7 @@ def main(argv=None):
         feats, logits = metrics.predict(fnet, images, args.batch_size, desc="features")
         row = {"name": name, "checkpoint": str(path), "kind": sampler.kind,
                "conditional": sampler.conditional, "epochs": sampler.epochs_trained,
-               "ema": sampler.ema, "prior": sampler.prior,
+               "ema": sampler.ema, "prior": sampler.prior, "temperature": sampler.temperature,
                **score(feats, logits, real, args, labels)}
         if sampler.kind == "vae":
             row.update(vae_measures(sampler, splits["test"], args))

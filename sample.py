@@ -56,6 +56,9 @@ def parse_args(argv=None):
                         "shares (classes; the default), one Gaussian fitted to all of them (gaussian; the default "
                         "for a multi-label set), or the prior it trained with (standard: N(0, I), or p(z | y) of "
                         "a conditional VAE)")
+    p.add_argument("--temperature", type=cli.positive_float, default=1.0, metavar="T",
+                   help="scale of the noise each draw starts from: below 1 the draws keep nearer the latent "
+                        "density's mean (more typical images, less variety)")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="output .png or .jpg (default: a name for the mode beside the checkpoint, replaced "
                         "on each call)")
@@ -230,7 +233,7 @@ def output_path(args, folder: Path, data: Dataset) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
-    sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema, prior=args.prior)
+    sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema, prior=args.prior, temperature=args.temperature)
     args.data_root = args.data_root or sampler.data_root
     if args.cls is not None and not sampler.labelled:
         raise errors.UserError(f"--class needs a conditional checkpoint or a VAE drawn from its class mixture "

@@ -15,9 +15,13 @@ from models.vae import PRIORS
 class Sampler:
     """A checkpoint's generator (the GAN's G, or the VAE's decoder) behind one interface."""
 
-    def __init__(self, path: str, device: torch.device, use_ema: bool = True, prior: str | None = None):
+    def __init__(self, path: str, device: torch.device, use_ema: bool = True, prior: str | None = None,
+                 temperature: float = 1.0):
         """prior: the VAE's latent density (models/vae.py PRIORS); None: "classes" where the model
-        has them, else "gaussian" (a multi-label set has no classes to draw by)."""
+        has them, else "gaussian" (a multi-label set has no classes to draw by). temperature scales
+        the standard normal noise every draw starts from: below 1, draws keep nearer the density's
+        mean (the GAN's z nearer 0), trading variety for typical images."""
+        self.temperature = temperature
         ckpt = checkpoints.load_checkpoint(path, map_location=device)
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
         self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
@@ -63,7 +67,9 @@ class Sampler:
         return self.to_latent(loop.fixed_noise(n, self.latent_dim, seed, self.device), y)
 
     def to_latent(self, eps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Standard normal draws (..., latent_dim) [of classes y (...)] -> the model's latent distribution."""
+        """Standard normal draws (..., latent_dim) [of classes y (...)] -> the model's latent
+        distribution, at the sampler's temperature."""
+        eps = eps * self.temperature
         return eps if self.kind == "gan" else self.model.prior_latents(eps, self.prior, y)
 
     @torch.no_grad()

@@ -73,6 +73,23 @@ def test_ema_is_used_unless_no_ema(ckpts, tmp_path):
         assert not np.array_equal(a["train_images"], b["train_images"])
 
 
+@pytest.mark.parametrize("name, prior", [("gan", None), ("vae", "gaussian"), ("vae", "classes")])
+def test_temperature_scales_the_draws_about_the_density_mean(ckpts, name, prior):
+    from sampler import Sampler
+    cpu = torch.device("cpu")
+    full, cooled = (Sampler(str(ckpts[name]), cpu, prior=prior, temperature=t) for t in (1.0, 0.5))
+    y = full.labels(12, seed=0)
+    z, z_half = full.latents(12, 0, y), cooled.latents(12, 0, y)
+    if name == "gan":
+        mean = torch.zeros_like(z)
+    elif prior == "gaussian":
+        mean = full.model.prior_mean.expand_as(z)
+    else:
+        mean = full.model.class_means[y]
+    assert torch.allclose(z_half - mean, 0.5 * (z - mean), atol=1e-5)
+    assert not torch.allclose(z_half, z)
+
+
 def test_interpolation_rows(ckpts, tmp_path):
     out = tmp_path / "interp.png"
     run(ckpts["gan"], "--interpolate", "--n", 3, "--steps", 5, "--out", out)
