@@ -159,6 +159,9 @@ def add_common_args(p: argparse.ArgumentParser, kind: str, epochs: int, lr: floa
                         f"BloodMNIST at 64, else outputs/{kind}_DATASET_SIZE)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its ckpt.pt, with that run's settings")
+    p.add_argument("--keep-every", type=non_negative_int, default=0, metavar="K",
+                   help="also keep the checkpoint of every K-th epoch as ckpt_epoch_NNN.pt (each resumes, samples "
+                        "and scores like ckpt.pt); 0: only the latest")
 
 
 def add_dataset_args(p: argparse.ArgumentParser) -> None:

@@ -143,7 +143,10 @@ def references(splits: dict, real: dict, fnet, args) -> list[dict]:
 
 
 def row_name(path: str, sampler: Sampler) -> str:
-    name = Path(path).parent.name or Path(path).stem
+    path = Path(path)
+    name = path.parent.name or path.stem
+    if path.name != "ckpt.pt" and path.parent.name:  # a kept epoch, ckpt_epoch_020.pt: "run/ckpt_epoch_020"
+        name += f"/{path.stem}"
     if sampler.has_ema:
         name += " (EMA)" if sampler.ema else " (raw G)"
     if sampler.kind == "vae":

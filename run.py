@@ -13,6 +13,7 @@ own stays in the script: its models, its step and its pictures.
 """
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -111,9 +112,15 @@ class Run:
         return round(time.time() - self.started, 2)
 
     def save(self, epoch: int, step: int = 0) -> None:
-        """The checkpoint after `epoch` finished epochs and `step` steps into the next."""
+        """The checkpoint after `epoch` finished epochs and `step` steps into the next; after every
+        --keep-every-th epoch a copy of it stays as ckpt_epoch_NNN.pt, so that a model a later
+        epoch spoils (a GAN can collapse late) is still there to sample, score or resume."""
         checkpoints.save_training_state(self.ckpt_path, self.kind, self.args, epoch, step, self.models,
                                         self.optimizers, self.meter, self.device, self.scalers)
+        every = self.args.keep_every
+        if step == 0 and every and epoch % every == 0 and distributed.is_main():
+            with files.atomic_write(self.out / f"ckpt_epoch_{epoch:03d}.pt") as tmp:
+                shutil.copyfile(self.ckpt_path, tmp)
 
 
 def default_out(kind: str, data: Dataset) -> str:
@@ -124,7 +131,7 @@ def default_out(kind: str, data: Dataset) -> str:
 # Settings a resumed run may change when given; everything else comes from the checkpoint.
 # How a run computes (precision, memory format, compilation) may change too: it is not what it learns.
 # So may the number of processes, and with it whether BatchNorm statistics are synchronised.
-RESUME_MAY_CHANGE = {"epochs", "device", "data_root", "eval_every", "eval_n", "feature_cache",
+RESUME_MAY_CHANGE = {"epochs", "keep_every", "device", "data_root", "eval_every", "eval_n", "feature_cache",
                      "precision", "channels_last", "compile", "sync_bn"}
 
 
@@ -189,9 +196,11 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
 
 
 def refuse_existing_run(out: Path) -> None:
-    """A new run never replaces one: refuse a folder that already holds a checkpoint."""
-    if (out / "ckpt.pt").exists():
-        raise errors.UserError(f"{out} already holds a run ({out / 'ckpt.pt'}); pass --resume to continue it, "
+    """A new run never replaces one: refuse a folder that already holds a checkpoint (ckpt.pt, or
+    a kept ckpt_epoch_NNN.pt)."""
+    held = sorted(out.glob("ckpt*.pt"))
+    if held:
+        raise errors.UserError(f"{out} already holds a run ({held[0]}); pass --resume to continue it, "
                                "or choose another --out")
 
 

@@ -68,6 +68,21 @@ def test_resume_gives_the_same_weights(data_root, tmp_path, kind):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def test_keep_every_keeps_epochs_that_resume_like_the_run(data_root, tmp_path):
+    common = ["--data-root", str(data_root), "--device", "cpu", *TINY_VAE]
+    train_vae.main([*common, "--epochs", "3", "--keep-every", "2", "--out", str(tmp_path / "run")])
+    assert sorted(p.name for p in (tmp_path / "run").glob("ckpt*.pt")) == ["ckpt.pt", "ckpt_epoch_002.pt"]
+    kept = tmp_path / "again" / "ckpt.pt"
+    kept.parent.mkdir()
+    kept.write_bytes((tmp_path / "run" / "ckpt_epoch_002.pt").read_bytes())
+    assert checkpoints.load_checkpoint(kept)["epoch"] == 2
+    train_vae.main([*common, "--epochs", "3", "--resume", "--out", str(kept.parent)])
+    assert states_equal(checkpoints.load_checkpoint(tmp_path / "run" / "ckpt.pt"), checkpoints.load_checkpoint(kept))
+    (tmp_path / "run" / "ckpt.pt").unlink()  # a kept epoch alone still marks the folder as a run
+    with pytest.raises(errors.UserError, match="ckpt_epoch_002.pt"):
+        train_vae.main([*common, "--epochs", "1", "--out", str(tmp_path / "run")])
+
+
 @pytest.mark.parametrize("kind", SCRIPTS)
 def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(data_root, tmp_path, kind):
     tiny = SCRIPTS[kind][1]
