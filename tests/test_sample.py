@@ -9,7 +9,7 @@ from PIL import Image
 import data
 import errors
 import sample
-from conftest import TINY_GAN, TINY_VAE, run_script
+from conftest import run_script
 
 
 def run(*argv):
