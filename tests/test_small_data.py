@@ -155,6 +155,14 @@ def test_the_paper_recipe_is_the_plain_dcgan(data_root, tmp_path):
     assert states_equal(a, b) and set(a["models"]) == {"G", "D"}
 
 
+@pytest.mark.parametrize("flags, lecam", [([], 0.0), (["--conditional"], 0.01), (["--conditional", "--lecam", "0"], 0.0),
+                                          (["--recipe", "paper", "--conditional"], 0.0)])
+def test_a_conditional_small_data_run_adds_lecam(flags, lecam):
+    args = train_gan.build_parser().parse_args(flags)
+    train_gan.fill_defaults(args)
+    assert args.lecam == lecam
+
+
 def test_resume_is_exact_with_every_small_data_flag(data_root, tmp_path):
     common = ["--data-root", str(data_root), "--device", "cpu", *TINY_GAN, "--conditional", "--g-labels", "batchnorm",
               "--augment", "all", "--lecam", "0.1", "--r1", "1", "--spectral-norm", "--ema", "0.9"]
