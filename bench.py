@@ -207,7 +207,8 @@ def rate(step, images_per_step: int, steps: int, device: torch.device) -> float:
 
 def training_args(workload: str, opts) -> object:
     """The training script's own defaults for this workload, with the bench's speed flags."""
-    flags = ["--dataset", opts.dataset, "--size", str(opts.size), "--precision", opts.precision, "--channels-last" if opts.channels_last else "--no-channels-last",
+    flags = ["--dataset", opts.dataset, "--size", str(opts.size),
+             "--precision", opts.precision, "--channels-last" if opts.channels_last else "--no-channels-last",
              *(["--compile"] if opts.compile else []), *(["--batch-size", str(opts.batch_size)] if opts.batch_size else [])]
     if workload == "vae":
         return train_vae.build_parser().parse_args(flags)
@@ -325,7 +326,8 @@ def main(argv=None):
         rates = time_workload(workload, opts)
         ours = statistics.median(rates["ours"])
         base = statistics.median(rates["baseline"]) if "baseline" in rates else None
-        rows.append({"workload": workload, "dataset": data.name, "size": data.size, "device": name, "precision": precision, "compile": opts.compile,
+        rows.append({"workload": workload, "dataset": data.name, "size": data.size,
+                     "device": name, "precision": precision, "compile": opts.compile,
                      "channels_last": opts.channels_last, "batch_size": batch_sizes[workload],
                      "images_per_s": round(ours, 1),
                      "baseline_images_per_s": None if base is None else round(base, 1),

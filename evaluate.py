@@ -243,7 +243,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
     hardware.speed_up(device)
-    samplers = [Sampler(path, device, not args.no_ema, args.prior, args.temperature) for path in args.checkpoints]  # bad paths fail first
+    samplers = [Sampler(path, device, not args.no_ema, args.prior, args.temperature)
+                for path in args.checkpoints]  # bad paths fail first
     study = "--utility" if args.utility else "--cas" if args.cas else None
     data = dataset_of_all(args.checkpoints, samplers)
     if study and data.multi_label:
@@ -299,8 +300,8 @@ def main(argv=None):
         rows += references(splits, real, fnet, args)
     print()
     print_table(rows, real["shares"], data.class_names, data.multi_label)
-    out = {"dataset": data.name, "size": data.size, "feature_network": info, "n": args.n, "seed": args.seed, "test_shares": real["shares"].tolist(),
-           "results": rows}
+    out = {"dataset": data.name, "size": data.size, "feature_network": info, "n": args.n, "seed": args.seed,
+           "test_shares": real["shares"].tolist(), "results": rows}
 
     if args.memorization:
         print_memorization(memorization_rows)

@@ -159,7 +159,8 @@ def main(argv=None):
             run.log.write(record)
             tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
             with torch.no_grad():
-                pictures.save_grid(draw(noise, noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png", row_labels=run.data.class_names if model.mixture else None)
+                pictures.save_grid(draw(noise, noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
+                                   row_labels=run.data.class_names if model.mixture else None)
                 # rows of originals, each over its row of mean reconstructions
                 recon = model.decode(model.encode(recon_images, recon_labels)[0], recon_labels)
                 pairs = torch.stack([recon_images.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
