@@ -41,7 +41,8 @@ def parse_args(argv=None):
     mode.add_argument("--latent-map", action="store_true",
                       help="VAE: the encoder's mu over --split in 2-D (PCA and t-SNE), by class")
     p.add_argument("--n", type=cli.positive_int, default=None, metavar="N",
-                   help="images to draw (default 64), or rows of --interpolate / --arithmetic (default 8)")
+                   help="images to draw (default 64; 8 per class for a conditional grid), or rows of "
+                        "--interpolate / --arithmetic (default 8)")
     p.add_argument("--npz", metavar="FILE", default=None,
                    help="write the N images as a MedMNIST-format npz (train split) instead of a grid")
     p.add_argument("--class", dest="cls", metavar="NAME|ID", default=None,
@@ -251,8 +252,9 @@ def main(argv=None):
         raise errors.UserError("--npz writes drawn samples; it does not combine with the other modes")
     cls = parse_class(args.cls, sampler.data) if args.cls is not None else None
     out = output_path(args, Path(args.checkpoint).parent, sampler.data)
-    if args.n is None:
-        args.n = 8 if args.interpolate or args.arithmetic else 64
+    if args.n is None:  # a conditional grid: a row of 8 per class, as in training
+        by_class = sampler.conditional and cls is None and not args.npz
+        args.n = 8 if args.interpolate or args.arithmetic else 8 * sampler.data.num_classes if by_class else 64
 
     mode = latent_map if args.latent_map else arithmetic if args.arithmetic else \
         interpolate if args.interpolate else draw
