@@ -41,7 +41,7 @@ import loop
 import metrics
 import train_gan
 import train_vae
-from data import Batches, Dataset, as_tensor, load
+from data import Batches, Dataset, as_tensor, dataset_of, load
 from models.classifier import Classifier
 from models import dcgan, vae
 from models.dcgan import discriminator_loss, generator_loss, gradient_penalty
@@ -108,7 +108,7 @@ def baseline_loader(split, transform, batch_size: int, workers: int, shuffle: bo
 
 def baseline_gan(args, split, device, workers: int):
     """pytorch/examples' DCGAN loop (and its WGAN-GP cousin) on our G and D."""
-    G, D = (m.to(device) for m in dcgan.build(vars(args), Dataset(args.dataset, args.size)))
+    G, D = (m.to(device) for m in dcgan.build(vars(args), dataset_of(vars(args))))
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     batches = baseline_loader(split, to_symmetric(), args.batch_size, workers)
@@ -137,7 +137,7 @@ def baseline_gan(args, split, device, workers: int):
 
 def baseline_vae(args, split, device, workers: int):
     """pytorch/examples' VAE loop on our VAE and its loss."""
-    model = vae.build(vars(args), Dataset(args.dataset, args.size)).to(device)
+    model = vae.build(vars(args), dataset_of(vars(args))).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     batches = baseline_loader(split, T.ToTensor(), args.batch_size, workers)
 
@@ -235,7 +235,7 @@ def make_step(path: str, workload: str, opts, device: torch.device, split):
         return make(args, split, device, opts.workers), args.batch_size
     script = train_vae if workload == "vae" else train_gan
     batches = Batches(split, args.batch_size, device, script.VALUE_RANGE, channels_last=args.channels_last)
-    data = Dataset(args.dataset, args.size)
+    data = dataset_of(vars(args))
     if workload == "vae":
         trainer = train_vae.VAETrainer(args, data, device)
         return ours_training(lambda x, i, meter: trainer.step(x, None, meter), batches), args.batch_size

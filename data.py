@@ -181,7 +181,8 @@ def _check_split(dataset: Dataset, path: Path, npz, split: str) -> Split:
     if not np.issubdtype(labels.dtype, np.integer):
         raise UserError(f"{path}: {split}_labels has dtype {labels.dtype}, expected integers")
     columns = dataset.num_classes if dataset.multi_label else 1
-    if labels.shape != (len(images), columns) and (columns > 1 or labels.shape != (len(images),)):
+    shapes = [(len(images), columns)] + ([(len(images),)] if columns == 1 else [])  # class ids: (N, 1) or (N,)
+    if labels.shape not in shapes:
         raise UserError(f"{path}: {split}_labels has shape {labels.shape}, expected ({len(images)}, {columns}) "
                         f"to match {split}_images" + (f" (one 0/1 column per finding of {dataset.name})"
                                                       if dataset.multi_label else ""))

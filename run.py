@@ -25,7 +25,7 @@ import files
 import hardware
 import loop
 import metrics
-from data import Batches, Dataset, load
+from data import Batches, Dataset, dataset_of, load
 
 
 class Run:
@@ -37,9 +37,9 @@ class Run:
         self.args = args = parser.parse_args(argv)
         self.kind = kind
         if args.out is None:  # the default folder names the dataset, so runs on two sets never meet
-            args.out = default_out(kind, Dataset(args.dataset, args.size))
+            args.out = default_out(kind, dataset_of(vars(args)))
         self.ckpt = start_run(args, parser, kind, cli.given_flags(parser, argv), fill_defaults)
-        self.data = Dataset(args.dataset, args.size)  # as resumed: the run's own
+        self.data = dataset_of(vars(args))  # as resumed: the run's own
         if args.conditional and self.data.multi_label:
             raise errors.UserError(f"--conditional: {self.data.name} is multi-label ({self.data.num_classes} findings, "
                                    "several per image), so there is no one class to condition on; train without it")

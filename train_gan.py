@@ -116,7 +116,7 @@ class GANTrainer:
     """
 
     def __init__(self, args, data, device: torch.device):
-        self.args, self.data = args, data
+        self.args = args
         fmt = hardware.memory_format(args.channels_last)
         models = dcgan.build(vars(args), data)
         if args.sync_bn:
