@@ -17,6 +17,7 @@ import argparse
 import math
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
@@ -38,6 +39,7 @@ CURVES = [("negative ELBO (nats per image)", ["loss", "val_nelbo"], None),
           ("reconstruction (nats)", ["recon", "val_recon"], None),
           ("KL (nats)", ["kl", "val_kl"], None),
           ("validation PSNR (dB)", ["val_psnr"], None),
+          ("patch discriminator (--adversarial)", ["d_x", "d_recon"], None),
           metrics.KID_PANEL]
 RECON = 32  # validation images in each reconstruction grid, each row over its reconstruction
 
@@ -69,6 +71,10 @@ def build_parser():
                         "flips of the square, drawn at random each time (augment.py), or as it is")
     p.add_argument("--res-blocks", type=cli.non_negative_int, default=0, metavar="N",
                    help="residual blocks (two 3x3 convolutions) at each resolution of the decoder")
+    p.add_argument("--adversarial", type=cli.non_negative_float, default=0.0, metavar="W",
+                   help="a VAE-GAN: a patch discriminator judges the reconstructions, and the VAE is also "
+                        "trained to pass them off as real, counted as W squared error on every pixel "
+                        "(models/vae.py; Gaussian likelihood; 0 = off)")
     p.add_argument("--class-prior", action=argparse.BooleanOptionalAction, default=True,
                    help="--conditional: learn a Gaussian prior p(z | y) per class, so that z carries the "
                         "class it is drawn for; --no-class-prior: N(0, I) for every class")
@@ -76,20 +82,35 @@ def build_parser():
 
 
 class VAETrainer:
-    """The model, optimiser and precision of a run, and its step (shared with bench.py)."""
+    """The model, optimiser and precision of a run, and its step (shared with bench.py); with
+    --adversarial also the patch discriminator, its optimiser and its step."""
 
     def __init__(self, args, data, device: torch.device):
         self.args = args
-        self.model = vae.build(vars(args), data).to(device, memory_format=hardware.memory_format(args.channels_last))
+        fmt = hardware.memory_format(args.channels_last)
+        self.model = vae.build(vars(args), data).to(device, memory_format=fmt)
         self.opt = hardware.adam(self.model.parameters(), args.lr)
         self.precision = hardware.Precision(args.precision, device)
         self.scaler = self.precision.scaler()
         self.net = hardware.compiled(distributed.ddp(self.model, device), args.compile)  # DDP under torchrun
         self.policy = parse_policy(args.augment)
+        self.D = None
+        if args.adversarial:  # the encoder's widths and one more, twice the last; DCGAN's Adam
+            extra = (2 * args.widths[-1],) if data.size >> len(args.widths) >= 2 else ()
+            self.D = vae.PatchDiscriminator(data.channels, (*args.widths, *extra)).to(device, memory_format=fmt)
+            self.opt_d = hardware.adam(self.D.parameters(), 2e-4, (0.5, 0.999))
+            self.scaler_d = self.precision.scaler()
+            # D learns through DDP; the VAE's step runs it plain, as train_gan.py's G step does
+            self.D_learn = hardware.compiled(distributed.ddp(self.D, device), args.compile)
+            self.D_judge = hardware.compiled(self.D, args.compile) if distributed.world_size() > 1 else self.D_learn
+            self.vae_params = list(self.model.parameters())
 
     def state(self) -> tuple[dict, dict, dict]:
         """Models, optimisers and scalers, as the checkpoint names them."""
-        return {"vae": self.model}, {"vae": self.opt}, {"vae": self.scaler}
+        if self.D is None:
+            return {"vae": self.model}, {"vae": self.opt}, {"vae": self.scaler}
+        return ({"vae": self.model, "critic": self.D}, {"vae": self.opt, "critic": self.opt_d},
+                {"vae": self.scaler, "critic": self.scaler_d})
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None, meter: loop.Meter) -> None:
         """x is this process's share of the batch; the augmentation's draws, the posterior noise
@@ -98,12 +119,31 @@ class VAETrainer:
         eps = distributed.batch_noise(torch.randn, x.shape[0], self.model.latent_dim, device=x.device)
         with self.precision.autocast():
             logits, mu, logvar = self.net(x, y, eps)
-            parts = self.model.loss(x, logits, mu, logvar, y, beta=self.args.beta, batch_mean=distributed.batch_mean)
-        hardware.backward_step(parts["loss"], self.opt, self.scaler)
+        adversarial = None
+        if self.D is not None:  # D's step first, then the VAE is judged by the updated D
+            self.critic_step(x, torch.sigmoid(logits.detach()), meter)
+            with self.precision.autocast():
+                adversarial = F.softplus(-self.D_judge(torch.sigmoid(logits)).float()).mean()  # -log D(x_hat)
+        with self.precision.autocast():
+            parts = self.model.loss(x, logits, mu, logvar, y, beta=self.args.beta, batch_mean=distributed.batch_mean,
+                                    adversarial=adversarial, weight=self.args.adversarial)
+        hardware.backward_step(parts["loss"], self.opt, self.scaler, inputs=self.vae_params if self.D else None)
         meter.update(**parts)
 
+    def critic_step(self, x: torch.Tensor, recon: torch.Tensor, meter: loop.Meter) -> None:
+        """One step of the patch discriminator: every patch of x real, every patch of recon not."""
+        with self.precision.autocast():
+            logits = self.D_learn(torch.cat([x, recon])).float()
+        real, fake = logits[:len(x)], logits[len(x):]
+        loss_d = F.softplus(-real).mean() + F.softplus(fake).mean()
+        hardware.backward_step(loss_d, self.opt_d, self.scaler_d)
+        meter.update(loss_d=loss_d, d_x=torch.sigmoid(real).mean(), d_recon=torch.sigmoid(fake).mean())
 
-def check_widths(args, data) -> None:
+
+def check_settings(args, data) -> None:
+    if args.adversarial and args.likelihood != "gaussian":
+        raise errors.UserError(f"--adversarial is weighed by the Gaussian likelihood's variance; drop "
+                               f"--likelihood {args.likelihood} or --adversarial")
     if data.size % 2 ** len(args.widths):
         most = max(n for n in range(len(args.widths)) if data.size % 2 ** n == 0)
         raise errors.UserError(f"--widths {','.join(map(str, args.widths))}: {len(args.widths)} stride-2 "
@@ -111,7 +151,7 @@ def check_widths(args, data) -> None:
 
 
 def main(argv=None):
-    run = Run(build_parser(), argv, "vae", VALUE_RANGE, splits=("train", "val"), check=check_widths)
+    run = Run(build_parser(), argv, "vae", VALUE_RANGE, splits=("train", "val"), check=check_settings)
     args, device, out, batches = run.args, run.device, run.out, run.batches
     val = Batches(run.splits["val"], 256, device, VALUE_RANGE, shuffle=False,
                   channels_last=args.channels_last) if len(run.splits["val"]) else None

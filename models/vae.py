@@ -25,6 +25,13 @@ class it was drawn for, and a decoder that ignores its label inputs still draws 
 
 Decoder depth (res_blocks > 0): residual blocks of two 3x3 convolutions at each resolution
 before upsampling, so each output pixel sees more than one 4x4 transposed convolution.
+
+VAE-GAN (train_vae.py --adversarial, after Larsen et al. 2016): a PatchDiscriminator learns to
+tell training images from their reconstructions, and the VAE's loss gains a term that rewards
+reconstructions it takes for real. A squared error only sees the average of what a blurred
+detail could be; the discriminator sees that no real cell is blurred. The term is weighed in
+the Gaussian likelihood's own units (loss(), `adversarial`), so its pull keeps pace with the
+reconstruction's as the variance falls.
 """
 import math
 
@@ -46,6 +53,30 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+class PatchDiscriminator(nn.Module):
+    """images (B, nc, S, S) in [0, 1] -> logits (B, P), one per overlapping patch: stride-2 4x4
+    convolutions of `widths` channels with LeakyReLU, then a 3x3 convolution to one logit per
+    position (P = 8 x 8 at 64 pixels with three widths; each sees a patch of about 46 pixels).
+
+    Every weight is spectrally normalised (Miyato et al. 2018; torch's parametrisation) and there
+    is no BatchNorm, so each image's logits depend on that image alone."""
+
+    def __init__(self, nc: int = 3, widths: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        layers, c = [], nc
+        for w in widths:  # (B, c, s, s) -> (B, w, s/2, s/2)
+            layers += [nn.Conv2d(c, w, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+            c = w
+        layers += [nn.Conv2d(c, 1, 3, 1, 1)]
+        for m in layers:
+            if isinstance(m, nn.Conv2d):
+                nn.utils.parametrizations.spectral_norm(m)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * 2 - 1).flatten(1)  # centred inputs, as a DCGAN discriminator sees them
 
 
 def gaussian_fit(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +219,8 @@ class VAE(nn.Module):
         return z
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-             y: torch.Tensor | None = None, beta: float = 1.0, batch_mean=torch.mean) -> dict[str, torch.Tensor]:
+             y: torch.Tensor | None = None, beta: float = 1.0, batch_mean=torch.mean,
+             adversarial: torch.Tensor | None = None, weight: float = 0.0) -> dict[str, torch.Tensor]:
         """The negative ELBO with a beta-weighted KL; each part summed per image, batch-averaged.
 
         recon: -log p(x|z). Bernoulli: binary cross-entropy on the logits. Gaussian: with
@@ -198,6 +230,10 @@ class VAE(nn.Module):
             torchrun the training script passes a mean over the global batch of all processes.
         kl: KL(q(z|x) || p(z)) in closed form (gaussian_kl): p(z) = N(0, I), or p(z | y) with a
             learned class prior.
+        adversarial (Gaussian likelihood only): a discriminator's loss for the reconstructions,
+            per image (a VAE-GAN). It is counted as `weight` squared error on every pixel per
+            unit of loss, weight * D * adversarial / (2 sigma^2), so that against the
+            reconstruction term its pull does not fade as sigma^2 falls in training.
         """
         b = x.shape[0]
         logits, mu, logvar = logits.float(), mu.float(), logvar.float()  # fp32 sums under autocast
@@ -208,7 +244,13 @@ class VAE(nn.Module):
             var = batch_mean(se.detach()).clamp_min(1e-6)
             recon = (se.sum() / (2 * var) + 0.5 * se.numel() * torch.log(2 * math.pi * var)) / b
         kl = gaussian_kl(mu, logvar, *self.prior(y)).sum() / b
-        return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+        parts = {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+        if adversarial is not None:
+            if self.likelihood != "gaussian":
+                raise ValueError("the adversarial term is weighed by the Gaussian likelihood's variance")
+            parts["adversarial"] = adversarial.float()
+            parts["loss"] = parts["loss"] + weight * x[0].numel() * adversarial.float() / (2 * var)
+        return parts
 
 
 def build(settings: dict, data) -> VAE:

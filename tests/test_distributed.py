@@ -1,5 +1,5 @@
 """Both training scripts under torchrun, on CPU with gloo and two processes: two processes with
-global batch B learn what one process learns with batch B (the VAE, the WGAN-GP critic and, with
+global batch B learn what one process learns with batch B (the VAE, the VAE-GAN, the WGAN-GP critic and, with
 --sync-bn, the DCGAN), write one run folder with means over both, resume with another number of
 processes, stop together on Ctrl-C, keep identical models on every rank, and refuse a batch that
 does not divide."""
@@ -99,6 +99,19 @@ def test_resume_with_another_number_of_processes(vae_runs, first, then):
     assert checkpoints.load_checkpoint(resumed / "ckpt.pt")["epoch"] == 2
     assert max(largest_difference(vae_runs / "one" / "ckpt.pt", resumed / "ckpt.pt").values()) < 1e-5
     assert [r["epoch"] for r in records(resumed)] == [1, 2]
+
+
+def test_vae_gan_on_two_processes_learns_what_one_process_learns(data_root, tmp_path):
+    """--adversarial: the patch discriminator learns through DDP and judges the VAE's step
+    outside it; both networks match one process's after 4 steps (no BatchNorm to synchronise)."""
+    common = ["--data-root", data_root, *TINY_VAE, *FP32, "--adversarial", "0.01", "--epochs", 1]
+    launch(1, "train_vae.py", *common, "--out", tmp_path / "one")
+    launch(2, "train_vae.py", *common, "--out", tmp_path / "two")
+    diff = largest_difference(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt")
+    assert diff.keys() == {"vae", "critic"} and max(diff.values()) < 5e-5, diff
+    for one, two in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
+        for key in ("loss", "loss_d", "adversarial", "d_x"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4), key
 
 
 SMALL_DATA = ["--conditional", "--g-labels", "batchnorm", "--augment", "all", "--lecam", "0.1", "--r1", "1",

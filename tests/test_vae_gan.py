@@ -1,0 +1,126 @@
+"""The VAE-GAN (train_vae.py --adversarial): the patch discriminator's shapes and spectral norm,
+that it learns to tell sharp images from blurred ones, the adversarial term of the loss against a
+hand computation, the step that trains each network on its own loss, exact resume, and the
+refusal of a likelihood it cannot be weighed against. Two processes against one:
+tests/test_distributed.py."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import checkpoints
+import errors
+import train_vae
+from conftest import TINY_VAE, run_script, states_equal
+from models.vae import VAE, PatchDiscriminator
+
+
+@pytest.mark.parametrize("size, widths, patches", [(64, (8, 16, 32), 8 * 8), (28, (8, 16, 32), 3 * 3),
+                                                   (64, (8, 16, 32, 64, 128, 256), 1)])
+def test_patch_discriminator_gives_one_logit_per_patch(size, widths, patches):
+    for channels in (1, 3):
+        D = PatchDiscriminator(channels, widths)
+        assert D(torch.rand(5, channels, size, size)).shape == (5, patches)
+
+
+def test_patch_discriminator_weights_have_largest_singular_value_one():
+    torch.manual_seed(0)
+    D = PatchDiscriminator(3, (8, 16, 32))
+    for _ in range(30):  # one power iteration per forward pass in training
+        D(torch.rand(2, 3, 32, 32))
+    D.eval()
+    convs = [m for m in D.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4
+    for m in convs:
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2).item()
+        assert sigma == pytest.approx(1.0, abs=0.05)
+
+
+def test_patch_discriminator_learns_to_tell_sharp_images_from_blurred_ones():
+    """What the VAE-GAN asks of it: speckled images (real) against their 3x3 box blur (fake)."""
+    torch.manual_seed(0)
+    D = PatchDiscriminator(3, (8, 16, 32))
+    opt = torch.optim.Adam(D.parameters(), 2e-3, betas=(0.5, 0.999))
+    for _ in range(60):
+        real = torch.rand(16, 3, 16, 16)
+        blurred = F.avg_pool2d(real, 3, 1, 1, count_include_pad=False)
+        logits = D(torch.cat([real, blurred]))
+        loss = F.softplus(-logits[:16]).mean() + F.softplus(logits[16:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        real = torch.rand(16, 3, 16, 16)
+        d_real = torch.sigmoid(D(real)).mean()
+        d_blurred = torch.sigmoid(D(F.avg_pool2d(real, 3, 1, 1, count_include_pad=False))).mean()
+    assert d_real > 0.8 and d_blurred < 0.2, (d_real, d_blurred)
+
+
+def test_adversarial_term_is_weighed_in_squared_error_per_pixel():
+    torch.manual_seed(0)
+    vae = VAE(latent_dim=4, widths=(8,), image_size=8)
+    x = torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        logits, mu, logvar = vae(x)
+    plain = vae.loss(x, logits, mu, logvar)
+    adversarial = torch.tensor(0.7)
+    parts = vae.loss(x, logits, mu, logvar, adversarial=adversarial, weight=0.01)
+    var = (torch.sigmoid(logits) - x).pow(2).mean()  # the Gaussian's sigma^2: the batch's MSE
+    expected = 0.01 * (3 * 8 * 8) * 0.7 / (2 * var)
+    assert parts["loss"] - plain["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert parts["adversarial"] == pytest.approx(0.7) and parts["recon"] == plain["recon"]
+    bernoulli = VAE(latent_dim=4, widths=(8,), image_size=8, likelihood="bernoulli")
+    with pytest.raises(ValueError, match="Gaussian"):
+        bernoulli.loss(x, *bernoulli(x), adversarial=adversarial, weight=0.01)
+
+
+def test_each_network_learns_from_its_own_loss_only(data_root, monkeypatch):
+    """A step trains D on real against reconstructed images, then the VAE on the ELBO plus the
+    term from the updated D, whose weights that second backward pass leaves alone."""
+    args = train_vae.build_parser().parse_args(["--device", "cpu", *TINY_VAE, "--adversarial", "0.01"])
+    from data import Dataset
+    torch.manual_seed(0)
+    trainer = train_vae.VAETrainer(args, Dataset("bloodmnist", 64), torch.device("cpu"))
+    critic_grads = []
+    critic_step = trainer.critic_step
+
+    def recording(*a):
+        critic_step(*a)
+        critic_grads.append([p.grad.clone() for p in trainer.D.parameters()])
+    monkeypatch.setattr(trainer, "critic_step", recording)
+    vae_before = [p.detach().clone() for p in trainer.model.parameters()]
+    import loop
+    meter = loop.Meter()
+    trainer.step(torch.rand(16, 3, 64, 64), None, meter)
+    # the VAE's backward pass added nothing to D's gradients from its own step
+    assert all(torch.equal(p.grad, g) for p, g in zip(trainer.D.parameters(), critic_grads[0]))
+    assert all(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), vae_before))
+    means = meter.means()
+    assert {"loss_d", "d_x", "d_recon", "adversarial"} <= means.keys()
+    assert 0 < means["d_x"] < 1 and means["adversarial"] == pytest.approx(-math.log(means["d_recon"]), rel=0.2)
+
+
+def test_vae_gan_resumes_exactly_and_its_checkpoint_samples(data_root, tmp_path):
+    common = ["--data-root", str(data_root), "--device", "cpu", *TINY_VAE, "--adversarial", "0.01"]
+    train_vae.main([*common, "--epochs", "2", "--out", str(tmp_path / "straight")])
+    train_vae.main([*common, "--epochs", "1", "--out", str(tmp_path / "resumed")])
+    train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "2",
+                    "--out", str(tmp_path / "resumed"), "--resume"])
+    a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    assert {"vae", "critic"} == b["models"].keys() == b["optimizers"].keys()
+    assert states_equal(a, b)
+    record = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"d_x", "d_recon", "adversarial", "loss_d"} <= record.keys()
+    r = run_script("sample.py", tmp_path / "straight" / "ckpt.pt", "--out", tmp_path / "grid.png")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_adversarial_with_bernoulli_is_refused_and_writes_nothing(data_root, tmp_path):
+    with pytest.raises(errors.UserError, match="--adversarial is weighed by the Gaussian"):
+        train_vae.main(["--data-root", str(data_root), "--device", "cpu", *TINY_VAE, "--likelihood", "bernoulli",
+                        "--adversarial", "0.01", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
