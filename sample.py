@@ -135,10 +135,15 @@ def labels_for(sampler: Sampler, n: int, cls: int | None, seed: int, by_row: boo
     return grid_labels(classes, n // classes, sampler.device) if by_row else balanced_labels(n, classes, sampler.device)
 
 
+def every_class(sampler: Sampler, args, cls: int | None) -> bool:
+    """A grid of a conditional model's classes, all of them: drawn a row per class where N allows."""
+    return sampler.conditional and cls is None and not args.npz
+
+
 def draw(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     """N samples to a grid PNG (a class per row for conditional runs), or to a MedMNIST npz."""
     classes = sampler.data.num_classes
-    by_row = sampler.conditional and cls is None and not args.npz and args.n % classes == 0  # a row per class
+    by_row = every_class(sampler, args, cls) and args.n % classes == 0
     y = labels_for(sampler, args.n, cls, args.seed, by_row)
     images = sampler.decode(sampler.latents(args.n, args.seed, y), y, args.batch_size, uint8=bool(args.npz))
     if args.npz:
@@ -253,7 +258,7 @@ def main(argv=None):
     cls = parse_class(args.cls, sampler.data) if args.cls is not None else None
     out = output_path(args, Path(args.checkpoint).parent, sampler.data)
     if args.n is None:  # a conditional grid: a row of 8 per class, as in training
-        by_class = sampler.conditional and cls is None and not args.npz
+        by_class = every_class(sampler, args, cls)
         args.n = 8 if args.interpolate or args.arithmetic else 8 * sampler.data.num_classes if by_class else 64
 
     mode = latent_map if args.latent_map else arithmetic if args.arithmetic else \
