@@ -58,7 +58,7 @@ class ResidualBlock(nn.Module):
 class PatchDiscriminator(nn.Module):
     """images (B, nc, S, S) in [0, 1] -> logits (B, P), one per overlapping patch: stride-2 4x4
     convolutions of `widths` channels with LeakyReLU, then a 3x3 convolution to one logit per
-    position (P = 8 x 8 at 64 pixels with three widths; each sees a patch of about 46 pixels).
+    position (P = 8 x 8 at 64 pixels with three widths; each sees a patch of 38 x 38 pixels).
 
     Every weight is spectrally normalised (Miyato et al. 2018; torch's parametrisation) and there
     is no BatchNorm, so each image's logits depend on that image alone."""
