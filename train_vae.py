@@ -128,7 +128,8 @@ class VAETrainer:
         with self.precision.autocast():
             parts = self.model.loss(x, logits, mu, logvar, y, beta=self.args.beta, batch_mean=distributed.batch_mean,
                                     adversarial=adversarial, weight=self.args.adversarial)
-        hardware.backward_step(parts["loss"], self.opt, self.scaler, inputs=self.vae_params if self.D else None)
+        vae_only = self.vae_params if self.D is not None else None  # no gradients for D's weights
+        hardware.backward_step(parts["loss"], self.opt, self.scaler, inputs=vae_only)
         meter.update(**parts)
 
     def critic_step(self, x: torch.Tensor, recon: torch.Tensor, meter: loop.Meter) -> None:

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 import checkpoints
 import errors
+import loop
 import train_vae
 from conftest import TINY_VAE, run_script, states_equal
+from data import Dataset
 from models.vae import VAE, PatchDiscriminator
 
 
@@ -76,11 +78,10 @@ def test_adversarial_term_is_weighed_in_squared_error_per_pixel():
         bernoulli.loss(x, *bernoulli(x), adversarial=adversarial, weight=0.01)
 
 
-def test_each_network_learns_from_its_own_loss_only(data_root, monkeypatch):
+def test_each_network_learns_from_its_own_loss_only(monkeypatch):
     """A step trains D on real against reconstructed images, then the VAE on the ELBO plus the
     term from the updated D, whose weights that second backward pass leaves alone."""
     args = train_vae.build_parser().parse_args(["--device", "cpu", *TINY_VAE, "--adversarial", "0.01"])
-    from data import Dataset
     torch.manual_seed(0)
     trainer = train_vae.VAETrainer(args, Dataset("bloodmnist", 64), torch.device("cpu"))
     critic_grads = []
@@ -91,7 +92,6 @@ def test_each_network_learns_from_its_own_loss_only(data_root, monkeypatch):
         critic_grads.append([p.grad.clone() for p in trainer.D.parameters()])
     monkeypatch.setattr(trainer, "critic_step", recording)
     vae_before = [p.detach().clone() for p in trainer.model.parameters()]
-    import loop
     meter = loop.Meter()
     trainer.step(torch.rand(16, 3, 64, 64), None, meter)
     # the VAE's backward pass added nothing to D's gradients from its own step
