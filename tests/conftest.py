@@ -124,6 +124,18 @@ def feature_cache(tmp_path_factory):
         yield tmp_path_factory.mktemp("features")
 
 
+def straight_and_resumed(main, data_root, flags: list[str], tmp_path: Path, epochs: int = 3) -> tuple[dict, dict]:
+    """The checkpoints of a run of `epochs` epochs straight through, and of one stopped an epoch
+    earlier and resumed with only --resume, --out and --epochs typed, its settings read from its
+    checkpoint. main: a training script's main()."""
+    import checkpoints
+    common = ["--data-root", str(data_root), "--device", "cpu"]
+    main([*common, *flags, "--epochs", str(epochs), "--out", str(tmp_path / "straight")])
+    main([*common, *flags, "--epochs", str(epochs - 1), "--out", str(tmp_path / "resumed")])
+    main([*common, "--epochs", str(epochs), "--out", str(tmp_path / "resumed"), "--resume"])
+    return tuple(checkpoints.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("straight", "resumed"))
+
+
 def states_equal(a: dict, b: dict) -> bool:
     """Model and optimiser states of two checkpoints are identical, bit for bit."""
     flat = lambda ckpt: [t for part in ("models", "optimizers") for t in _tensors(ckpt[part])]

@@ -11,7 +11,7 @@ import torch.nn as nn
 import augment
 import checkpoints
 import train_gan
-from conftest import TINY_GAN, states_equal
+from conftest import TINY_GAN, states_equal, straight_and_resumed
 from models.dcgan import Discriminator, Generator, LeCamAnchors, r1_penalty
 
 
@@ -164,14 +164,9 @@ def test_a_conditional_small_data_run_adds_lecam(flags, lecam):
 
 
 def test_resume_is_exact_with_every_small_data_flag(data_root, tmp_path):
-    common = ["--data-root", str(data_root), "--device", "cpu", *TINY_GAN, "--conditional", "--g-labels", "batchnorm",
-              "--augment", "all", "--lecam", "0.1", "--r1", "1", "--spectral-norm", "--ema", "0.9"]
-    train_gan.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
-    train_gan.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
-    train_gan.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3",
-                    "--out", str(tmp_path / "resumed"), "--resume"])
-    a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    flags = [*TINY_GAN, "--conditional", "--g-labels", "batchnorm", "--augment", "all", "--lecam", "0.1", "--r1", "1",
+             "--spectral-norm", "--ema", "0.9"]
+    a, b = straight_and_resumed(train_gan.main, data_root, flags, tmp_path)
     assert states_equal(a, b) and {"G", "D", "G_ema", "lecam"} <= a["models"].keys()
     assert any("parametrizations" in k for k in a["models"]["D"])  # spectral norm's u and v are saved
     assert a["models"]["lecam"]["real"] != 0

@@ -10,11 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
 import errors
 import loop
 import train_vae
-from conftest import TINY_VAE, run_script, states_equal
+from conftest import TINY_VAE, run_script, states_equal, straight_and_resumed
 from data import Dataset
 from models.vae import VAE, PatchDiscriminator
 
@@ -103,13 +102,7 @@ def test_each_network_learns_from_its_own_loss_only(monkeypatch):
 
 
 def test_vae_gan_resumes_exactly_and_its_checkpoint_samples(data_root, tmp_path):
-    common = ["--data-root", str(data_root), "--device", "cpu", *TINY_VAE, "--adversarial", "0.01"]
-    train_vae.main([*common, "--epochs", "2", "--out", str(tmp_path / "straight")])
-    train_vae.main([*common, "--epochs", "1", "--out", str(tmp_path / "resumed")])
-    train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "2",
-                    "--out", str(tmp_path / "resumed"), "--resume"])
-    a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    a, b = straight_and_resumed(train_vae.main, data_root, [*TINY_VAE, "--adversarial", "0.01"], tmp_path, epochs=2)
     assert {"vae", "critic"} == b["models"].keys() == b["optimizers"].keys()
     assert states_equal(a, b)
     record = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])

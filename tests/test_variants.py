@@ -13,7 +13,7 @@ import loop
 import train_gan
 import train_vae
 from data import Dataset
-from conftest import TINY_GAN, TINY_VAE, states_equal
+from conftest import TINY_GAN, TINY_VAE, states_equal, straight_and_resumed
 from models.dcgan import Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
 from models.vae import VAE
 
@@ -145,13 +145,7 @@ def test_wgan_gp_run_uses_its_defaults_and_logs_its_estimates(data_root, tmp_pat
 ])
 def test_resume_is_exact_with_conditioning_and_ema(data_root, tmp_path, kind, extra):
     module, tiny = {"gan": (train_gan, TINY_GAN), "vae": (train_vae, TINY_VAE)}[kind]
-    common = ["--data-root", str(data_root), "--device", "cpu", *tiny, *extra]
-    module.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
-    module.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
-    module.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3",
-                 "--out", str(tmp_path / "resumed"), "--resume"])  # the settings come from the checkpoint
-    a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    a, b = straight_and_resumed(module.main, data_root, [*tiny, *extra], tmp_path)
     assert states_equal(a, b)
     if kind == "gan":
         assert "G_ema" in b["models"]
