@@ -36,7 +36,7 @@ from models.vae import LIKELIHOODS, VALUE_RANGE
 from run import Run
 
 GRID = 64  # prior samples in each grid, 8 x 8 (by class: 8 of each, a class per row)
-CURVES = [("negative ELBO (nats per image)", ["loss", "val_nelbo"], None),
+CURVES = [("training loss, validation -ELBO (nats)", ["loss", "val_nelbo"], None),
           ("reconstruction (nats)", ["recon", "val_recon"], None),
           ("KL (nats)", ["kl", "val_kl"], None),
           ("validation PSNR (dB)", ["val_psnr"], None),
