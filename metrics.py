@@ -39,10 +39,10 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
                      weight_decay: float, seed: int, widths=RECIPE["widths"], val: Split | None = None,
                      desc: str = "classifier", steps: int | None = None, log_epochs: bool = True) -> Classifier:
     """Cross-entropy (per label for a multi-label set) with AdamW and a one-cycle schedule; each
-    image under a random symmetry of the square (flips, 90 degree rotations) every time it is seen. `steps`, when given, replaces
-    `epochs`: that many optimiser steps whatever the set's size (the utility study compares sets
-    of different sizes at equal compute). One progress bar over all steps; with log_epochs, a
-    line per epoch."""
+    image under a random symmetry of the square (flips, 90 degree rotations) every time it is
+    seen. `steps`, when given, replaces `epochs`: that many optimiser steps whatever the set's
+    size (the utility study compares sets of different sizes at equal compute). One progress bar
+    over all steps; with log_epochs, a line per epoch."""
     loop.set_seed(seed)
     model = Classifier(train.num_classes, train.channels, tuple(widths)).to(device)
     batches = Batches(train, batch_size, device, VALUE_RANGE, seed=seed)

@@ -62,8 +62,8 @@ def build_parser():
     p.add_argument("--recipe", choices=RECIPES, default="small-data",
                    help="the defaults of --batch-size, --ema, --augment, --lecam, --r1, --spectral-norm and "
                         "--g-labels: " + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in r.items())
-                                                   + "".join(f" (lecam {c['lecam']} with --conditional)"
-                                                             for c in [CONDITIONAL[name]] if c)
+                                                   + (f" (lecam {CONDITIONAL[name]['lecam']} with --conditional)"
+                                                      if CONDITIONAL[name] else "")
                                                    for name, r in RECIPES.items()))
     p.add_argument("--loss", choices=LOSSES, default="bce",
                    help="bce: the DCGAN of the paper; wgan-gp: a critic with a gradient penalty; hinge")

@@ -18,7 +18,6 @@ import argparse
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
@@ -32,6 +31,7 @@ import vae_eval
 from augment import augment, parse_policy
 from data import Batches, grid_labels, to_uint8
 from models import vae
+from models.dcgan import discriminator_loss, generator_loss
 from models.vae import LIKELIHOODS, VALUE_RANGE
 from run import Run
 
@@ -95,7 +95,7 @@ class VAETrainer:
         self.scaler = self.precision.scaler()
         self.net = hardware.compiled(distributed.ddp(self.model, device), args.compile)  # DDP under torchrun
         self.policy = parse_policy(args.augment)
-        self.D = None
+        self.D = self.backward_inputs = None  # with a D, the VAE's backward pass leaves D's weights alone
         if args.adversarial:  # the encoder's widths and one more, twice the last; DCGAN's Adam
             extra = (2 * args.widths[-1],) if data.size >> len(args.widths) >= 2 else ()
             self.D = vae.PatchDiscriminator(data.channels, (*args.widths, *extra)).to(device, memory_format=fmt)
@@ -104,7 +104,7 @@ class VAETrainer:
             # D learns through DDP; the VAE's step runs it plain, as train_gan.py's G step does
             self.D_learn = hardware.compiled(distributed.ddp(self.D, device), args.compile)
             self.D_judge = hardware.compiled(self.D, args.compile) if distributed.world_size() > 1 else self.D_learn
-            self.vae_params = list(self.model.parameters())
+            self.backward_inputs = list(self.model.parameters())
 
     def state(self) -> tuple[dict, dict, dict]:
         """Models, optimisers and scalers, as the checkpoint names them."""
@@ -120,16 +120,14 @@ class VAETrainer:
         eps = distributed.batch_noise(torch.randn, x.shape[0], self.model.latent_dim, device=x.device)
         with self.precision.autocast():
             logits, mu, logvar = self.net(x, y, eps)
-        adversarial = None
         if self.D is not None:  # D's step first, then the VAE is judged by the updated D
-            self.critic_step(x, torch.sigmoid(logits.detach()), meter)
-            with self.precision.autocast():
-                adversarial = F.softplus(-self.D_judge(torch.sigmoid(logits)).float()).mean()  # -log D(x_hat)
+            recon = torch.sigmoid(logits)
+            self.critic_step(x, recon.detach(), meter)
         with self.precision.autocast():
+            adversarial = None if self.D is None else generator_loss("bce", self.D_judge(recon))  # -log D(x_hat)
             parts = self.model.loss(x, logits, mu, logvar, y, beta=self.args.beta, batch_mean=distributed.batch_mean,
                                     adversarial=adversarial, weight=self.args.adversarial)
-        vae_only = self.vae_params if self.D is not None else None  # no gradients for D's weights
-        hardware.backward_step(parts["loss"], self.opt, self.scaler, inputs=vae_only)
+        hardware.backward_step(parts["loss"], self.opt, self.scaler, inputs=self.backward_inputs)
         meter.update(**parts)
 
     def critic_step(self, x: torch.Tensor, recon: torch.Tensor, meter: loop.Meter) -> None:
@@ -137,7 +135,7 @@ class VAETrainer:
         with self.precision.autocast():
             logits = self.D_learn(torch.cat([x, recon])).float()
         real, fake = logits[:len(x)], logits[len(x):]
-        loss_d = F.softplus(-real).mean() + F.softplus(fake).mean()
+        loss_d = discriminator_loss("bce", real, fake)  # -log D(x) - log(1 - D(x_hat)), per patch
         hardware.backward_step(loss_d, self.opt_d, self.scaler_d)
         meter.update(loss_d=loss_d, d_x=torch.sigmoid(real).mean(), d_recon=torch.sigmoid(fake).mean())
 

@@ -248,8 +248,8 @@ class VAE(nn.Module):
         if adversarial is not None:
             if self.likelihood != "gaussian":
                 raise ValueError("the adversarial term is weighed by the Gaussian likelihood's variance")
-            parts["adversarial"] = adversarial.float()
-            parts["loss"] = parts["loss"] + weight * x[0].numel() * adversarial.float() / (2 * var)
+            parts["adversarial"] = adversarial = adversarial.float()
+            parts["loss"] = parts["loss"] + weight * x[0].numel() * adversarial / (2 * var)
         return parts
 
 

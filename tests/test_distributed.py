@@ -1,8 +1,8 @@
 """Both training scripts under torchrun, on CPU with gloo and two processes: two processes with
-global batch B learn what one process learns with batch B (the VAE, the VAE-GAN, the WGAN-GP critic and, with
---sync-bn, the DCGAN), write one run folder with means over both, resume with another number of
-processes, stop together on Ctrl-C, keep identical models on every rank, and refuse a batch that
-does not divide."""
+global batch B learn what one process learns with batch B (the VAE, the VAE-GAN, the WGAN-GP
+critic and, with --sync-bn, the DCGAN), write one run folder with means over both, resume with
+another number of processes, stop together on Ctrl-C, keep identical models on every rank, and
+refuse a batch that does not divide."""
 import json
 import os
 import socket
