@@ -76,6 +76,10 @@ def build_parser():
                    help="a VAE-GAN: a patch discriminator judges the reconstructions, and the VAE is also "
                         "trained to pass them off as real, counted as W squared error on every pixel "
                         "(docs/models.md; Gaussian likelihood only; 0 = off, 0.001 measured best)")
+    p.add_argument("--critic-labels", action=argparse.BooleanOptionalAction, default=False,
+                   help="--adversarial: the patch discriminator also reads each image's class (a projection "
+                        "term), so it judges a reconstruction as a cell of its type; conditional or not, "
+                        "the training labels are known (single-label sets only)")
     p.add_argument("--class-prior", action=argparse.BooleanOptionalAction, default=True,
                    help="--conditional: learn a Gaussian prior p(z | y) per class, so that z carries the "
                         "class it is drawn for; --no-class-prior: N(0, I) for every class")
@@ -98,7 +102,8 @@ class VAETrainer:
         self.D = self.backward_inputs = None  # with a D, the VAE's backward pass leaves D's weights alone
         if args.adversarial:  # the encoder's widths and one more, twice the last; DCGAN's Adam
             extra = (2 * args.widths[-1],) if data.size >> len(args.widths) >= 2 else ()
-            self.D = vae.PatchDiscriminator(data.channels, (*args.widths, *extra)).to(device, memory_format=fmt)
+            classes = data.num_classes if args.critic_labels else 0
+            self.D = vae.PatchDiscriminator(data.channels, (*args.widths, *extra), classes).to(device, memory_format=fmt)
             self.opt_d = hardware.adam(self.D.parameters(), 2e-4, (0.5, 0.999))
             self.scaler_d = self.precision.scaler()
             # D learns through DDP; the VAE's step runs it plain, as train_gan.py's G step does
@@ -113,27 +118,32 @@ class VAETrainer:
         return ({"vae": self.model, "critic": self.D}, {"vae": self.opt, "critic": self.opt_d},
                 {"vae": self.scaler, "critic": self.scaler_d})
 
-    def step(self, x: torch.Tensor, y: torch.Tensor | None, meter: loop.Meter) -> None:
-        """x is this process's share of the batch; the augmentation's draws, the posterior noise
-        and the Gaussian likelihood's variance are those of the global batch."""
+    def step(self, x: torch.Tensor, labels: torch.Tensor | None, meter: loop.Meter) -> None:
+        """x is this process's share of the batch, labels its classes (the condition of a
+        conditional model, and what a --critic-labels D reads); the augmentation's draws, the
+        posterior noise and the Gaussian likelihood's variance are those of the global batch."""
+        y = labels if self.args.conditional else None
+        classes = labels if self.args.critic_labels else None
         x = augment(x, self.policy)  # the 8 symmetries of a cell: new training images, not noise
         eps = distributed.batch_noise(torch.randn, x.shape[0], self.model.latent_dim, device=x.device)
         with self.precision.autocast():
             logits, mu, logvar = self.net(x, y, eps)
         if self.D is not None:  # D's step first, then the VAE is judged by the updated D
             recon = torch.sigmoid(logits)
-            self.critic_step(x, recon.detach(), meter)
+            self.critic_step(x, recon.detach(), classes, meter)
         with self.precision.autocast():
-            adversarial = None if self.D is None else generator_loss("bce", self.D_judge(recon))  # -log D(x_hat)
+            adversarial = None if self.D is None else generator_loss("bce", self.D_judge(recon, classes))  # -log D(x_hat)
             parts = self.model.loss(x, logits, mu, logvar, y, beta=self.args.beta, batch_mean=distributed.batch_mean,
                                     adversarial=adversarial, weight=self.args.adversarial)
         hardware.backward_step(parts["loss"], self.opt, self.scaler, inputs=self.backward_inputs)
         meter.update(**parts)
 
-    def critic_step(self, x: torch.Tensor, recon: torch.Tensor, meter: loop.Meter) -> None:
-        """One step of the patch discriminator: every patch of x real, every patch of recon not."""
+    def critic_step(self, x: torch.Tensor, recon: torch.Tensor, classes: torch.Tensor | None,
+                    meter: loop.Meter) -> None:
+        """One step of the patch discriminator: every patch of x real, every patch of recon (of
+        the same classes) not."""
         with self.precision.autocast():
-            logits = self.D_learn(torch.cat([x, recon])).float()
+            logits = self.D_learn(torch.cat([x, recon]), None if classes is None else classes.repeat(2)).float()
         real, fake = logits[:len(x)], logits[len(x):]
         loss_d = discriminator_loss("bce", real, fake)  # -log D(x) - log(1 - D(x_hat)), per patch
         hardware.backward_step(loss_d, self.opt_d, self.scaler_d)
@@ -141,6 +151,9 @@ class VAETrainer:
 
 
 def check_settings(args, data) -> None:
+    if args.critic_labels and data.multi_label:
+        raise errors.UserError(f"--critic-labels: {data.name} is multi-label, so an image has no one class for "
+                               "the discriminator to read; drop --critic-labels")
     if args.adversarial and args.likelihood != "gaussian":
         raise errors.UserError(f"--adversarial is weighed by the Gaussian likelihood's variance; drop "
                                f"--likelihood {args.likelihood} or --adversarial")
@@ -183,7 +196,7 @@ def main(argv=None):
             if args.schedule == "cosine":  # a function of the step alone, so resume needs no state
                 progress = (index - 1) / (args.epochs * len(batches))
                 opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-            trainer.step(x, y if args.conditional else None, run.meter)
+            trainer.step(x, y, run.meter)
 
         # End of epoch: sampling Gaussian, validation ELBO, samples, reconstructions, curves,
         # checkpoint. Rank 0 alone fits, evaluates and draws; the other processes never sample.

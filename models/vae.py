@@ -56,27 +56,38 @@ class ResidualBlock(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """images (B, nc, S, S) in [0, 1] -> logits (B, P), one per overlapping patch: stride-2 4x4
-    convolutions of `widths` channels with LeakyReLU, then a 3x3 convolution to one logit per
-    position (P = 8 x 8 at 64 pixels with three widths; each sees a patch of 38 x 38 pixels).
+    """images (B, nc, S, S) in [0, 1] [and classes (B,)] -> logits (B, P), one per overlapping
+    patch: stride-2 4x4 convolutions of `widths` channels with LeakyReLU, then a 3x3 convolution to
+    one logit per position (P = 8 x 8 at 64 pixels with three widths; each sees a patch of 38 x 38
+    pixels).
+
+    With num_classes > 0 each logit adds a projection term (Miyato & Koyama 2018), the inner
+    product of a learned class embedding with the features at its position: a patch is then judged
+    as part of a cell of the given class, so a reconstruction that blurs away what marks its class
+    (a basophil's granules) is told apart by that alone.
 
     Every weight is spectrally normalised (Miyato et al. 2018; torch's parametrisation) and there
     is no BatchNorm, so each image's logits depend on that image alone."""
 
-    def __init__(self, nc: int = 3, widths: tuple[int, ...] = (32, 64, 128)):
+    def __init__(self, nc: int = 3, widths: tuple[int, ...] = (32, 64, 128), num_classes: int = 0):
         super().__init__()
         layers, c = [], nc
         for w in widths:  # (B, c, s, s) -> (B, w, s/2, s/2)
             layers += [nn.Conv2d(c, w, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
             c = w
         layers += [nn.Conv2d(c, 1, 3, 1, 1)]
-        for m in layers:
-            if isinstance(m, nn.Conv2d):
+        self.embed = nn.Embedding(num_classes, c) if num_classes else None
+        for m in [*layers, self.embed]:
+            if isinstance(m, (nn.Conv2d, nn.Embedding)):
                 nn.utils.parametrizations.spectral_norm(m)
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x * 2 - 1).flatten(1)  # centred inputs, as a DCGAN discriminator sees them
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.net[:-1](x * 2 - 1)  # centred inputs, as a DCGAN discriminator sees them
+        logits = self.net[-1](h).squeeze(1)  # (B, s, s)
+        if self.embed is not None:  # (B, C, s, s) . (B, C) over C, at every position
+            logits = logits + torch.einsum("bchw,bc->bhw", h, self.embed(y))
+        return logits.flatten(1)
 
 
 def gaussian_fit(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
