@@ -1,8 +1,9 @@
 """The VAE-GAN (train_vae.py --adversarial): the patch discriminator's shapes and spectral norm,
-that it learns to tell sharp images from blurred ones, the adversarial term of the loss against a
-hand computation, the step that trains each network on its own loss, exact resume, and the
-refusal of a likelihood it cannot be weighed against. Two processes against one:
-tests/test_distributed.py."""
+that it learns to tell sharp images from blurred ones and (--critic-labels) an image of its class
+from the same image under another, its projection term against a hand computation, the
+adversarial term of the loss against a hand computation, the step that trains each network on
+its own loss, exact resume, and the refusal of settings it cannot serve. Two processes against
+one: tests/test_distributed.py."""
 import json
 import math
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 import errors
 import loop
 import train_vae
-from conftest import TINY_VAE, run_script, states_equal, straight_and_resumed
+from conftest import TINY_VAE, run_script, states_equal, straight_and_resumed, write_npz
 from data import Dataset
 from models.vae import VAE, PatchDiscriminator
 
@@ -28,13 +29,13 @@ def test_patch_discriminator_gives_one_logit_per_patch(size, widths, patches):
 
 def test_patch_discriminator_weights_have_largest_singular_value_one():
     torch.manual_seed(0)
-    D = PatchDiscriminator(3, (8, 16, 32))
+    D = PatchDiscriminator(3, (8, 16, 32), num_classes=5)
     for _ in range(30):  # one power iteration per forward pass in training
-        D(torch.rand(2, 3, 32, 32))
+        D(torch.rand(2, 3, 32, 32), torch.tensor([0, 4]))
     D.eval()
-    convs = [m for m in D.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == 4
-    for m in convs:
+    weighted = [m for m in D.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Embedding))]
+    assert len(weighted) == 5
+    for m in weighted:
         sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2).item()
         assert sigma == pytest.approx(1.0, abs=0.05)
 
@@ -57,6 +58,42 @@ def test_patch_discriminator_learns_to_tell_sharp_images_from_blurred_ones():
         d_real = torch.sigmoid(D(real)).mean()
         d_blurred = torch.sigmoid(D(F.avg_pool2d(real, 3, 1, 1, count_include_pad=False))).mean()
     assert d_real > 0.8 and d_blurred < 0.2, (d_real, d_blurred)
+
+
+def test_projection_adds_the_class_embedding_times_the_features_at_every_patch():
+    torch.manual_seed(0)
+    D = PatchDiscriminator(3, (8, 16, 32), num_classes=4).eval()
+    x, y = torch.rand(3, 3, 64, 64), torch.tensor([0, 3, 3])
+    with torch.no_grad():
+        h = D.net[:-1](x * 2 - 1)  # (3, 32, 8, 8)
+        unconditional = D.net[-1](h).flatten(1)
+        by_hand = unconditional + (h * D.embed.weight[y][:, :, None, None]).sum(1).flatten(1)
+        assert torch.allclose(D(x, y), by_hand, atol=1e-5)
+        assert not torch.allclose(D(x, y), D(x, torch.tensor([1, 0, 2])))
+
+
+def test_patch_discriminator_learns_which_class_an_image_shows():
+    """With the class it can tell an image under its own class (real) from the same image under
+    the other class (fake), which no discriminator of the image alone can."""
+    torch.manual_seed(0)
+    D = PatchDiscriminator(3, (8, 16, 32), num_classes=2)
+    opt = torch.optim.Adam(D.parameters(), 2e-3, betas=(0.5, 0.999))
+    tint = torch.tensor([[1.0, 0.2, 0.2], [0.2, 0.2, 1.0]])  # class 0 reddish, class 1 bluish
+
+    def batch():
+        y = torch.randint(0, 2, (16,))
+        return torch.rand(16, 3, 16, 16) * tint[y][:, :, None, None], y
+    for _ in range(60):
+        x, y = batch()
+        logits = D(torch.cat([x, x]), torch.cat([y, 1 - y]))
+        loss = F.softplus(-logits[:16]).mean() + F.softplus(logits[16:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        x, y = batch()
+        d_own, d_other = torch.sigmoid(D(x, y)).mean(), torch.sigmoid(D(x, 1 - y)).mean()
+    assert d_own > 0.8 and d_other < 0.2, (d_own, d_other)
 
 
 def test_adversarial_term_is_weighed_in_squared_error_per_pixel():
@@ -101,8 +138,10 @@ def test_each_network_learns_from_its_own_loss_only(monkeypatch):
     assert 0 < means["d_x"] < 1 and means["adversarial"] == pytest.approx(-math.log(means["d_recon"]), rel=0.2)
 
 
-def test_vae_gan_resumes_exactly_and_its_checkpoint_samples(data_root, tmp_path):
-    a, b = straight_and_resumed(train_vae.main, data_root, [*TINY_VAE, "--adversarial", "0.01"], tmp_path, epochs=2)
+@pytest.mark.parametrize("flags", [[], ["--critic-labels", "--conditional"]], ids=["plain", "critic-labels"])
+def test_vae_gan_resumes_exactly_and_its_checkpoint_samples(data_root, tmp_path, flags):
+    a, b = straight_and_resumed(train_vae.main, data_root, [*TINY_VAE, "--adversarial", "0.01", *flags], tmp_path,
+                                epochs=2)
     assert {"vae", "critic"} == b["models"].keys() == b["optimizers"].keys()
     assert states_equal(a, b)
     record = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -116,4 +155,12 @@ def test_adversarial_with_bernoulli_is_refused_and_writes_nothing(data_root, tmp
     with pytest.raises(errors.UserError, match="--adversarial is weighed by the Gaussian"):
         train_vae.main(["--data-root", str(data_root), "--device", "cpu", *TINY_VAE, "--likelihood", "bernoulli",
                         "--adversarial", "0.01", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_critic_labels_on_a_multi_label_set_is_refused_and_writes_nothing(tmp_path):
+    path = write_npz(tmp_path / "chestmnist.npz", sizes=(16, 4, 4), dataset="chestmnist", size=28)
+    with pytest.raises(errors.UserError, match="--critic-labels: chestmnist is multi-label"):
+        train_vae.main(["--dataset", "chestmnist", "--size", "28", "--data-root", str(path), "--device", "cpu",
+                        *TINY_VAE, "--adversarial", "0.01", "--critic-labels", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
