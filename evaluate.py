@@ -9,7 +9,8 @@ FID, KID (mean and std over subsets), precision and recall (k = 3), the generate
 shares under the classifier against the real ones (for the multi-label chestmnist, the share of
 images showing each finding), and for conditional models how often the
 classifier finds the class that was asked for. VAEs also get test-split negative ELBO,
-reconstruction MSE, PSNR and SSIM. Two reference rows place the numbers: real training images
+reconstruction MSE, PSNR and SSIM, and how often the classifier finds each test image's class in
+its reconstruction (recon acc: can the decoder draw the class at all?). Two reference rows place the numbers: real training images
 (the best a model can do) and noise with the training images' per-pixel mean and std (a trivial
 generator). Results go to a table, to eval.json beside each checkpoint, and to --json.
 
@@ -46,7 +47,7 @@ import metrics
 import pictures
 import synthetic
 import vae_eval
-from data import Batches, as_tensor, load
+from data import Batches, as_tensor, load, to_uint8
 from models.vae import PRIORS, VALUE_RANGE
 from sampler import Sampler
 
@@ -120,11 +121,28 @@ def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested
     return out
 
 
-def vae_measures(sampler: Sampler, test, args) -> dict:
+def vae_measures(sampler: Sampler, test, args, fnet) -> dict:
     """Test-split negative ELBO (nats per image), its parts, and the MSE, PSNR and SSIM of the
-    mean reconstructions, as train_vae.py logs them for the validation split."""
+    mean reconstructions, as train_vae.py logs them for the validation split; for a single-label
+    set also how often the classifier sees each image's class in its reconstruction, overall and
+    per class: whether the decoder can draw what marks a class at all, whatever density its
+    samples come from."""
     batches = Batches(test, args.batch_size, sampler.device, VALUE_RANGE, shuffle=False)
-    return {k.replace("val_", "test_"): v for k, v in vae_eval.evaluate(sampler.model, batches, args.seed).items()}
+    out = {k.replace("val_", "test_"): v for k, v in vae_eval.evaluate(sampler.model, batches, args.seed).items()}
+    if test.multi_label:
+        return out
+    model, recon, labels = sampler.model, [], []
+    with torch.no_grad():
+        for x, y in batches.epoch(0):
+            y_in = y if model.num_classes else None
+            recon.append(to_uint8(model.decode(model.encode(x, y_in)[0], y_in), VALUE_RANGE).cpu())
+            labels.append(y.cpu())
+    labels = torch.cat(labels)
+    hit = (metrics.predict(fnet, torch.cat(recon), args.batch_size)[1].argmax(1) == labels).double()
+    out["recon_class_accuracy"] = hit.mean().item()
+    out["recon_class_accuracy_per_class"] = [round(hit[labels == c].mean().item(), 4) if (labels == c).any() else None
+                                             for c in range(test.num_classes)]
+    return out
 
 
 def references(splits: dict, real: dict, fnet, args) -> list[dict]:
@@ -168,7 +186,7 @@ def print_aligned(table: list[list[str]], left: int = 1, write=print) -> None:
 def print_table(rows: list[dict], real_shares: np.ndarray, class_names: list[str], multi_label: bool) -> None:
     cols = [("FID", "fid", "{:.2f}"), ("KID", "kid", None), ("prec", "precision", "{:.3f}"),
             ("recall", "recall", "{:.3f}"), ("class TV", "class_tv", "{:.3f}"), ("min share", "min_share_ratio", "{:.2f}"),
-            ("cls acc", "class_accuracy", "{:.3f}"), ("PSNR", "test_psnr", "{:.2f}"), ("SSIM", "test_ssim", "{:.3f}"),
+            ("cls acc", "class_accuracy", "{:.3f}"), ("recon acc", "recon_class_accuracy", "{:.3f}"), ("PSNR", "test_psnr", "{:.2f}"), ("SSIM", "test_ssim", "{:.3f}"),
             ("-ELBO", "test_nelbo", "{:.1f}")]
     cols = [c for c in cols if any(c[1] in r for r in rows)]
     cell = lambda r, key, fmt: ("-" if key not in r else f"{r['kid']:.3f} ± {r['kid_std']:.3f}"
@@ -287,7 +305,7 @@ def main(argv=None):
                "ema": sampler.ema, "prior": sampler.prior, "temperature": sampler.temperature,
                **score(feats, logits, real, args, labels)}
         if sampler.kind == "vae":
-            row.update(vae_measures(sampler, splits["test"], args))
+            row.update(vae_measures(sampler, splits["test"], args, fnet))
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(f"{name}: FID {row['fid']:.2f}, KID {row['kid']:.2e} ({row['seconds']} s)")

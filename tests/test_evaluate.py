@@ -1,15 +1,19 @@
 """evaluate.py on tiny checkpoints of every kind (table, JSON, eval.json, reference rows, EMA
-choice, conditional class accuracy, VAE measures), --eval-every in both training scripts, and
-the one-line refusals."""
+choice, conditional class accuracy, VAE measures; a perfect autoencoder's recon accuracy),
+--eval-every in both training scripts, and the one-line refusals."""
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 import errors
 import evaluate
+import metrics
 import train_gan
 import train_vae
 from conftest import TINY_GAN, TINY_VAE, run_script, write_npz
+from data import Dataset, load
 
 
 def run(data_root, cache, *argv):
@@ -35,13 +39,36 @@ def test_every_kind_of_checkpoint_is_scored(ckpts, data_root, feature_cache, tmp
         assert len(rows[name]["class_accuracy_per_class"]) == 8
     assert "class_accuracy" not in rows["gan"]
     for name in ("vae (classes prior)", "cvae (classes prior)"):
-        assert {"test_nelbo", "test_mse", "test_psnr", "test_ssim"} <= set(rows[name])
+        assert {"test_nelbo", "test_mse", "test_psnr", "test_ssim", "recon_class_accuracy"} <= set(rows[name])
+        assert len(rows[name]["recon_class_accuracy_per_class"]) == 8
         assert "test_psnr" not in rows["gan"]
     # the real images sit far closer to the test split than noise does
     assert rows["ref: real train images"]["fid"] < rows["ref: pixel noise"]["fid"]
     assert results["feature_network"]["test_accuracy"] is not None
     beside = json.loads((ckpts["gan"].parent / "eval.json").read_text())
     assert beside["fid"] == rows["gan"]["fid"]
+
+
+def test_recon_accuracy_of_a_perfect_autoencoder_is_the_classifiers_own(data_root, feature_cache, monkeypatch):
+    """A decoder that gives back every image exactly leaves the classifier seeing the test split
+    itself: its recon acc is the feature network's test accuracy, per class as overall."""
+    class Identity(torch.nn.Module):
+        num_classes = 0
+
+        def encode(self, x, y=None):
+            return x, x
+
+        def decode(self, z, y=None):
+            return z
+    monkeypatch.setattr(evaluate.vae_eval, "evaluate", lambda *a: {})
+    fnet, info = metrics.feature_network(Dataset(), data_root, torch.device("cpu"), str(feature_cache))
+    test = load(Dataset(), data_root, splits=("test",))["test"]
+    sampler = SimpleNamespace(model=Identity(), device=torch.device("cpu"))
+    out = evaluate.vae_measures(sampler, test, SimpleNamespace(batch_size=5, seed=0), fnet)
+    assert out["recon_class_accuracy"] == pytest.approx(info["test_accuracy"])
+    hit = metrics.predict(fnet, test.images)[1].argmax(1).numpy() == test.labels
+    assert out["recon_class_accuracy_per_class"] == [round(hit[test.labels == c].mean(), 4) if (test.labels == c).any()
+                                                     else None for c in range(8)]
 
 
 def test_no_ema_scores_the_raw_generator_and_no_reference_skips_rows(ckpts, data_root, feature_cache, tmp_path):
