@@ -29,7 +29,7 @@ import metrics
 import pictures
 import vae_eval
 from augment import augment, parse_policy
-from data import Batches, grid_labels, to_uint8
+from data import Batches, dataset_of, grid_labels, to_uint8
 from models import vae
 from models.dcgan import discriminator_loss, generator_loss
 from models.vae import LIKELIHOODS, VALUE_RANGE
@@ -76,10 +76,11 @@ def build_parser():
                    help="a VAE-GAN: a patch discriminator judges the reconstructions, and the VAE is also "
                         "trained to pass them off as real, counted as W squared error on every pixel "
                         "(docs/models.md; Gaussian likelihood only; 0 = off, 0.001 measured best)")
-    p.add_argument("--critic-labels", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--critic-labels", action=argparse.BooleanOptionalAction, default=None,
                    help="--adversarial: the patch discriminator also reads each image's class (a projection "
-                        "term), so it judges a reconstruction as a cell of its type; conditional or not, "
-                        "the training labels are known (single-label sets only)")
+                        "term), so it judges a reconstruction as a cell of its type; conditional or not, the "
+                        "training labels are known. Default: on for a single-label set (the better FID, "
+                        "docs/results.md), off for a multi-label one")
     p.add_argument("--class-prior", action=argparse.BooleanOptionalAction, default=True,
                    help="--conditional: learn a Gaussian prior p(z | y) per class, so that z carries the "
                         "class it is drawn for; --no-class-prior: N(0, I) for every class")
@@ -150,6 +151,12 @@ class VAETrainer:
         meter.update(loss_d=loss_d, d_x=torch.sigmoid(real).mean(), d_recon=torch.sigmoid(fake).mean())
 
 
+def fill_defaults(args) -> None:
+    """--critic-labels left unset: on wherever there is a discriminator and one class per image."""
+    if args.critic_labels is None:
+        args.critic_labels = bool(args.adversarial) and not dataset_of(vars(args)).multi_label
+
+
 def check_settings(args, data) -> None:
     if args.critic_labels and data.multi_label:
         raise errors.UserError(f"--critic-labels: {data.name} is multi-label, so an image has no one class for "
@@ -164,7 +171,8 @@ def check_settings(args, data) -> None:
 
 
 def main(argv=None):
-    run = Run(build_parser(), argv, "vae", VALUE_RANGE, splits=("train", "val"), check=check_settings)
+    run = Run(build_parser(), argv, "vae", VALUE_RANGE, splits=("train", "val"), fill_defaults=fill_defaults,
+              check=check_settings)
     args, device, out, batches = run.args, run.device, run.out, run.batches
     val = Batches(run.splits["val"], 256, device, VALUE_RANGE, shuffle=False,
                   channels_last=args.channels_last) if len(run.splits["val"]) else None

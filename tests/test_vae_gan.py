@@ -2,8 +2,9 @@
 that it learns to tell sharp images from blurred ones and (--critic-labels) an image of its class
 from the same image under another, its projection term against a hand computation, the
 adversarial term of the loss against a hand computation, the step that trains each network on
-its own loss, exact resume, and the refusal of settings it cannot serve. Two processes against
-one: tests/test_distributed.py."""
+its own loss, exact resume (also of a checkpoint written before --critic-labels), the flag's
+default, and the refusal of settings it cannot serve. Two processes against one:
+tests/test_distributed.py."""
 import json
 import math
 
@@ -138,10 +139,12 @@ def test_each_network_learns_from_its_own_loss_only(monkeypatch):
     assert 0 < means["d_x"] < 1 and means["adversarial"] == pytest.approx(-math.log(means["d_recon"]), rel=0.2)
 
 
-@pytest.mark.parametrize("flags", [[], ["--critic-labels", "--conditional"]], ids=["plain", "critic-labels"])
-def test_vae_gan_resumes_exactly_and_its_checkpoint_samples(data_root, tmp_path, flags):
+@pytest.mark.parametrize("flags, classes", [([], True), (["--conditional"], True), (["--no-critic-labels"], False)],
+                         ids=["default", "conditional", "no-critic-labels"])
+def test_vae_gan_resumes_exactly_and_its_checkpoint_samples(data_root, tmp_path, flags, classes):
     a, b = straight_and_resumed(train_vae.main, data_root, [*TINY_VAE, "--adversarial", "0.01", *flags], tmp_path,
                                 epochs=2)
+    assert b["args"]["critic_labels"] is classes and any(k.startswith("embed.") for k in b["models"]["critic"]) is classes
     assert {"vae", "critic"} == b["models"].keys() == b["optimizers"].keys()
     assert states_equal(a, b)
     record = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -164,3 +167,24 @@ def test_critic_labels_on_a_multi_label_set_is_refused_and_writes_nothing(tmp_pa
         train_vae.main(["--dataset", "chestmnist", "--size", "28", "--data-root", str(path), "--device", "cpu",
                         *TINY_VAE, "--adversarial", "0.01", "--critic-labels", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_critic_labels_default_follows_the_discriminator_and_the_labels():
+    for flags, expected in (([], False), (["--adversarial", "0.01"], True),
+                            (["--adversarial", "0.01", "--dataset", "chestmnist", "--size", "28"], False)):
+        args = train_vae.build_parser().parse_args(flags)
+        train_vae.fill_defaults(args)
+        assert args.critic_labels is expected, flags
+
+
+def test_a_checkpoint_from_before_critic_labels_resumes_without_them(data_root, tmp_path):
+    """A VAE-GAN checkpoint whose settings lack critic_labels had a D without classes: it resumes
+    as it was trained, not with today's default."""
+    common = ["--data-root", str(data_root), "--device", "cpu", "--out", str(tmp_path / "run")]
+    train_vae.main([*common, *TINY_VAE, "--adversarial", "0.01", "--no-critic-labels", "--epochs", "1"])
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    del ckpt["args"]["critic_labels"]
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    train_vae.main([*common, "--epochs", "2", "--resume"])
+    resumed = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["args"]["critic_labels"] is False
