@@ -10,9 +10,10 @@ shares under the classifier against the real ones (for the multi-label chestmnis
 images showing each finding), and for conditional models how often the
 classifier finds the class that was asked for. VAEs also get test-split negative ELBO,
 reconstruction MSE, PSNR and SSIM, and how often the classifier finds each test image's class in
-its reconstruction (recon acc: can the decoder draw the class at all?). Two reference rows place the numbers: real training images
-(the best a model can do) and noise with the training images' per-pixel mean and std (a trivial
-generator). Results go to a table, to eval.json beside each checkpoint, and to --json.
+its reconstruction (recon acc: can the decoder draw the class at all?). Two reference rows place
+the numbers: real training images (the best a model can do) and noise with the training images'
+per-pixel mean and std (a trivial generator). Results go to a table, to eval.json beside each
+checkpoint, and to --json.
 
 Is the synthetic data useful? Is it private? (synthetic.py; docs/evaluation.md)
 
@@ -186,8 +187,8 @@ def print_aligned(table: list[list[str]], left: int = 1, write=print) -> None:
 def print_table(rows: list[dict], real_shares: np.ndarray, class_names: list[str], multi_label: bool) -> None:
     cols = [("FID", "fid", "{:.2f}"), ("KID", "kid", None), ("prec", "precision", "{:.3f}"),
             ("recall", "recall", "{:.3f}"), ("class TV", "class_tv", "{:.3f}"), ("min share", "min_share_ratio", "{:.2f}"),
-            ("cls acc", "class_accuracy", "{:.3f}"), ("recon acc", "recon_class_accuracy", "{:.3f}"), ("PSNR", "test_psnr", "{:.2f}"), ("SSIM", "test_ssim", "{:.3f}"),
-            ("-ELBO", "test_nelbo", "{:.1f}")]
+            ("cls acc", "class_accuracy", "{:.3f}"), ("recon acc", "recon_class_accuracy", "{:.3f}"),
+            ("PSNR", "test_psnr", "{:.2f}"), ("SSIM", "test_ssim", "{:.3f}"), ("-ELBO", "test_nelbo", "{:.1f}")]
     cols = [c for c in cols if any(c[1] in r for r in rows)]
     cell = lambda r, key, fmt: ("-" if key not in r else f"{r['kid']:.3f} ± {r['kid_std']:.3f}"
                                 if key == "kid" else fmt.format(r[key]))

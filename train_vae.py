@@ -103,8 +103,8 @@ class VAETrainer:
         self.D = self.backward_inputs = None  # with a D, the VAE's backward pass leaves D's weights alone
         if args.adversarial:  # the encoder's widths and one more, twice the last; DCGAN's Adam
             extra = (2 * args.widths[-1],) if data.size >> len(args.widths) >= 2 else ()
-            classes = data.num_classes if args.critic_labels else 0
-            self.D = vae.PatchDiscriminator(data.channels, (*args.widths, *extra), classes).to(device, memory_format=fmt)
+            D = vae.PatchDiscriminator(data.channels, (*args.widths, *extra), data.num_classes if args.critic_labels else 0)
+            self.D = D.to(device, memory_format=fmt)
             self.opt_d = hardware.adam(self.D.parameters(), 2e-4, (0.5, 0.999))
             self.scaler_d = self.precision.scaler()
             # D learns through DDP; the VAE's step runs it plain, as train_gan.py's G step does
@@ -133,7 +133,8 @@ class VAETrainer:
             recon = torch.sigmoid(logits)
             self.critic_step(x, recon.detach(), classes, meter)
         with self.precision.autocast():
-            adversarial = None if self.D is None else generator_loss("bce", self.D_judge(recon, classes))  # -log D(x_hat)
+            # -log D(x_hat), the non-saturating loss of the reconstructions
+            adversarial = None if self.D is None else generator_loss("bce", self.D_judge(recon, classes))
             parts = self.model.loss(x, logits, mu, logvar, y, beta=self.args.beta, batch_mean=distributed.batch_mean,
                                     adversarial=adversarial, weight=self.args.adversarial)
         hardware.backward_step(parts["loss"], self.opt, self.scaler, inputs=self.backward_inputs)
