@@ -48,7 +48,7 @@ import metrics
 import pictures
 import synthetic
 import vae_eval
-from data import Batches, as_tensor, load, to_uint8
+from data import Batches, as_tensor, load
 from models.vae import PRIORS, VALUE_RANGE
 from sampler import Sampler
 
@@ -129,17 +129,13 @@ def vae_measures(sampler: Sampler, test, args, fnet) -> dict:
     per class: whether the decoder can draw what marks a class at all, whatever density its
     samples come from."""
     batches = Batches(test, args.batch_size, sampler.device, VALUE_RANGE, shuffle=False)
-    out = {k.replace("val_", "test_"): v for k, v in vae_eval.evaluate(sampler.model, batches, args.seed).items()}
+    kept = []  # the mean reconstructions the ELBO pass makes, with their labels
+    measures = vae_eval.evaluate(sampler.model, batches, args.seed, keep=kept)
+    out = {k.replace("val_", "test_"): v for k, v in measures.items()}
     if test.multi_label:
         return out
-    model, recon, labels = sampler.model, [], []
-    with torch.no_grad():
-        for x, y in batches.epoch(0):
-            y_in = y if model.num_classes else None
-            recon.append(to_uint8(model.decode(model.encode(x, y_in)[0], y_in), VALUE_RANGE).cpu())
-            labels.append(y.cpu())
-    labels = torch.cat(labels)
-    hit = (metrics.predict(fnet, torch.cat(recon), args.batch_size)[1].argmax(1) == labels).double()
+    labels = torch.cat([y for _, y in kept])
+    hit = (metrics.predict(fnet, torch.cat([r for r, _ in kept]), args.batch_size)[1].argmax(1) == labels).double()
     out["recon_class_accuracy"] = hit.mean().item()
     out["recon_class_accuracy_per_class"] = [round(hit[labels == c].mean().item(), 4) if (labels == c).any() else None
                                              for c in range(test.num_classes)]

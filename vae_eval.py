@@ -5,14 +5,15 @@ import torch
 import torch.nn.functional as F
 
 import metrics
-from data import Batches, to_float
+from data import Batches, to_float, to_uint8
 from models.vae import VALUE_RANGE, VAE
 
 
 @torch.no_grad()
-def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
+def evaluate(model: VAE, batches: Batches, seed: int, keep: list | None = None) -> dict[str, float]:
     """Negative ELBO (beta = 1), its parts, and the MSE, PSNR and SSIM of mean reconstructions,
-    per image.
+    per image. `keep`, when given, receives each batch's mean reconstructions (uint8, on the CPU)
+    and labels, for measures of the reconstructions themselves.
 
     The posterior samples come from a fixed seed in a forked RNG, so the numbers compare across
     epochs and evaluating does not disturb the training run's random stream.
@@ -23,8 +24,8 @@ def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
     devices = [batches.device] if batches.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for x, y in batches.epoch(0):
-            y = y if model.num_classes else None
+        for x, labels in batches.epoch(0):
+            y = labels if model.num_classes else None
             logits, mu, logvar = model(x, y)
             parts = model.loss(x, logits, mu, logvar, y, beta=1.0)
             b = x.shape[0]
@@ -32,6 +33,8 @@ def evaluate(model: VAE, batches: Batches, seed: int) -> dict[str, float]:
             sums["val_recon"] += parts["recon"].item() * b
             sums["val_kl"] += parts["kl"].item() * b
             recon = model.decode(mu, y)
+            if keep is not None:
+                keep.append((to_uint8(recon, VALUE_RANGE).cpu(), labels.cpu()))
             sums["val_mse"] += F.mse_loss(recon, x, reduction="sum").item() / x[0].numel()
             sums["val_ssim"] += metrics.ssim(recon, x).sum().item()
             n += b
