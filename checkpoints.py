@@ -24,6 +24,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 # that older files cannot be read with; load_checkpoint refuses other versions in one line.
 FORMATS = {"gan": 2, "vae": 3}
 KINDS = tuple(FORMATS)
+# Settings that a kind's checkpoints written before them lack, with the value their runs trained
+# with; load_checkpoint fills them in, so resuming and sampling both see what the weights are.
+ADDED_SETTINGS = {"gan": {}, "vae": {"critic_labels": False, "upsample": "transposed"}}
 
 
 # What every checkpoint holds, and what resuming a training run needs besides.
@@ -60,6 +63,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
                                "train_gan.py or train_vae.py?")
     if kind is not None and ckpt["kind"] != kind:
         raise errors.UserError(f"{path} was written by train_{ckpt['kind']}.py, not train_{kind}.py")
+    ckpt["args"] = {**ADDED_SETTINGS[ckpt["kind"]], **ckpt["args"]}
     return ckpt
 
 

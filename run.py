@@ -135,10 +135,6 @@ RESUME_MAY_CHANGE = {"epochs", "keep_every", "device", "data_root", "eval_every"
                      "precision", "channels_last", "compile", "sync_bn"}
 
 
-# Settings that checkpoints written before them lack, with the value their runs trained with.
-ADDED_SETTINGS = {"critic_labels": False}
-
-
 # Never taken from the checkpoint: where a run continues is this machine's choice (--device auto
 # picks what this machine has), and --out/--resume name the run itself.
 THIS_MACHINE = {"device", "out", "resume"}
@@ -176,7 +172,7 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
         if not ckpt_path.is_file():
             raise errors.UserError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
         ckpt = checkpoints.load_checkpoint(ckpt_path, kind, training=True)
-        saved, defaults = {**ADDED_SETTINGS, **ckpt["args"]}, vars(parser.parse_args([]))
+        saved, defaults = ckpt["args"], vars(parser.parse_args([]))
         for key, value in vars(args).items():
             if key in THIS_MACHINE or key not in saved:
                 continue

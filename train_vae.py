@@ -72,6 +72,10 @@ def build_parser():
                         "flips of the square, drawn at random each time (augment.py), or as it is")
     p.add_argument("--res-blocks", type=cli.non_negative_int, default=0, metavar="N",
                    help="residual blocks (two 3x3 convolutions) at each resolution of the decoder")
+    p.add_argument("--upsample", choices=vae.UPSAMPLES, default="transposed",
+                   help="how the decoder doubles its resolution: a 4x4 stride-2 transposed convolution (the "
+                        "classic VAE), or nearest-neighbour resizing then a 3x3 convolution, which draws no "
+                        "period-2 grid (docs/models.md)")
     p.add_argument("--adversarial", type=cli.non_negative_float, default=0.0, metavar="W",
                    help="a VAE-GAN: a patch discriminator judges the reconstructions, and the VAE is also "
                         "trained to pass them off as real, counted as W squared error on every pixel "

@@ -26,6 +26,13 @@ class it was drawn for, and a decoder that ignores its label inputs still draws 
 Decoder depth (res_blocks > 0): residual blocks of two 3x3 convolutions at each resolution
 before upsampling, so each output pixel sees more than one 4x4 transposed convolution.
 
+Upsampling ("transposed", the default, or "resize"): a 4x4 stride-2 transposed convolution
+spreads each input pixel over overlapping 4x4 windows, so even and odd output pixels are sums of
+different kernel taps and a flat input comes out as a period-2 grid, the dot texture of the
+VAE-GAN's nuclei. "resize" doubles the size by nearest neighbours, then applies a 3x3 convolution
+(Odena et al. 2016, "Deconvolution and checkerboard artifacts"): every output pixel is made the
+same way, and a flat input stays flat.
+
 VAE-GAN (train_vae.py --adversarial, after Larsen et al. 2016): a PatchDiscriminator learns to
 tell training images from their reconstructions, and the VAE's loss gains a term that rewards
 reconstructions it takes for real. A squared error only sees the average of what a blurred
@@ -40,8 +47,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LIKELIHOODS = ("bernoulli", "gaussian")
+UPSAMPLES = ("transposed", "resize")  # how the decoder doubles its resolution; see the docstring
 PRIORS = ("classes", "gaussian", "standard")  # what z is drawn from when sampling; see the docstring
 VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
+
+
+def upsampler(c_in: int, c_out: int, how: str) -> nn.Module:
+    """(B, c_in, s, s) -> (B, c_out, 2s, 2s), by one of UPSAMPLES."""
+    if how == "transposed":
+        return nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1))
 
 
 class ResidualBlock(nn.Module):
@@ -114,12 +129,15 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor |
 class VAE(nn.Module):
     def __init__(self, latent_dim: int = 128, widths: tuple[int, ...] = (32, 64), nc: int = 3,
                  image_size: int = 64, num_classes: int = 0, likelihood: str = "gaussian",
-                 class_prior: bool = False, res_blocks: int = 0, mixture: int = 0):
+                 class_prior: bool = False, res_blocks: int = 0, mixture: int = 0,
+                 upsample: str = "transposed"):
         """num_classes: the labels that condition the model (0: unconditional); mixture: the
         classes of the data, one Gaussian each in the fitted "classes" density (0: none)."""
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"upsample must be one of {UPSAMPLES}, got {upsample!r}")
         self.num_classes, self.likelihood = num_classes, likelihood
         if image_size % 2 ** len(widths):
             raise ValueError(f"image_size {image_size} is not divisible by 2**{len(widths)}")
@@ -138,10 +156,10 @@ class VAE(nn.Module):
         self.fc_decode = nn.Linear(latent_dim + num_classes, features)
         dec = []
         for w in reversed(widths[:-1]):  # (B, c, s, s) -> (B, w, 2s, 2s)
-            dec += [ResidualBlock(c) for _ in range(res_blocks)] + [nn.ConvTranspose2d(c, w, 4, 2, 1), nn.ReLU(True)]
+            dec += [ResidualBlock(c) for _ in range(res_blocks)] + [upsampler(c, w, upsample), nn.ReLU(True)]
             c = w
         dec += [ResidualBlock(c) for _ in range(res_blocks)]
-        dec += [nn.ConvTranspose2d(c, nc, 4, 2, 1)]  # logits; the Sigmoid is applied in decode()
+        dec += [upsampler(c, nc, upsample)]  # logits; the Sigmoid is applied in decode()
         self.decoder = nn.Sequential(*dec)
         self.class_prior = bool(num_classes and class_prior)
         if self.class_prior:  # p(z | y) = N(m_y, diag e^(l_y)), starting as N(0, I) for every class
@@ -272,4 +290,5 @@ def build(settings: dict, data) -> VAE:
     classes = 0 if data.multi_label else data.num_classes
     return VAE(settings["latent_dim"], tuple(settings["widths"]), data.channels, data.size,
                num_classes=classes if settings["conditional"] else 0, likelihood=settings["likelihood"],
-               class_prior=settings["class_prior"], res_blocks=settings["res_blocks"], mixture=classes)
+               class_prior=settings["class_prior"], res_blocks=settings["res_blocks"], mixture=classes,
+               upsample=settings["upsample"])

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from models.dcgan import Discriminator, Generator
-from models.vae import VAE, gaussian_kl
+from models.vae import VAE, gaussian_kl, upsampler
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
@@ -162,6 +162,24 @@ def test_residual_decoder_keeps_shapes_and_adds_depth():
     assert deep.decode(z).shape == plain.decode(z).shape == (2, 3, 64, 64)
     convs = lambda m: sum(isinstance(l, torch.nn.Conv2d) for l in m.decoder.modules())
     assert convs(plain) == 0 and convs(deep) == 2 * 2 * 2  # two blocks of two convolutions per resolution
+
+
+def test_resize_upsampling_draws_no_period_two_grid():
+    """A flat feature map comes out of a 4x4 stride-2 transposed convolution as a period-2 grid
+    (even and odd pixels sum different taps); nearest resizing then a 3x3 convolution keeps it
+    flat away from the border."""
+    torch.manual_seed(0)
+    flat = torch.ones(1, 4, 8, 8)
+    for how, grid in [("transposed", True), ("resize", False)]:
+        out = upsampler(4, 3, how)(flat)[..., 2:-2, 2:-2]  # (1, 3, 12, 12), the interior
+        assert out.shape == (1, 3, 12, 12)
+        spread = (out - out[..., :1, :1]).abs().max().item()
+        assert (spread > 1e-3) is grid, (how, spread)
+    vae = VAE(latent_dim=8, widths=(8, 16), upsample="resize", res_blocks=1)
+    assert vae.decode(torch.randn(2, 8)).shape == (2, 3, 64, 64)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in vae.modules())
+    with pytest.raises(ValueError, match="upsample"):
+        VAE(upsample="bilinear")
 
 
 def test_gradient_reaches_mu_and_logvar_through_sampling():

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import errors
 import loop
 import train_vae
@@ -139,8 +140,9 @@ def test_each_network_learns_from_its_own_loss_only(monkeypatch):
     assert 0 < means["d_x"] < 1 and means["adversarial"] == pytest.approx(-math.log(means["d_recon"]), rel=0.2)
 
 
-@pytest.mark.parametrize("flags, classes", [([], True), (["--conditional"], True), (["--no-critic-labels"], False)],
-                         ids=["default", "conditional", "no-critic-labels"])
+@pytest.mark.parametrize("flags, classes", [([], True), (["--conditional"], True), (["--no-critic-labels"], False),
+                                            (["--conditional", "--upsample", "resize"], True)],
+                         ids=["default", "conditional", "no-critic-labels", "resize"])
 def test_vae_gan_resumes_exactly_and_its_checkpoint_samples(data_root, tmp_path, flags, classes):
     a, b = straight_and_resumed(train_vae.main, data_root, [*TINY_VAE, "--adversarial", "0.01", *flags], tmp_path,
                                 epochs=2)
@@ -178,13 +180,16 @@ def test_critic_labels_default_follows_the_discriminator_and_the_labels():
 
 
 def test_a_checkpoint_from_before_critic_labels_resumes_without_them(data_root, tmp_path):
-    """A VAE-GAN checkpoint whose settings lack critic_labels had a D without classes: it resumes
-    as it was trained, not with today's default."""
+    """A VAE-GAN checkpoint whose settings lack critic_labels and upsample had a D without classes
+    and a transposed-convolution decoder: it resumes and loads as it was trained, not with
+    today's defaults."""
     common = ["--data-root", str(data_root), "--device", "cpu", "--out", str(tmp_path / "run")]
     train_vae.main([*common, *TINY_VAE, "--adversarial", "0.01", "--no-critic-labels", "--epochs", "1"])
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    del ckpt["args"]["critic_labels"]
+    del ckpt["args"]["critic_labels"], ckpt["args"]["upsample"]
     torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    assert checkpoints.load_checkpoint(tmp_path / "run" / "ckpt.pt")["args"]["upsample"] == "transposed"
     train_vae.main([*common, "--epochs", "2", "--resume"])
     resumed = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["args"]["critic_labels"] is False
+    assert resumed["args"]["upsample"] == "transposed"
