@@ -98,6 +98,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def rounded(rates: list[float | None]) -> list[float | None]:
+    """Rates to 4 decimals for the JSON; a class with no items keeps its None."""
+    return [None if r is None else round(r, 4) for r in rates]
+
+
 def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested: torch.Tensor | None = None) -> dict:
     """Feature-space measures of images, given as metrics.predict's features and logits,
     against the test split."""
@@ -116,9 +121,9 @@ def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested
                              else 0.5 * np.abs(shares - real["shares"]).sum()),
            "min_share_ratio": float((shares[present] / real["shares"][present]).min())}
     if requested is not None:  # conditional: does the classifier see the class that was asked for?
-        hit = (predicted == requested.cpu()).double()
-        per_class = [hit[requested.cpu() == c].mean().item() for c in range(len(real["shares"]))]
-        out.update(class_accuracy=hit.mean().item(), class_accuracy_per_class=[round(a, 4) for a in per_class])
+        hit = predicted == requested.cpu()
+        per_class = metrics.per_class_rate(hit, requested.cpu(), len(real["shares"]))
+        out.update(class_accuracy=hit.double().mean().item(), class_accuracy_per_class=rounded(per_class))
     return out
 
 
@@ -135,10 +140,9 @@ def vae_measures(sampler: Sampler, test, args, fnet) -> dict:
     if test.multi_label:
         return out
     labels = torch.cat([y for _, y in kept])
-    hit = (metrics.predict(fnet, torch.cat([r for r, _ in kept]), args.batch_size)[1].argmax(1) == labels).double()
-    out["recon_class_accuracy"] = hit.mean().item()
-    out["recon_class_accuracy_per_class"] = [round(hit[labels == c].mean().item(), 4) if (labels == c).any() else None
-                                             for c in range(test.num_classes)]
+    hit = metrics.predict(fnet, torch.cat([r for r, _ in kept]), args.batch_size)[1].argmax(1) == labels
+    out["recon_class_accuracy"] = hit.double().mean().item()
+    out["recon_class_accuracy_per_class"] = rounded(metrics.per_class_rate(hit, labels, test.num_classes))
     return out
 
 

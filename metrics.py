@@ -123,6 +123,13 @@ def roc_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
     return ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
 
 
+def per_class_rate(hit: torch.Tensor, labels: torch.Tensor, classes: int) -> list[float | None]:
+    """The mean of `hit` (N,) over the items of each class in `labels` (N,): a recall, or a class
+    accuracy; None for a class with no items."""
+    hit = hit.double()
+    return [hit[labels == c].mean().item() if (labels == c).any() else None for c in range(classes)]
+
+
 def classification_scores(logits: torch.Tensor, labels: torch.Tensor | np.ndarray) -> dict:
     """A classifier's test scores: accuracy, balanced accuracy (the mean of the per-class
     recalls), macro one-vs-rest ROC AUC of the softmax probabilities, and each class's recall.
@@ -132,8 +139,7 @@ def classification_scores(logits: torch.Tensor, labels: torch.Tensor | np.ndarra
     predicted = probs.argmax(1)
     classes = logits.shape[1]
     present = [c for c in range(classes) if (labels == c).any()]
-    recall = [(predicted[labels == c] == c).double().mean().item() if c in present else None
-              for c in range(classes)]
+    recall = per_class_rate(predicted == labels, labels, classes)
     aucs = [roc_auc(probs[:, c], labels == c) for c in present if (labels != c).any()]
     return {"accuracy": (predicted == labels).double().mean().item(),
             "balanced_accuracy": float(np.mean([recall[c] for c in present])),
