@@ -121,8 +121,9 @@ def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested
                              else 0.5 * np.abs(shares - real["shares"]).sum()),
            "min_share_ratio": float((shares[present] / real["shares"][present]).min())}
     if requested is not None:  # conditional: does the classifier see the class that was asked for?
-        hit = predicted == requested.cpu()
-        per_class = metrics.per_class_rate(hit, requested.cpu(), len(real["shares"]))
+        requested = requested.cpu()
+        hit = predicted == requested
+        per_class = metrics.per_class_rate(hit, requested, len(real["shares"]))
         out.update(class_accuracy=hit.double().mean().item(), class_accuracy_per_class=rounded(per_class))
     return out
 

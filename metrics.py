@@ -138,8 +138,8 @@ def classification_scores(logits: torch.Tensor, labels: torch.Tensor | np.ndarra
     probs = logits.double().softmax(1)
     predicted = probs.argmax(1)
     classes = logits.shape[1]
-    present = [c for c in range(classes) if (labels == c).any()]
     recall = per_class_rate(predicted == labels, labels, classes)
+    present = [c for c, r in enumerate(recall) if r is not None]
     aucs = [roc_auc(probs[:, c], labels == c) for c in present if (labels != c).any()]
     return {"accuracy": (predicted == labels).double().mean().item(),
             "balanced_accuracy": float(np.mean([recall[c] for c in present])),
