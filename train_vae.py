@@ -18,6 +18,7 @@ import argparse
 import math
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
@@ -41,6 +42,7 @@ CURVES = [("training loss, validation -ELBO (nats)", ["loss", "val_nelbo"], None
           ("KL (nats)", ["kl", "val_kl"], None),
           ("validation PSNR (dB)", ["val_psnr"], None),
           ("patch discriminator (--adversarial)", ["d_x", "d_recon"], None),
+          ("D's classes right (--class-loss)", ["d_named", "recon_named"], None),
           metrics.KID_PANEL]
 RECON = 32  # validation images in each reconstruction grid, each row over its reconstruction
 
@@ -85,6 +87,11 @@ def build_parser():
                         "term), so it judges a reconstruction as a cell of its type; conditional or not, the "
                         "training labels are known. Default: on for a single-label set (the better FID, "
                         "docs/results.md), off for a multi-label one")
+    p.add_argument("--class-loss", type=cli.non_negative_float, default=0.0, metavar="W",
+                   help="--adversarial: the patch discriminator also learns to name each real image's class (an "
+                        "auxiliary classifier, Odena et al. 2017), and the VAE is trained to have its "
+                        "reconstructions named as their class, counted as W squared error on every pixel per nat "
+                        "of cross-entropy (docs/models.md; single-label sets; 0 = off)")
     p.add_argument("--class-prior", action=argparse.BooleanOptionalAction, default=True,
                    help="--conditional: learn a Gaussian prior p(z | y) per class, so that z carries the "
                         "class it is drawn for; --no-class-prior: N(0, I) for every class")
@@ -107,7 +114,8 @@ class VAETrainer:
         self.D = self.backward_inputs = None  # with a D, the VAE's backward pass leaves D's weights alone
         if args.adversarial:  # the encoder's widths and one more, twice the last; DCGAN's Adam
             extra = (2 * args.widths[-1],) if data.size >> len(args.widths) >= 2 else ()
-            D = vae.PatchDiscriminator(data.channels, (*args.widths, *extra), data.num_classes if args.critic_labels else 0)
+            D = vae.PatchDiscriminator(data.channels, (*args.widths, *extra), data.num_classes if args.critic_labels else 0,
+                                       data.num_classes if args.class_loss else 0)
             self.D = D.to(device, memory_format=fmt)
             self.opt_d = hardware.adam(self.D.parameters(), 2e-4, (0.5, 0.999))
             self.scaler_d = self.precision.scaler()
@@ -133,25 +141,41 @@ class VAETrainer:
         eps = distributed.batch_noise(torch.randn, x.shape[0], self.model.latent_dim, device=x.device)
         with self.precision.autocast():
             logits, mu, logvar = self.net(x, y, eps)
+        critic = None
         if self.D is not None:  # D's step first, then the VAE is judged by the updated D
             recon = torch.sigmoid(logits)
-            self.critic_step(x, recon.detach(), classes, meter)
-        with self.precision.autocast():
+            self.critic_step(x, recon.detach(), labels, meter)
+            with self.precision.autocast():
+                patches, named = self.judged(self.D_judge(recon, classes))
             # -log D(x_hat), the non-saturating loss of the reconstructions
-            adversarial = None if self.D is None else generator_loss("bce", self.D_judge(recon, classes))
+            critic = {"adversarial": (generator_loss("bce", patches), self.args.adversarial)}
+            if named is not None:  # -log p(y | x_hat) under D's classifier
+                critic["class_loss"] = (F.cross_entropy(named.float(), labels), self.args.class_loss)
+                meter.update(recon_named=(named.argmax(1) == labels).float().mean())
+        with self.precision.autocast():
             parts = self.model.loss(x, logits, mu, logvar, y, beta=self.args.beta, batch_mean=distributed.batch_mean,
-                                    adversarial=adversarial, weight=self.args.adversarial)
+                                    critic=critic)
         hardware.backward_step(parts["loss"], self.opt, self.scaler, inputs=self.backward_inputs)
         meter.update(**parts)
 
-    def critic_step(self, x: torch.Tensor, recon: torch.Tensor, classes: torch.Tensor | None,
-                    meter: loop.Meter) -> None:
+    def judged(self, out) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D's output as (patch logits, class logits or None without --class-loss)."""
+        return out if self.args.class_loss else (out, None)
+
+    def critic_step(self, x: torch.Tensor, recon: torch.Tensor, labels: torch.Tensor, meter: loop.Meter) -> None:
         """One step of the patch discriminator: every patch of x real, every patch of recon (of
-        the same classes) not."""
+        the same classes) not; with --class-loss its classifier also learns the classes of x."""
+        classes = labels.repeat(2) if self.args.critic_labels else None
         with self.precision.autocast():
-            logits = self.D_learn(torch.cat([x, recon]), None if classes is None else classes.repeat(2)).float()
-        real, fake = logits[:len(x)], logits[len(x):]
+            patches, named = self.judged(self.D_learn(torch.cat([x, recon]), classes))
+        real, fake = patches[:len(x)].float(), patches[len(x):].float()
         loss_d = discriminator_loss("bce", real, fake)  # -log D(x) - log(1 - D(x_hat)), per patch
+        if named is not None:
+            # real images only: taught the reconstructions' classes too, the classifier would learn
+            # to name the VAE's own artefacts, and the VAE to draw them (AC-GAN's shortcut)
+            named = named[:len(x)].float()
+            loss_d = loss_d + F.cross_entropy(named, labels)
+            meter.update(d_named=(named.argmax(1) == labels).float().mean())
         hardware.backward_step(loss_d, self.opt_d, self.scaler_d)
         meter.update(loss_d=loss_d, d_x=torch.sigmoid(real).mean(), d_recon=torch.sigmoid(fake).mean())
 
@@ -163,6 +187,12 @@ def fill_defaults(args) -> None:
 
 
 def check_settings(args, data) -> None:
+    if args.class_loss and not args.adversarial:
+        raise errors.UserError("--class-loss trains a classifier head of the patch discriminator; add --adversarial W "
+                               "(0.001 measured best) or drop --class-loss")
+    if args.class_loss and data.multi_label:
+        raise errors.UserError(f"--class-loss: {data.name} is multi-label, so an image has no one class to be named "
+                               "by; drop --class-loss")
     if args.critic_labels and data.multi_label:
         raise errors.UserError(f"--critic-labels: {data.name} is multi-label, so an image has no one class for "
                                "the discriminator to read; drop --critic-labels")

@@ -102,16 +102,17 @@ def test_resume_with_another_number_of_processes(vae_runs, first, then):
 
 
 def test_vae_gan_on_two_processes_learns_what_one_process_learns(data_root, tmp_path):
-    """--adversarial: the patch discriminator (reading each image's class) learns through DDP and
-    judges the VAE's step outside it; both networks match one process's after 4 steps (no
-    BatchNorm to synchronise)."""
-    common = ["--data-root", data_root, *TINY_VAE, *FP32, "--adversarial", "0.01", "--critic-labels", "--epochs", 1]
+    """--adversarial: the patch discriminator (reading each image's class, and naming it with
+    --class-loss) learns through DDP and judges the VAE's step outside it; both networks match one
+    process's after 4 steps (no BatchNorm to synchronise)."""
+    common = ["--data-root", data_root, *TINY_VAE, *FP32, "--adversarial", "0.01", "--critic-labels",
+              "--class-loss", "0.01", "--epochs", 1]
     launch(1, "train_vae.py", *common, "--out", tmp_path / "one")
     launch(2, "train_vae.py", *common, "--out", tmp_path / "two")
     diff = largest_difference(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt")
     assert diff.keys() == {"vae", "critic"} and max(diff.values()) < 5e-5, diff
     for one, two in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
-        for key in ("loss", "loss_d", "adversarial", "d_x"):
+        for key in ("loss", "loss_d", "adversarial", "class_loss", "d_x"):
             assert two[key] == pytest.approx(one[key], rel=1e-4), key
 
 

@@ -1,9 +1,10 @@
 """The VAE-GAN (train_vae.py --adversarial): the patch discriminator's shapes and spectral norm,
 that it learns to tell sharp images from blurred ones and (--critic-labels) an image of its class
-from the same image under another, its projection term against a hand computation, the
-adversarial term of the loss against a hand computation, the step that trains each network on
-its own loss, exact resume (also of a checkpoint written before --critic-labels), the flag's
-default, and the refusal of settings it cannot serve. Two processes against one:
+from the same image under another, its projection term against a hand computation, its
+auxiliary classifier (--class-loss) and the D step that teaches it the real images' classes
+alone, the discriminator's terms of the loss against a hand computation, the step that trains
+each network on its own loss, exact resume (also of a checkpoint written before --critic-labels),
+the flag's default, and the refusal of settings it cannot serve. Two processes against one:
 tests/test_distributed.py."""
 import json
 import math
@@ -18,6 +19,7 @@ import loop
 import train_vae
 from conftest import TINY_VAE, run_script, states_equal, straight_and_resumed, write_npz
 from data import Dataset
+from models.dcgan import discriminator_loss
 from models.vae import VAE, PatchDiscriminator
 
 
@@ -98,6 +100,53 @@ def test_patch_discriminator_learns_which_class_an_image_shows():
     assert d_own > 0.8 and d_other < 0.2, (d_own, d_other)
 
 
+def test_auxiliary_classifier_names_the_class_from_the_image_alone():
+    """--class-loss: D's class logits come after its patch logits, and trained with the
+    cross-entropy of the labels alone it learns which class an image shows."""
+    torch.manual_seed(0)
+    D = PatchDiscriminator(3, (8, 16, 32), classifier=2)
+    patches, named = D(torch.rand(5, 3, 64, 64))
+    assert patches.shape == (5, 64) and named.shape == (5, 2)
+    opt = torch.optim.Adam(D.parameters(), 2e-3, betas=(0.5, 0.999))
+    tint = torch.tensor([[1.0, 0.2, 0.2], [0.2, 0.2, 1.0]])  # class 0 reddish, class 1 bluish
+
+    def batch():
+        y = torch.randint(0, 2, (16,))
+        return torch.rand(16, 3, 16, 16) * tint[y][:, :, None, None], y
+    for _ in range(60):
+        x, y = batch()
+        loss = F.cross_entropy(D(x)[1], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        x, y = batch()
+        accuracy = (D(x)[1].argmax(1) == y).float().mean()
+    assert accuracy > 0.9, accuracy
+
+
+def test_class_loss_trains_the_classifier_on_real_images_and_asks_the_vae_for_named_reconstructions():
+    """The D step adds the cross-entropy of the real images' classes alone (not of the
+    reconstructions'), and the VAE's loss gains the class_loss term from D's classifier."""
+    args = train_vae.build_parser().parse_args(["--device", "cpu", *TINY_VAE, "--adversarial", "0.01",
+                                                "--class-loss", "0.01", "--no-critic-labels"])
+    torch.manual_seed(0)
+    trainer = train_vae.VAETrainer(args, Dataset("bloodmnist", 64), torch.device("cpu"))
+    x, labels = torch.rand(16, 3, 64, 64), torch.arange(16) % 8
+    recon = torch.rand(16, 3, 64, 64)
+    with torch.no_grad():
+        patches, named = trainer.D(torch.cat([x, recon]))
+        by_hand = discriminator_loss("bce", patches[:16], patches[16:]) + F.cross_entropy(named[:16], labels)
+    meter = loop.Meter()
+    trainer.critic_step(x, recon, labels, meter)
+    assert meter.means()["loss_d"] == pytest.approx(by_hand.item(), rel=1e-5)
+    meter = loop.Meter()
+    trainer.step(x, labels, meter)
+    means = meter.means()
+    assert {"d_named", "recon_named", "class_loss"} <= means.keys()
+    assert 0 <= means["recon_named"] <= 1 and means["class_loss"] > 0
+
+
 def test_adversarial_term_is_weighed_in_squared_error_per_pixel():
     torch.manual_seed(0)
     vae = VAE(latent_dim=4, widths=(8,), image_size=8)
@@ -106,14 +155,16 @@ def test_adversarial_term_is_weighed_in_squared_error_per_pixel():
         logits, mu, logvar = vae(x)
     plain = vae.loss(x, logits, mu, logvar)
     adversarial = torch.tensor(0.7)
-    parts = vae.loss(x, logits, mu, logvar, adversarial=adversarial, weight=0.01)
+    named = torch.tensor(1.3)
+    parts = vae.loss(x, logits, mu, logvar, critic={"adversarial": (adversarial, 0.01), "class_loss": (named, 0.002)})
     var = (torch.sigmoid(logits) - x).pow(2).mean()  # the Gaussian's sigma^2: the batch's MSE
-    expected = 0.01 * (3 * 8 * 8) * 0.7 / (2 * var)
+    expected = (0.01 * 0.7 + 0.002 * 1.3) * (3 * 8 * 8) / (2 * var)
     assert parts["loss"] - plain["loss"] == pytest.approx(expected.item(), rel=1e-5)
-    assert parts["adversarial"] == pytest.approx(0.7) and parts["recon"] == plain["recon"]
+    assert parts["adversarial"] == pytest.approx(0.7) and parts["class_loss"] == pytest.approx(1.3)
+    assert parts["recon"] == plain["recon"]
     bernoulli = VAE(latent_dim=4, widths=(8,), image_size=8, likelihood="bernoulli")
     with pytest.raises(ValueError, match="Gaussian"):
-        bernoulli.loss(x, *bernoulli(x), adversarial=adversarial, weight=0.01)
+        bernoulli.loss(x, *bernoulli(x), critic={"adversarial": (adversarial, 0.01)})
 
 
 def test_each_network_learns_from_its_own_loss_only(monkeypatch):
@@ -141,12 +192,15 @@ def test_each_network_learns_from_its_own_loss_only(monkeypatch):
 
 
 @pytest.mark.parametrize("flags, classes", [([], True), (["--conditional"], True), (["--no-critic-labels"], False),
-                                            (["--conditional", "--upsample", "resize"], True)],
-                         ids=["default", "conditional", "no-critic-labels", "resize"])
+                                            (["--conditional", "--upsample", "resize"], True),
+                                            (["--conditional", "--class-loss", "0.01"], True)],
+                         ids=["default", "conditional", "no-critic-labels", "resize", "class-loss"])
 def test_vae_gan_resumes_exactly_and_its_checkpoint_samples(data_root, tmp_path, flags, classes):
     a, b = straight_and_resumed(train_vae.main, data_root, [*TINY_VAE, "--adversarial", "0.01", *flags], tmp_path,
                                 epochs=2)
     assert b["args"]["critic_labels"] is classes and any(k.startswith("embed.") for k in b["models"]["critic"]) is classes
+    named = any(k.startswith("classifier.") for k in b["models"]["critic"])
+    assert named is ("--class-loss" in flags) and b["args"]["class_loss"] == (0.01 if named else 0.0)
     assert {"vae", "critic"} == b["models"].keys() == b["optimizers"].keys()
     assert states_equal(a, b)
     record = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -171,6 +225,20 @@ def test_critic_labels_on_a_multi_label_set_is_refused_and_writes_nothing(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, message", [([], "--class-loss trains a classifier head of the patch discriminator; "
+                                                 "add --adversarial"),
+                                            (["--adversarial", "0.01", "--dataset", "chestmnist", "--size", "28"],
+                                             "--class-loss: chestmnist is multi-label")])
+def test_class_loss_without_a_discriminator_or_one_class_is_refused_and_writes_nothing(data_root, tmp_path, flags,
+                                                                                      message):
+    if "chestmnist" in flags:
+        data_root = write_npz(tmp_path / "chestmnist.npz", sizes=(16, 4, 4), dataset="chestmnist", size=28)
+    with pytest.raises(errors.UserError, match=message):
+        train_vae.main(["--data-root", str(data_root), "--device", "cpu", *TINY_VAE, "--class-loss", "0.01", *flags,
+                        "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def test_critic_labels_default_follows_the_discriminator_and_the_labels():
     for flags, expected in (([], False), (["--adversarial", "0.01"], True),
                             (["--adversarial", "0.01", "--dataset", "chestmnist", "--size", "28"], False)):
@@ -180,16 +248,16 @@ def test_critic_labels_default_follows_the_discriminator_and_the_labels():
 
 
 def test_a_checkpoint_from_before_critic_labels_resumes_without_them(data_root, tmp_path):
-    """A VAE-GAN checkpoint whose settings lack critic_labels and upsample had a D without classes
-    and a transposed-convolution decoder: it resumes and loads as it was trained, not with
-    today's defaults."""
+    """A VAE-GAN checkpoint whose settings lack critic_labels, upsample and class_loss had a D
+    without classes or a classifier and a transposed-convolution decoder: it resumes and loads as
+    it was trained, not with today's defaults."""
     common = ["--data-root", str(data_root), "--device", "cpu", "--out", str(tmp_path / "run")]
     train_vae.main([*common, *TINY_VAE, "--adversarial", "0.01", "--no-critic-labels", "--epochs", "1"])
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    del ckpt["args"]["critic_labels"], ckpt["args"]["upsample"]
+    del ckpt["args"]["critic_labels"], ckpt["args"]["upsample"], ckpt["args"]["class_loss"]
     torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
     assert checkpoints.load_checkpoint(tmp_path / "run" / "ckpt.pt")["args"]["upsample"] == "transposed"
     train_vae.main([*common, "--epochs", "2", "--resume"])
     resumed = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["args"]["critic_labels"] is False
-    assert resumed["args"]["upsample"] == "transposed"
+    assert resumed["args"]["upsample"] == "transposed" and resumed["args"]["class_loss"] == 0.0
