@@ -76,26 +76,35 @@ def test_projection_adds_the_class_embedding_times_the_features_at_every_patch()
         assert not torch.allclose(D(x, y), D(x, torch.tensor([1, 0, 2])))
 
 
+def tinted_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """16 noise images of two classes told apart by colour alone: class 0 reddish, class 1 bluish."""
+    tint = torch.tensor([[1.0, 0.2, 0.2], [0.2, 0.2, 1.0]])
+    y = torch.randint(0, 2, (16,))
+    return torch.rand(16, 3, 16, 16) * tint[y][:, :, None, None], y
+
+
+def train_on_tinted_batches(D: PatchDiscriminator, loss_of) -> tuple[torch.Tensor, torch.Tensor]:
+    """60 Adam steps of loss_of(D, x, y) on fresh tinted batches; returns a fresh batch to judge."""
+    opt = torch.optim.Adam(D.parameters(), 2e-3, betas=(0.5, 0.999))
+    for _ in range(60):
+        loss = loss_of(D, *tinted_batch())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return tinted_batch()
+
+
 def test_patch_discriminator_learns_which_class_an_image_shows():
     """With the class it can tell an image under its own class (real) from the same image under
     the other class (fake), which no discriminator of the image alone can."""
     torch.manual_seed(0)
-    D = PatchDiscriminator(3, (8, 16, 32), num_classes=2)
-    opt = torch.optim.Adam(D.parameters(), 2e-3, betas=(0.5, 0.999))
-    tint = torch.tensor([[1.0, 0.2, 0.2], [0.2, 0.2, 1.0]])  # class 0 reddish, class 1 bluish
 
-    def batch():
-        y = torch.randint(0, 2, (16,))
-        return torch.rand(16, 3, 16, 16) * tint[y][:, :, None, None], y
-    for _ in range(60):
-        x, y = batch()
+    def own_against_other(D, x, y):
         logits = D(torch.cat([x, x]), torch.cat([y, 1 - y]))
-        loss = F.softplus(-logits[:16]).mean() + F.softplus(logits[16:]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        return F.softplus(-logits[:16]).mean() + F.softplus(logits[16:]).mean()
+    D = PatchDiscriminator(3, (8, 16, 32), num_classes=2)
+    x, y = train_on_tinted_batches(D, own_against_other)
     with torch.no_grad():
-        x, y = batch()
         d_own, d_other = torch.sigmoid(D(x, y)).mean(), torch.sigmoid(D(x, 1 - y)).mean()
     assert d_own > 0.8 and d_other < 0.2, (d_own, d_other)
 
@@ -107,20 +116,8 @@ def test_auxiliary_classifier_names_the_class_from_the_image_alone():
     D = PatchDiscriminator(3, (8, 16, 32), classifier=2)
     patches, named = D(torch.rand(5, 3, 64, 64))
     assert patches.shape == (5, 64) and named.shape == (5, 2)
-    opt = torch.optim.Adam(D.parameters(), 2e-3, betas=(0.5, 0.999))
-    tint = torch.tensor([[1.0, 0.2, 0.2], [0.2, 0.2, 1.0]])  # class 0 reddish, class 1 bluish
-
-    def batch():
-        y = torch.randint(0, 2, (16,))
-        return torch.rand(16, 3, 16, 16) * tint[y][:, :, None, None], y
-    for _ in range(60):
-        x, y = batch()
-        loss = F.cross_entropy(D(x)[1], y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    x, y = train_on_tinted_batches(D, lambda D, x, y: F.cross_entropy(D(x)[1], y))
     with torch.no_grad():
-        x, y = batch()
         accuracy = (D(x)[1].argmax(1) == y).float().mean()
     assert accuracy > 0.9, accuracy
 
