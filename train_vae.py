@@ -171,8 +171,8 @@ class VAETrainer:
         real, fake = patches[:len(x)].float(), patches[len(x):].float()
         loss_d = discriminator_loss("bce", real, fake)  # -log D(x) - log(1 - D(x_hat)), per patch
         if named is not None:
-            # real images only: taught the reconstructions' classes too, the classifier would learn
-            # to name the VAE's own artefacts, and the VAE to draw them (AC-GAN's shortcut)
+            # real images only: taught the reconstructions' classes too (as in AC-GAN), the
+            # classifier could learn to name the VAE's own artefacts, and the VAE to draw them
             named = named[:len(x)].float()
             loss_d = loss_d + F.cross_entropy(named, labels)
             meter.update(d_named=(named.argmax(1) == labels).float().mean())
