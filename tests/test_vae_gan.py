@@ -133,8 +133,9 @@ def test_class_loss_trains_the_classifier_on_real_images_and_asks_the_vae_for_na
     recon = torch.rand(16, 3, 64, 64)
     with torch.no_grad():
         patches, named = trainer.D(torch.cat([x, recon]))
-        by_hand = discriminator_loss("bce", patches[:16], patches[16:]) + F.cross_entropy(named[:16], labels)
-        both = discriminator_loss("bce", patches[:16], patches[16:]) + F.cross_entropy(named, labels.repeat(2))
+        real_against_fake = discriminator_loss("bce", patches[:16], patches[16:])
+        by_hand = real_against_fake + F.cross_entropy(named[:16], labels)
+        both = real_against_fake + F.cross_entropy(named, labels.repeat(2))
     meter = loop.Meter()
     trainer.critic_step(x, recon, labels, meter)
     assert meter.means()["loss_d"] == pytest.approx(by_hand.item(), rel=1e-4)
