@@ -16,6 +16,7 @@ import argparse
 import copy
 
 import torch
+import torch.nn.functional as F
 
 import cli
 import distributed
@@ -91,6 +92,10 @@ def build_parser():
     p.add_argument("--g-labels", choices=LABEL_INPUTS, default=None,
                    help="--conditional: G reads one-hot labels with z (concat), or through a class-conditional "
                         "BatchNorm in every layer (batchnorm)")
+    p.add_argument("--class-loss", type=cli.non_negative_float, default=0.0, metavar="W",
+                   help="--conditional: D also names the class of every real image (an auxiliary classifier, "
+                        "Odena et al. 2017), and G's loss adds W times the cross-entropy of its images' asked-for "
+                        "classes under it; 0 turns it off")
     p.add_argument("--nz", type=cli.positive_int, default=100, help="size of the noise vector z")
     p.add_argument("--ngf", type=cli.positive_int, default=64, help="generator width")
     p.add_argument("--ndf", type=cli.positive_int, default=64, help="discriminator width")
@@ -162,8 +167,17 @@ class GANTrainer:
 
             # (1) Update D on every batch: real images against generated ones of the same labels
             real, fake_seen = augment(real, self.policy), augment(fake.detach(), self.policy)
-            logits_real, logits_fake = self.D_learn(real, y), self.D_learn(fake_seen, y)
+            if args.class_loss:
+                # the classifier learns from real images only: trained on G's images too, it could
+                # learn to name G's own artefacts, and G to draw them
+                logits_real, named = self.D_learn(real, y, named=True)
+            else:
+                logits_real = self.D_learn(real, y)
+            logits_fake = self.D_learn(fake_seen, y)
             loss_d = adversarial = discriminator_loss(args.loss, logits_real, logits_fake)
+            if args.class_loss:
+                loss_d = loss_d + F.cross_entropy(named.float(), y)
+                meter.update(d_named=(named.argmax(1) == y).float().mean())
             if args.r1:
                 r1 = r1_penalty(self.D, real, y)  # on the plain module, outside DDP, as the GP
                 meter.update(r1=r1)
@@ -184,10 +198,17 @@ class GANTrainer:
         hardware.backward_step(loss_d, self.opt_d, self.scaler_d)
         meter.update(loss_d=loss_d)
 
-        # (2) Update G: make D score the generated images as real. Only G's weights get gradients.
+        # (2) Update G: make D score the generated images as real (and, with --class-loss, name
+        # them as the classes asked for). Only G's weights get gradients.
         if g_step:
             with self.precision.autocast():
-                loss_g = generator_loss(args.loss, self.D_judge(augment(fake, self.policy), y))
+                if args.class_loss:
+                    judged, named = self.D_judge(augment(fake, self.policy), y, named=True)
+                    class_loss = F.cross_entropy(named.float(), y)
+                    meter.update(class_loss=class_loss, fake_named=(named.argmax(1) == y).float().mean())
+                    loss_g = generator_loss(args.loss, judged) + args.class_loss * class_loss
+                else:
+                    loss_g = generator_loss(args.loss, self.D_judge(augment(fake, self.policy), y))
             hardware.backward_step(loss_g, self.opt_g, self.scaler_g, inputs=self.g_params)
             meter.update(loss_g=loss_g)
         if self.average_buffers:
@@ -205,8 +226,14 @@ def calibration_batches(args, num_classes: int, device: torch.device) -> list[tu
     return [(distributed.own_rows(z[i]), None if y is None else distributed.own_rows(y[i])) for i in range(CALIBRATION)]
 
 
+def check_settings(args, data) -> None:
+    if args.class_loss and not args.conditional:
+        raise errors.UserError("--class-loss asks G for the class of each image, which only a --conditional run "
+                               "has; add --conditional or drop --class-loss")
+
+
 def main(argv=None):
-    run = Run(build_parser(), argv, "gan", VALUE_RANGE, fill_defaults=fill_defaults)
+    run = Run(build_parser(), argv, "gan", VALUE_RANGE, fill_defaults=fill_defaults, check=check_settings)
     args, device, out = run.args, run.device, run.out
     if args.n_critic > args.epochs * len(run.batches):
         raise errors.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(run.batches)} "
@@ -247,7 +274,8 @@ def main(argv=None):
             keys, line = D_PANEL[args.loss]
             pictures.plot_curves(run.log.records, out / "curves.png", [
                 ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line),
-                ("penalties", ["r1", "lecam"], None), metrics.KID_PANEL])
+                ("penalties", ["r1", "lecam"], None),
+                ("D's classes right (--class-loss)", ["d_named", "fake_named"], None), metrics.KID_PANEL])
         run.save(epoch + 1)
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 

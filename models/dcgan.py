@@ -15,7 +15,8 @@ own scale and shift after every normalisation, which conditions each layer, not 
 
 For small data (train_gan.py's --spectral-norm, --r1, --lecam): spectral normalisation of D's
 weights (Miyato et al. 2018), the R1 penalty (Mescheder et al. 2018) and LeCam regularisation
-(Tseng et al. 2021).
+(Tseng et al. 2021). With classifier > 0 (train_gan.py's --class-loss) D also names each image's
+class, an auxiliary classifier (Odena et al. 2017) beside the projection.
 """
 import math
 
@@ -125,10 +126,15 @@ class Discriminator(nn.Module):
     spectral_norm divides every weight (convolutions and the class embedding) by its largest
     singular value, estimated by one power iteration per forward pass in training (torch's own
     parametrisation), which bounds how fast D's output can change with its input.
+
+    classifier > 0 adds a linear head that names the class from the last features, averaged
+    over positions and normalised per image (layer norm without parameters): the same head as
+    the VAE-GAN's patch discriminator, where a head without the normalisation learned the rare
+    classes far worse. forward(..., named=True) returns (logits (B,), class logits (B, classifier)).
     """
 
     def __init__(self, ndf: int = 64, nc: int = 3, image_size: int = 64, num_classes: int = 0,
-                 norm: str = "batch", spectral_norm: bool = False):
+                 norm: str = "batch", spectral_norm: bool = False, classifier: int = 0):
         super().__init__()
         start, n = _stack(image_size)
         # (B, nc, S, S) -> (B, ndf, S/2, S/2); no normalisation on the input layer (Radford et al.)
@@ -141,18 +147,22 @@ class Discriminator(nn.Module):
         self.features = nn.Sequential(*layers)  # (B, ndf * 2**(n-1), start, start)
         self.out = nn.Conv2d(width, 1, start, 1, 0, bias=False)  # (B, 1, 1, 1)
         self.embed = nn.Embedding(num_classes, width) if num_classes else None
+        self.classifier = nn.Linear(width, classifier) if classifier else None  # torch's init, no spectral norm
         self.apply(init_dcgan_weights)
         if spectral_norm:
             for m in list(self.modules()):
                 if isinstance(m, (nn.Conv2d, nn.Embedding)):
                     nn.utils.parametrizations.spectral_norm(m)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, named: bool = False):
         h = self.features(x)
         logits = self.out(h).flatten()
         if self.embed is not None:  # projection: (B, C) . (B, C) summed over C
             logits = logits + (self.embed(y) * h.sum((2, 3))).sum(1)
-        return logits
+        if not named:
+            return logits
+        pooled = h.mean((2, 3))
+        return logits, self.classifier(F.layer_norm(pooled, pooled.shape[1:]))
 
 
 def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -236,5 +246,6 @@ def build(settings: dict, data) -> tuple[Generator, Discriminator]:
     G = Generator(settings["nz"], settings["ngf"], data.channels, data.size, num_classes=classes,
                   labels=settings["g_labels"])
     D = Discriminator(settings["ndf"], data.channels, data.size, num_classes=classes,
-                      norm="layer" if settings["loss"] == "wgan-gp" else "batch", spectral_norm=settings["spectral_norm"])
+                      norm="layer" if settings["loss"] == "wgan-gp" else "batch", spectral_norm=settings["spectral_norm"],
+                      classifier=data.num_classes if settings["class_loss"] else 0)
     return G, D

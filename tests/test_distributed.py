@@ -117,13 +117,13 @@ def test_vae_gan_on_two_processes_learns_what_one_process_learns(data_root, tmp_
 
 
 SMALL_DATA = ["--conditional", "--g-labels", "batchnorm", "--augment", "all", "--lecam", "0.1", "--r1", "1",
-              "--spectral-norm"]
+              "--spectral-norm", "--class-loss", "1"]
 
 
 @pytest.mark.parametrize("loss, extra, epochs, tolerance", [
     ("wgan-gp", [], 2, 5e-5),  # 8 critic steps through the double backward of the gradient penalty
     ("bce", [], 1, 1e-4),      # 4 DCGAN steps: BatchNorm's backward magnifies rounding the most
-    ("bce", SMALL_DATA, 1, 1e-4),  # augmentation, R1's double backward, LeCam's anchors, spectral norm
+    ("bce", SMALL_DATA, 1, 1e-4),  # augmentation, R1's double backward, LeCam's anchors, spectral norm, D's classifier
 ])
 def test_gan_with_sync_bn_on_two_processes_learns_what_one_process_learns(data_root, tmp_path, loss, extra, epochs,
                                                                           tolerance):
@@ -137,7 +137,8 @@ def test_gan_with_sync_bn_on_two_processes_learns_what_one_process_learns(data_r
     diff = largest_difference(tmp_path / "one" / "ckpt.pt", tmp_path / "two" / "ckpt.pt")
     assert {"G", "D", "G_ema"} <= diff.keys() and max(diff.values()) < tolerance, diff
     for one, two in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
-        assert two["loss_d"] == pytest.approx(one["loss_d"], rel=1e-4, abs=1e-4)
+        for key in {"loss_d", "class_loss"} & one.keys():
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-4), key
 
 
 def test_a_batch_that_does_not_divide_is_refused_in_one_line(data_root, tmp_path):

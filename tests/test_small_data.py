@@ -1,17 +1,23 @@
 """The GAN's small-data recipe: each augmentation differentiable, label-preserving, the same for
 real and generated images and deterministic under a seed; R1 and LeCam against hand computations;
-spectral norm's largest singular value; class-conditional BatchNorm; the recipes' settings; exact
-resume with every new flag on (torchrun equivalence: tests/test_distributed.py)."""
+spectral norm's largest singular value; class-conditional BatchNorm; the auxiliary classifier of
+--class-loss and its step by hand; the recipes' settings; exact resume with every new flag on
+(torchrun equivalence: tests/test_distributed.py)."""
+import copy
 import json
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import augment
 import checkpoints
+import errors
+import loop
 import train_gan
 from conftest import TINY_GAN, states_equal, straight_and_resumed
+from data import Dataset
 from models.dcgan import Discriminator, Generator, LeCamAnchors, r1_penalty
 
 
@@ -137,6 +143,85 @@ def test_a_conditional_generator_changes_its_output_with_the_label(labels):
         assert G.net[0].in_channels == 8  # z alone: the labels enter through the normalisations
 
 
+def test_the_discriminators_classifier_names_the_class_from_the_image_alone():
+    """--class-loss: named=True adds D's class logits to its real-or-fake logits, and trained
+    with the labels' cross-entropy alone the head learns which class an image shows (here its
+    tint: red or blue noise)."""
+    torch.manual_seed(0)
+    D = Discriminator(ndf=8, image_size=16, num_classes=2, classifier=2)
+
+    def tinted():
+        y = torch.randint(0, 2, (16,))
+        x = torch.rand(16, 3, 16, 16) * 2 - 1
+        x[:, 0] += 0.5 * (y == 0)[:, None, None]
+        x[:, 2] += 0.5 * (y == 1)[:, None, None]
+        return x, y
+    logits = D(*tinted())
+    logits_too, named = D(*tinted(), named=True)
+    assert logits.shape == logits_too.shape == (16,) and named.shape == (16, 2)
+    opt = torch.optim.Adam(D.parameters(), 1e-3)
+    for _ in range(60):
+        x, y = tinted()
+        loss = F.cross_entropy(D(x, y, named=True)[1], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = tinted()
+    with torch.no_grad():
+        accuracy = (D(x, y, named=True)[1].argmax(1) == y).float().mean()
+    assert accuracy > 0.9, accuracy
+
+
+def test_a_class_loss_step_against_a_hand_computation():
+    """D's loss adds the cross-entropy of the real images' classes (not the generated ones');
+    G's adds W times that of the asked-for classes of its images, judged by the updated D."""
+    args = train_gan.build_parser().parse_args(["--device", "cpu", *TINY_GAN, "--precision", "fp32", "--conditional",
+                                                "--class-loss", "0.5", "--augment", "none", "--ema", "0", "--lecam", "0"])
+    train_gan.fill_defaults(args)
+    torch.manual_seed(1)
+    trainer = train_gan.GANTrainer(args, Dataset(), torch.device("cpu"))
+    G, D = copy.deepcopy(trainer.G), copy.deepcopy(trainer.D)
+    real, y = torch.rand(16, 3, 64, 64) * 2 - 1, torch.arange(16) % 8
+    meter = loop.Meter()
+    torch.manual_seed(0)
+    trainer.step(real, y, 1, meter)
+    means = meter.means()
+
+    torch.manual_seed(0)
+    fake = G(torch.randn(16, args.nz), y).detach()
+    with torch.no_grad():
+        logits_real, named_real = D(real, y, named=True)
+        logits_fake, named_fake = D(fake, y, named=True)
+        judged, named_judged = trainer.D(fake, y, named=True)
+    against = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+    assert means["loss_d"] == pytest.approx((against + F.cross_entropy(named_real, y)).item(), rel=1e-5)
+    assert means["loss_d"] != pytest.approx((against + F.cross_entropy(torch.cat([named_real, named_fake]), y.repeat(2))).item(),
+                                            rel=1e-3)
+    assert means["class_loss"] == pytest.approx(F.cross_entropy(named_judged, y).item(), rel=1e-5)
+    assert means["loss_g"] == pytest.approx((F.softplus(-judged).mean() + 0.5 * means["class_loss"]).item(), rel=1e-5)
+    assert 0 <= means["d_named"] <= 1 and 0 <= means["fake_named"] <= 1
+
+
+def test_class_loss_without_a_condition_is_refused_and_writes_nothing(data_root, tmp_path):
+    with pytest.raises(errors.UserError, match="--class-loss asks G for the class of each image, which only a "
+                                               "--conditional run has"):
+        train_gan.main(["--data-root", str(data_root), "--device", "cpu", *TINY_GAN, "--class-loss", "1",
+                        "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gan_checkpoint_from_before_class_loss_resumes_without_a_classifier(data_root, tmp_path):
+    common = ["--data-root", str(data_root), "--device", "cpu", "--out", str(tmp_path / "run")]
+    train_gan.main([*common, *TINY_GAN, "--conditional", "--epochs", "1"])
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    del ckpt["args"]["class_loss"]
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    train_gan.main([*common, "--epochs", "2", "--resume"])
+    resumed = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["args"]["class_loss"] == 0.0
+    assert not any(k.startswith("classifier") for k in resumed["models"]["D"])
+
+
 def run_config(out):
     return json.loads((out / "config.json").read_text())
 
@@ -165,10 +250,11 @@ def test_a_conditional_small_data_run_adds_lecam(flags, lecam):
 
 def test_resume_is_exact_with_every_small_data_flag(data_root, tmp_path):
     flags = [*TINY_GAN, "--conditional", "--g-labels", "batchnorm", "--augment", "all", "--lecam", "0.1", "--r1", "1",
-             "--spectral-norm", "--ema", "0.9"]
+             "--spectral-norm", "--ema", "0.9", "--class-loss", "1"]
     a, b = straight_and_resumed(train_gan.main, data_root, flags, tmp_path)
     assert states_equal(a, b) and {"G", "D", "G_ema", "lecam"} <= a["models"].keys()
+    assert "classifier.weight" in a["models"]["D"]
     assert any("parametrizations" in k for k in a["models"]["D"])  # spectral norm's u and v are saved
     assert a["models"]["lecam"]["real"] != 0
     record = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert record["r1"] > 0 and record["lecam"] >= 0
+    assert record["r1"] > 0 and record["lecam"] >= 0 and record["class_loss"] > 0 and 0 <= record["d_named"] <= 1
