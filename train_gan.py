@@ -202,13 +202,14 @@ class GANTrainer:
         # them as the classes asked for). Only G's weights get gradients.
         if g_step:
             with self.precision.autocast():
+                seen = augment(fake, self.policy)  # its own random parameters, not those of D's step
                 if args.class_loss:
-                    judged, named = self.D_judge(augment(fake, self.policy), y, named=True)
+                    judged, named = self.D_judge(seen, y, named=True)
                     class_loss = F.cross_entropy(named.float(), y)
                     meter.update(class_loss=class_loss, fake_named=(named.argmax(1) == y).float().mean())
                     loss_g = generator_loss(args.loss, judged) + args.class_loss * class_loss
                 else:
-                    loss_g = generator_loss(args.loss, self.D_judge(augment(fake, self.policy), y))
+                    loss_g = generator_loss(args.loss, self.D_judge(seen, y))
             hardware.backward_step(loss_g, self.opt_g, self.scaler_g, inputs=self.g_params)
             meter.update(loss_g=loss_g)
         if self.average_buffers:

@@ -146,7 +146,7 @@ class VAETrainer:
             recon = torch.sigmoid(logits)
             self.critic_step(x, recon.detach(), labels, meter)
             with self.precision.autocast():
-                patches, named = self.judged(self.D_judge(recon, classes))
+                patches, named = self.judged(self.D_judge, recon, classes)
             # -log D(x_hat), the non-saturating loss of the reconstructions
             critic = {"adversarial": (generator_loss("bce", patches), self.args.adversarial)}
             if named is not None:  # -log p(y | x_hat) under D's classifier
@@ -158,16 +158,16 @@ class VAETrainer:
         hardware.backward_step(parts["loss"], self.opt, self.scaler, inputs=self.backward_inputs)
         meter.update(**parts)
 
-    def judged(self, out) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """D's output as (patch logits, class logits or None without --class-loss)."""
-        return out if self.args.class_loss else (out, None)
+    def judged(self, D, x: torch.Tensor, classes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D's patch logits of x, and its class logits (None without --class-loss)."""
+        return D(x, classes, named=True) if self.args.class_loss else (D(x, classes), None)
 
     def critic_step(self, x: torch.Tensor, recon: torch.Tensor, labels: torch.Tensor, meter: loop.Meter) -> None:
         """One step of the patch discriminator: every patch of x real, every patch of recon (of
         the same classes) not; with --class-loss its classifier also learns the classes of x."""
         classes = labels.repeat(2) if self.args.critic_labels else None
         with self.precision.autocast():
-            patches, named = self.judged(self.D_learn(torch.cat([x, recon]), classes))
+            patches, named = self.judged(self.D_learn, torch.cat([x, recon]), classes)
         real, fake = patches[:len(x)].float(), patches[len(x):].float()
         loss_d = discriminator_loss("bce", real, fake)  # -log D(x) - log(1 - D(x_hat)), per patch
         if named is not None:

@@ -83,7 +83,8 @@ class PatchDiscriminator(nn.Module):
 
     With classifier > 0 it also names each image's class (an auxiliary classifier, Odena et al.
     2017): a linear layer on its features, averaged over positions and normalised per image, gives
-    class logits (B, classifier), returned after the patch logits. The VAE-GAN trains it on real
+    class logits (B, classifier); forward(..., named=True) returns (patch logits, class logits),
+    as the DCGAN's discriminator does. The VAE-GAN trains it on real
     images and asks the VAE for reconstructions it names as their class: a reconstruction has to
     show what marks its cell type, not only look sharp.
 
@@ -110,13 +111,12 @@ class PatchDiscriminator(nn.Module):
         # logits are a cross-entropy's.
         self.classifier = nn.Linear(c, classifier) if classifier else None
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, named: bool = False):
         h = self.net[:-1](x * 2 - 1)  # centred inputs, as a DCGAN discriminator sees them
         logits = self.net[-1](h).squeeze(1)  # (B, s, s)
         if self.embed is not None:  # (B, C, s, s) . (B, C) over C, at every position
             logits = logits + torch.einsum("bchw,bc->bhw", h, self.embed(y))
-        if self.classifier is None:
+        if not named:
             return logits.flatten(1)
         pooled = F.layer_norm(h.mean((2, 3)), h.shape[1:2])  # (B, C)
         return logits.flatten(1), self.classifier(pooled)  # (B, P), (B, classifier)

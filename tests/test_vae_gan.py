@@ -110,15 +110,15 @@ def test_patch_discriminator_learns_which_class_an_image_shows():
 
 
 def test_auxiliary_classifier_names_the_class_from_the_image_alone():
-    """--class-loss: D's class logits come after its patch logits, and trained with the
+    """--class-loss: asked with named=True, D returns class logits after its patch logits, and trained with the
     cross-entropy of the labels alone it learns which class an image shows."""
     torch.manual_seed(0)
     D = PatchDiscriminator(3, (8, 16, 32), classifier=2)
-    patches, named = D(torch.rand(5, 3, 64, 64))
-    assert patches.shape == (5, 64) and named.shape == (5, 2)
-    x, y = train_on_tinted_batches(D, lambda D, x, y: F.cross_entropy(D(x)[1], y))
+    patches, named = D(torch.rand(5, 3, 64, 64), named=True)
+    assert patches.shape == (5, 64) and named.shape == (5, 2) and D(torch.rand(5, 3, 64, 64)).shape == (5, 64)
+    x, y = train_on_tinted_batches(D, lambda D, x, y: F.cross_entropy(D(x, named=True)[1], y))
     with torch.no_grad():
-        accuracy = (D(x)[1].argmax(1) == y).float().mean()
+        accuracy = (D(x, named=True)[1].argmax(1) == y).float().mean()
     assert accuracy > 0.9, accuracy
 
 
@@ -132,7 +132,7 @@ def test_class_loss_trains_the_classifier_on_real_images_and_asks_the_vae_for_na
     x, labels = torch.rand(16, 3, 64, 64), torch.arange(16) % 8
     recon = torch.rand(16, 3, 64, 64)
     with torch.no_grad():
-        patches, named = trainer.D(torch.cat([x, recon]))
+        patches, named = trainer.D(torch.cat([x, recon]), named=True)
         real_against_fake = discriminator_loss("bce", patches[:16], patches[16:])
         by_hand = real_against_fake + F.cross_entropy(named[:16], labels)
         both = real_against_fake + F.cross_entropy(named, labels.repeat(2))
