@@ -13,7 +13,7 @@ reconstruction MSE, PSNR and SSIM, and how often the classifier finds each test 
 its reconstruction (recon acc: can the decoder draw the class at all?). Two reference rows place
 the numbers: real training images (the best a model can do) and noise with the training images'
 per-pixel mean and std (a trivial generator). Results go to a table, to eval.json beside each
-checkpoint, and to --json.
+checkpoint (eval_epoch_010.json beside ckpt_epoch_010.pt), and to --json.
 
 Is the synthetic data useful? Is it private? (synthetic.py; docs/evaluation.md)
 
@@ -373,9 +373,20 @@ def data_root_of(checkpoints: list[str], samplers: list[Sampler]) -> str:
     return roots.pop()
 
 
+def eval_json_path(path: str) -> Path:
+    """Where the scores of one checkpoint go, beside it and named after it: ckpt.pt gives eval.json,
+    ckpt_epoch_010.pt eval_epoch_010.json, best.pt eval_best.json. One file per checkpoint, so that
+    scoring a run's kept epochs in one command keeps every epoch's record."""
+    stem = Path(path).stem
+    suffix = stem.removeprefix("ckpt")
+    if suffix and not suffix.startswith("_"):  # not a ckpt.pt or ckpt_*.pt name
+        suffix = "_" + stem
+    return Path(path).parent / f"eval{suffix}.json"
+
+
 def write_eval_json(path: str, record: dict) -> None:
-    """eval.json beside the checkpoint: the latest evaluation of that run."""
-    out = Path(path).parent / "eval.json"
+    """The checkpoint's eval file: the latest evaluation of that checkpoint."""
+    out = eval_json_path(path)
     note = files.write_output_text(out, json.dumps(record, indent=2) + "\n")
     tqdm.write(f"Wrote {out}{note}")
 

@@ -2,6 +2,7 @@
 choice, conditional class accuracy, VAE measures; a perfect autoencoder's recon accuracy),
 --eval-every in both training scripts, and the one-line refusals."""
 import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -79,6 +80,19 @@ def test_no_ema_scores_the_raw_generator_and_no_reference_skips_rows(ckpts, data
         run(data_root, feature_cache, ckpts["cgan"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", "--overwrite", *flag)
         rows = json.loads((tmp_path / "r.json").read_text())["results"]
         assert [r["name"] for r in rows] == [name]
+
+
+def test_each_checkpoint_of_a_run_keeps_its_own_eval_file(ckpts, data_root, feature_cache, tmp_path):
+    """A run's kept epochs scored in one command: each checkpoint's record survives, named after it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("ckpt_epoch_005.pt", "ckpt.pt", "best.pt"):
+        shutil.copy(ckpts["gan"], run_dir / name)
+    paths = [run_dir / n for n in ("ckpt_epoch_005.pt", "ckpt.pt", "best.pt")]
+    run(data_root, feature_cache, *paths, "--n", 24, "--no-reference")
+    for path, eval_name in zip(paths, ("eval_epoch_005.json", "eval.json", "eval_best.json")):
+        assert evaluate.eval_json_path(str(path)) == run_dir / eval_name
+        assert json.loads((run_dir / eval_name).read_text())["checkpoint"] == str(path)
 
 
 def test_each_vae_prior_scores_its_own_draws(ckpts, data_root, feature_cache, tmp_path):
