@@ -253,7 +253,7 @@ def memorization(name: str, path: str, sampler: Sampler, images: torch.Tensor, f
         {"generated": images, "train": train, "heldout": heldout},
         {"generated": feats, "train": train_features[subset], "heldout": real["features"]}, sampler.device)
     picture, labels = synthetic.pairs_picture(images, train, heldout, pairs)
-    out = Path(path).parent / "memorization_pairs.png"
+    out = beside(path, "memorization_pairs.png")
     pictures.save_grid(picture, out, nrow=len(picture) // len(labels), row_labels=labels)
     return {"name": name, "checkpoint": str(path), "n_generated": len(images), "n_heldout": len(heldout),
             "train_images": len(train), **summary, "pairs_png": str(out)}
@@ -373,20 +373,21 @@ def data_root_of(checkpoints: list[str], samplers: list[Sampler]) -> str:
     return roots.pop()
 
 
-def eval_json_path(path: str) -> Path:
-    """Where the scores of one checkpoint go, beside it and named after it: ckpt.pt gives eval.json,
-    ckpt_epoch_010.pt eval_epoch_010.json, best.pt eval_best.json. One file per checkpoint, so that
-    scoring a run's kept epochs in one command keeps every epoch's record."""
+def beside(path: str, name: str) -> Path:
+    """Where an output of one checkpoint goes, beside it and named after it: for "eval.json",
+    ckpt.pt gives eval.json, ckpt_epoch_010.pt eval_epoch_010.json, best.pt eval_best.json. One
+    file per checkpoint, so that scoring a run's kept epochs in one command keeps every epoch's."""
     stem = Path(path).stem
     suffix = stem.removeprefix("ckpt")
     if suffix and not suffix.startswith("_"):  # not a ckpt.pt or ckpt_*.pt name
         suffix = "_" + stem
-    return Path(path).parent / f"eval{suffix}.json"
+    base, ext = name.split(".", 1)
+    return Path(path).parent / f"{base}{suffix}.{ext}"
 
 
 def write_eval_json(path: str, record: dict) -> None:
     """The checkpoint's eval file: the latest evaluation of that checkpoint."""
-    out = eval_json_path(path)
+    out = beside(path, "eval.json")
     note = files.write_output_text(out, json.dumps(record, indent=2) + "\n")
     tqdm.write(f"Wrote {out}{note}")
 

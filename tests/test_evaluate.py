@@ -83,16 +83,20 @@ def test_no_ema_scores_the_raw_generator_and_no_reference_skips_rows(ckpts, data
 
 
 def test_each_checkpoint_of_a_run_keeps_its_own_eval_file(ckpts, data_root, feature_cache, tmp_path):
-    """A run's kept epochs scored in one command: each checkpoint's record survives, named after it."""
+    """A run's kept epochs scored in one command: each checkpoint's record and memorisation picture
+    survive, named after it."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for name in ("ckpt_epoch_005.pt", "ckpt.pt", "best.pt"):
         shutil.copy(ckpts["gan"], run_dir / name)
     paths = [run_dir / n for n in ("ckpt_epoch_005.pt", "ckpt.pt", "best.pt")]
-    run(data_root, feature_cache, *paths, "--n", 24, "--no-reference")
-    for path, eval_name in zip(paths, ("eval_epoch_005.json", "eval.json", "eval_best.json")):
-        assert evaluate.eval_json_path(str(path)) == run_dir / eval_name
-        assert json.loads((run_dir / eval_name).read_text())["checkpoint"] == str(path)
+    run(data_root, feature_cache, *paths, "--n", 24, "--no-reference", "--memorization")
+    for path, suffix in zip(paths, ("_epoch_005", "", "_best")):
+        assert evaluate.beside(str(path), "eval.json") == run_dir / f"eval{suffix}.json"
+        record = json.loads((run_dir / f"eval{suffix}.json").read_text())
+        assert record["checkpoint"] == str(path)
+        assert record["memorization"]["pairs_png"] == str(run_dir / f"memorization_pairs{suffix}.png")
+        assert (run_dir / f"memorization_pairs{suffix}.png").is_file()
 
 
 def test_each_vae_prior_scores_its_own_draws(ckpts, data_root, feature_cache, tmp_path):
