@@ -13,7 +13,8 @@ reconstruction MSE, PSNR and SSIM, and how often the classifier finds each test 
 its reconstruction (recon acc: can the decoder draw the class at all?). Two reference rows place
 the numbers: real training images (the best a model can do) and noise with the training images'
 per-pixel mean and std (a trivial generator). Results go to a table, to eval.json beside each
-checkpoint (eval_epoch_010.json beside ckpt_epoch_010.pt), and to --json.
+checkpoint (eval_epoch_010.json beside ckpt_epoch_010.pt; a rescoring keeps the studies below of an
+earlier scoring of the same checkpoint file and draws), and to --json.
 
 Is the synthetic data useful? Is it private? (synthetic.py; docs/evaluation.md)
 
@@ -48,7 +49,7 @@ import metrics
 import pictures
 import synthetic
 import vae_eval
-from data import Batches, as_tensor, load
+from data import Batches, as_tensor, load, md5
 from models.vae import PRIORS, VALUE_RANGE
 from sampler import Sampler
 
@@ -311,7 +312,7 @@ def main(argv=None):
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(f"{name}: FID {row['fid']:.2f}, KID {row['kid']:.2e} ({row['seconds']} s)")
-        eval_records[path] = {"feature_network": info, "seed": args.seed, **row}
+        eval_records[path] = {"feature_network": info, "seed": args.seed, "checkpoint_md5": md5(Path(path)), **row}
         if args.memorization:
             memorization_rows.append(memorization(name, path, sampler, images, feats, splits, real, fnet, args, train_features))
             eval_records[path]["memorization"] = memorization_rows[-1]
@@ -385,11 +386,36 @@ def beside(path: str, name: str) -> Path:
     return Path(path).parent / f"{base}{suffix}.{ext}"
 
 
+STUDIES = ("cas", "augmentation", "memorization")  # the slow parts of a scoring
+DRAWS = ("feature_network", "seed", "ema", "prior", "temperature")  # what a study's images and features depend on
+
+
 def write_eval_json(path: str, record: dict) -> None:
-    """The checkpoint's eval file: the latest evaluation of that checkpoint."""
+    """The checkpoint's eval file: its latest scoring. A study that this scoring did not run (CAS,
+    augmentation, memorisation: up to hours of classifiers on a CPU) stays from the file's earlier
+    scoring when that one scored the same checkpoint file (by MD5) with the same draws, and is
+    listed in "kept_studies": a quick rescoring does not throw it away."""
     out = beside(path, "eval.json")
+    earlier = read_eval_json(out)
+    record = dict(record)
+    same = earlier.get("checkpoint_md5") == record["checkpoint_md5"]
+    if same and all(earlier.get(k) == record.get(k) for k in DRAWS):
+        kept = [k for k in STUDIES if k in earlier and k not in record]
+        record.update({k: earlier[k] for k in kept})
+        if kept:
+            record["kept_studies"] = kept
     note = files.write_output_text(out, json.dumps(record, indent=2) + "\n")
-    tqdm.write(f"Wrote {out}{note}")
+    tqdm.write(f"Wrote {out}{note}" + (f"; kept its earlier {', '.join(record['kept_studies'])}"
+                                        if "kept_studies" in record else ""))
+
+
+def read_eval_json(path: Path) -> dict:
+    """An eval file's record, or {} where there is none or it cannot be read as one."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 if __name__ == "__main__":

@@ -99,6 +99,29 @@ def test_each_checkpoint_of_a_run_keeps_its_own_eval_file(ckpts, data_root, feat
         assert (run_dir / f"memorization_pairs{suffix}.png").is_file()
 
 
+def test_a_rescoring_keeps_the_studies_of_the_same_checkpoint_and_draws(ckpts, data_root, feature_cache, tmp_path):
+    """A quick scoring after a slow study keeps the study in eval.json, unless the checkpoint
+    file or the draws changed, when the study no longer describes what was scored."""
+    path = tmp_path / "ckpt.pt"
+    shutil.copy(ckpts["gan"], path)
+    record = lambda: json.loads((tmp_path / "eval.json").read_text())
+    score = lambda *flags: run(data_root, feature_cache, path, "--n", 24, "--no-reference", *flags)
+    score("--memorization")
+    studied = record()
+    assert "memorization" in studied and "kept_studies" not in studied
+    score()
+    assert record()["memorization"] == studied["memorization"] and record()["kept_studies"] == ["memorization"]
+    assert record()["fid"] == studied["fid"]
+    score()  # kept again from a file that had kept it
+    assert record()["memorization"] == studied["memorization"]
+    score("--seed", 1)  # other draws: the study was of other images
+    assert "memorization" not in record() and "kept_studies" not in record()
+    score("--memorization", "--no-ema")
+    shutil.copy(ckpts["cgan"], path)  # another checkpoint under the same name, drawn the same way
+    score("--no-ema")
+    assert "memorization" not in record() and record()["checkpoint_md5"] != studied["checkpoint_md5"]
+
+
 def test_each_vae_prior_scores_its_own_draws(ckpts, data_root, feature_cache, tmp_path):
     rows = {}
     for flag in ([], ["--prior", "gaussian"], ["--prior", "standard"]):
