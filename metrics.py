@@ -132,8 +132,9 @@ def per_class_rate(hit: torch.Tensor, labels: torch.Tensor, classes: int) -> lis
 
 def classification_scores(logits: torch.Tensor, labels: torch.Tensor | np.ndarray) -> dict:
     """A classifier's test scores: accuracy, balanced accuracy (the mean of the per-class
-    recalls), macro one-vs-rest ROC AUC of the softmax probabilities, and each class's recall.
-    Classes missing from `labels` get no recall (None) and are left out of the means."""
+    recalls), macro one-vs-rest ROC AUC of the softmax probabilities, each class's recall, and
+    the confusion counts (confusion[true][predicted]: where each class's misses went). Classes
+    missing from `labels` get no recall (None) and are left out of the means."""
     labels = torch.as_tensor(np.asarray(labels)).reshape(-1)
     probs = logits.double().softmax(1)
     predicted = probs.argmax(1)
@@ -144,7 +145,9 @@ def classification_scores(logits: torch.Tensor, labels: torch.Tensor | np.ndarra
     return {"accuracy": (predicted == labels).double().mean().item(),
             "balanced_accuracy": float(np.mean([recall[c] for c in present])),
             "auc": float(np.mean(aucs)) if aucs else float("nan"),
-            "recall": recall}
+            "recall": recall,
+            "confusion": torch.bincount(labels * classes + predicted, minlength=classes * classes
+                                        ).view(classes, classes).tolist()}
 
 
 def pixel_noise(images: np.ndarray, n: int, generator: torch.Generator) -> torch.Tensor:

@@ -65,6 +65,9 @@ def test_classification_scores_by_hand():
     assert s["accuracy"] == pytest.approx(4 / 6)
     assert s["recall"][:3] == pytest.approx([2 / 3, 1.0, 0.5]) and s["recall"][3:] == [None] * 5
     assert s["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0.5) / 3)  # absent classes left out
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=int)
+    np.add.at(confusion, (labels.numpy(), predicted.numpy()), 1)
+    assert s["confusion"] == confusion.tolist() and s["confusion"][2][:3] == [1, 0, 1]
     perfect = metrics.classification_scores(torch.nn.functional.one_hot(labels, NUM_CLASSES).double(), labels)
     assert perfect["accuracy"] == perfect["balanced_accuracy"] == perfect["auc"] == 1.0
 
