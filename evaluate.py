@@ -387,7 +387,8 @@ def beside(path: str, name: str) -> Path:
 
 
 STUDIES = ("cas", "augmentation", "memorization")  # the slow parts of a scoring
-DRAWS = ("feature_network", "seed", "ema", "prior", "temperature")  # what a study's images and features depend on
+# what a study depends on: the checkpoint file, and what its images and features are drawn with
+STUDY_INPUTS = ("checkpoint_md5", "feature_network", "seed", "ema", "prior", "temperature")
 
 
 def write_eval_json(path: str, record: dict) -> None:
@@ -398,8 +399,7 @@ def write_eval_json(path: str, record: dict) -> None:
     out = beside(path, "eval.json")
     earlier = read_eval_json(out)
     record = dict(record)
-    same = earlier.get("checkpoint_md5") == record["checkpoint_md5"]
-    if same and all(earlier.get(k) == record.get(k) for k in DRAWS):
+    if all(earlier.get(k) == record[k] for k in STUDY_INPUTS):
         kept = [k for k in STUDIES if k in earlier and k not in record]
         record.update({k: earlier[k] for k in kept})
         if kept:
