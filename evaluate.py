@@ -50,7 +50,7 @@ import pictures
 import synthetic
 import vae_eval
 from data import Batches, as_tensor, load, md5
-from models.vae import PRIORS, VALUE_RANGE
+from models.vae import CLASSES_TEMPERATURE, PRIORS, VALUE_RANGE
 from sampler import Sampler
 
 
@@ -64,8 +64,9 @@ def parse_args(argv=None):
                    help="VAE: sample z from a Gaussian per class in the training shares (classes; the default), "
                         "one Gaussian for all codes (gaussian; the default for a multi-label set) or the training "
                         "prior (standard); see sample.py")
-    p.add_argument("--temperature", type=cli.positive_float, default=1.0, metavar="T",
-                   help="scale of the noise each draw starts from (sample.py --temperature)")
+    p.add_argument("--temperature", type=cli.positive_float, default=None, metavar="T",
+                   help="scale of the noise each draw starts from (sample.py --temperature; default: "
+                        f"{CLASSES_TEMPERATURE:g} for the VAE's classes density, else 1)")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
     p.add_argument("--kid-subsets", type=cli.positive_int, default=100, metavar="N",
                    help="subsets KID is averaged over")
@@ -172,7 +173,7 @@ def row_name(path: str, sampler: Sampler) -> str:
         name += " (EMA)" if sampler.ema else " (raw G)"
     if sampler.kind == "vae":
         name += f" ({sampler.prior} prior)"
-    if sampler.temperature != 1:
+    if sampler.temperature != sampler.default_temperature:
         name += f" (T {sampler.temperature:g})"
     return name
 

@@ -9,19 +9,19 @@ import loop
 import errors
 from data import dataset_of, to_uint8
 from models import dcgan, vae
-from models.vae import PRIORS
+from models.vae import CLASSES_TEMPERATURE, PRIORS
 
 
 class Sampler:
     """A checkpoint's generator (the GAN's G, or the VAE's decoder) behind one interface."""
 
     def __init__(self, path: str, device: torch.device, use_ema: bool = True, prior: str | None = None,
-                 temperature: float = 1.0):
+                 temperature: float | None = None):
         """prior: the VAE's latent density (models/vae.py PRIORS); None: "classes" where the model
         has them, else "gaussian" (a multi-label set has no classes to draw by). temperature scales
         the standard normal noise every draw starts from: below 1, draws keep nearer the density's
-        mean (the GAN's z nearer 0), trading variety for typical images."""
-        self.temperature = temperature
+        mean (the GAN's z nearer 0), trading variety for typical images; None: 1, or
+        vae.CLASSES_TEMPERATURE for the "classes" density."""
         ckpt = checkpoints.load_checkpoint(path, map_location=device)
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
         self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
@@ -48,6 +48,8 @@ class Sampler:
                     raise errors.UserError(f"--prior classes: {self.data.name} is multi-label, so its codes have no "
                                            "one class each to fit a Gaussian to; use --prior gaussian")
                 self.prior = prior
+        self.default_temperature = CLASSES_TEMPERATURE if self.prior == "classes" else 1.0
+        self.temperature = self.default_temperature if temperature is None else temperature
         self.model.to(device).eval()
         self.ema = self.has_ema and use_ema  # drawing from the averaged generator
         # draws that come with a class: a conditional model's, and the VAE's per-class density

@@ -217,10 +217,14 @@ def main(argv=None):
     model, opt = trainer.model, trainer.opt
 
     def draw(eps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """Decoded draws of the fitted class mixture, class y each (the condition too, if any);
-        of the one fitted Gaussian for a multi-label set, which has no classes to draw by."""
-        density = "classes" if model.mixture else "gaussian"
-        return model.decode(model.prior_latents(eps, density, y), y if args.conditional else None)
+        """Decoded draws of the fitted class mixture at its default temperature, class y each (the
+        condition too, if any), as sample.py and evaluate.py draw them; of the one fitted Gaussian
+        for a multi-label set, which has no classes to draw by."""
+        if model.mixture:
+            z = model.prior_latents(eps * vae.CLASSES_TEMPERATURE, "classes", y)
+        else:
+            z = model.prior_latents(eps, "gaussian", y)
+        return model.decode(z, y if args.conditional else None)
     # a class per row, of the mixture or the condition
     noise_labels = grid_labels(model.mixture, GRID // 8, device) if model.mixture else None
     noise = loop.fixed_noise(GRID if noise_labels is None else len(noise_labels), args.latent_dim, args.seed, device)

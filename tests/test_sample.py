@@ -90,6 +90,17 @@ def test_temperature_scales_the_draws_about_the_density_mean(ckpts, name, prior)
     assert not torch.allclose(z_half, z)
 
 
+@pytest.mark.parametrize("name, prior, expected", [("gan", None, 1.0), ("vae", "gaussian", 1.0), ("vae", "standard", 1.0),
+                                                   ("vae", None, 1.2), ("vae", "classes", 1.2)])
+def test_default_temperature_is_raised_for_the_class_gaussians_only(ckpts, name, prior, expected):
+    from sampler import Sampler
+    cpu = torch.device("cpu")
+    default, given = (Sampler(str(ckpts[name]), cpu, prior=prior, temperature=t) for t in (None, expected))
+    assert default.temperature == expected
+    y = default.labels(6, seed=0)
+    assert torch.equal(default.latents(6, 0, y), given.latents(6, 0, y))
+
+
 def test_interpolation_rows(ckpts, tmp_path):
     out = tmp_path / "interp.png"
     run(ckpts["gan"], "--interpolate", "--n", 3, "--steps", 5, "--out", out)
