@@ -50,7 +50,7 @@ import pictures
 import synthetic
 import vae_eval
 from data import Batches, as_tensor, load, md5
-from models.vae import CLASSES_TEMPERATURE, PRIORS, VALUE_RANGE
+from models.vae import PRIORS, TEMPERATURES, VALUE_RANGE
 from sampler import Sampler
 
 
@@ -66,7 +66,7 @@ def parse_args(argv=None):
                         "prior (standard); see sample.py")
     p.add_argument("--temperature", type=cli.positive_float, default=None, metavar="T",
                    help="scale of the noise each draw starts from (sample.py --temperature; default: "
-                        f"{CLASSES_TEMPERATURE:g} for the VAE's classes density, else 1)")
+                        f"{TEMPERATURES['classes']:g} for the VAE's classes density, else 1)")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
     p.add_argument("--kid-subsets", type=cli.positive_int, default=100, metavar="N",
                    help="subsets KID is averaged over")

@@ -26,7 +26,7 @@ import hardware
 import loop
 import pictures
 from data import SPLITS, Batches, Dataset, as_array, balanced_labels, grid_labels, load
-from models.vae import CLASSES_TEMPERATURE, PRIORS
+from models.vae import PRIORS, TEMPERATURES
 from sampler import Sampler
 
 
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=cli.positive_float, default=None, metavar="T",
                    help="scale of the noise each draw starts from: below 1 the draws keep nearer the latent "
                         "density's mean (more typical images, less variety), above 1 further out (default: "
-                        f"{CLASSES_TEMPERATURE:g} for the VAE's classes density, where it drew the best samples; "
+                        f"{TEMPERATURES['classes']:g} for the VAE's classes density, where it drew the best samples; "
                         "else 1)")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="output .png or .jpg (default: a name for the mode beside the checkpoint, replaced "

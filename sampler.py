@@ -9,7 +9,7 @@ import loop
 import errors
 from data import dataset_of, to_uint8
 from models import dcgan, vae
-from models.vae import CLASSES_TEMPERATURE, PRIORS
+from models.vae import PRIORS, TEMPERATURES
 
 
 class Sampler:
@@ -20,8 +20,8 @@ class Sampler:
         """prior: the VAE's latent density (models/vae.py PRIORS); None: "classes" where the model
         has them, else "gaussian" (a multi-label set has no classes to draw by). temperature scales
         the standard normal noise every draw starts from: below 1, draws keep nearer the density's
-        mean (the GAN's z nearer 0), trading variety for typical images; None: 1, or
-        vae.CLASSES_TEMPERATURE for the "classes" density."""
+        mean (the GAN's z nearer 0), trading variety for typical images; None: the density's
+        default (models/vae.py TEMPERATURES), 1 for a GAN."""
         ckpt = checkpoints.load_checkpoint(path, map_location=device)
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
         self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
@@ -48,7 +48,7 @@ class Sampler:
                     raise errors.UserError(f"--prior classes: {self.data.name} is multi-label, so its codes have no "
                                            "one class each to fit a Gaussian to; use --prior gaussian")
                 self.prior = prior
-        self.default_temperature = CLASSES_TEMPERATURE if self.prior == "classes" else 1.0
+        self.default_temperature = TEMPERATURES[self.prior] if self.kind == "vae" else 1.0
         self.temperature = self.default_temperature if temperature is None else temperature
         self.model.to(device).eval()
         self.ema = self.has_ema and use_ema  # drawing from the averaged generator

@@ -220,10 +220,8 @@ def main(argv=None):
         """Decoded draws of the fitted class mixture at its default temperature, class y each (the
         condition too, if any), as sample.py and evaluate.py draw them; of the one fitted Gaussian
         for a multi-label set, which has no classes to draw by."""
-        if model.mixture:
-            z = model.prior_latents(eps * vae.CLASSES_TEMPERATURE, "classes", y)
-        else:
-            z = model.prior_latents(eps, "gaussian", y)
+        density = "classes" if model.mixture else "gaussian"
+        z = model.prior_latents(eps * vae.TEMPERATURES[density], density, y)
         return model.decode(z, y if args.conditional else None)
     # a class per row, of the mixture or the condition
     noise_labels = grid_labels(model.mixture, GRID // 8, device) if model.mixture else None

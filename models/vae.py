@@ -15,10 +15,10 @@ the training images (ex-post density estimation, Ghosh et al., 2020): one full-c
 Gaussian per class, weighted by the class's share ("classes", the default: the eight cell types
 form separate clusters, and one Gaussian over all of them puts its mass between them), and one
 Gaussian over all codes ("gaussian"). "standard" is the prior the model trained against. Before
-fit_prior the fitted densities are N(0, I). The per-class Gaussians are drawn at a temperature of
-CLASSES_TEMPERATURE by default, their noise scaled by 1.2: the decoder turns the middle of each
-Gaussian into smooth, average cells, and draws a little further out come back with the texture
-and variety of real ones (measured: docs/results.md, "Sampling temperature").
+fit_prior the fitted densities are N(0, I). Each density has a default temperature, the scale of
+its standard normal noise (TEMPERATURES): 1, but 1.2 for the per-class Gaussians, whose middles
+the decoder turns into smooth, average cells, while draws a little further out come back with
+the texture and variety of real ones (measured: docs/results.md, "Sampling temperature").
 
 Conditioning (num_classes > 0, a CVAE as in Sohn et al., 2015): the encoder sees the label as
 constant one-hot planes beside the image channels, and the decoder reads [z, one_hot(y)]. With
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 LIKELIHOODS = ("bernoulli", "gaussian")
 UPSAMPLES = ("transposed", "resize")  # how the decoder doubles its resolution; see the docstring
 PRIORS = ("classes", "gaussian", "standard")  # what z is drawn from when sampling; see the docstring
-CLASSES_TEMPERATURE = 1.2  # the default noise scale of the "classes" density; see the docstring
+TEMPERATURES = {"classes": 1.2, "gaussian": 1.0, "standard": 1.0}  # each density's default noise scale; see the docstring
 VALUE_RANGE = (0.0, 1.0)  # the decoder ends in a Sigmoid
 
 
