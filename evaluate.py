@@ -2,6 +2,7 @@
 
     python evaluate.py outputs/gan/ckpt.pt outputs/vae/ckpt.pt
     python evaluate.py outputs/cgan/ckpt.pt --n 2000 --json results.json
+    python evaluate.py outputs/vae/ckpt.pt --split val --temperature 1.4   # choosing a setting
 
 For each checkpoint it draws --n images and reports, in the feature space of a classifier trained
 here on the checkpoint's dataset and size (metrics.py; once per data file, then cached):
@@ -15,6 +16,10 @@ the numbers: real training images (the best a model can do) and noise with the t
 per-pixel mean and std (a trivial generator). Results go to a table, to eval.json beside each
 checkpoint (eval_epoch_010.json beside ckpt_epoch_010.pt; a rescoring keeps the studies below of an
 earlier scoring of the same checkpoint file and draws), and to --json.
+
+--split val scores against the validation split instead, everything above and below alike, and
+writes eval_val.json: a setting (a temperature, a density, an epoch) chosen by the test split's
+scores has seen the test split, so choose on val, then report the choice's test scores.
 
 Is the synthetic data useful? Is it private? (synthetic.py; docs/evaluation.md)
 
@@ -67,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=cli.positive_float, default=None, metavar="T",
                    help="scale of the noise each draw starts from (sample.py --temperature; default: "
                         f"{TEMPERATURES['classes']:g} for the VAE's classes density, else 1)")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the real images everything is scored against: the test split (for results), or the "
+                        "validation split (for choosing settings; writes eval_val.json)")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
     p.add_argument("--kid-subsets", type=cli.positive_int, default=100, metavar="N",
                    help="subsets KID is averaged over")
@@ -96,7 +104,7 @@ def parse_args(argv=None):
                        help="--utility: synthetic images added per real image of each class")
     study.add_argument("--memorization", action="store_true",
                        help="distance of the --n generated images to their nearest training image, "
-                            "against real test images'; writes memorization_pairs.png beside the checkpoint")
+                            "against real held-out (--split) images'; writes memorization_pairs.png beside the checkpoint")
     return p.parse_args(argv)
 
 
@@ -107,17 +115,17 @@ def rounded(rates: list[float | None]) -> list[float | None]:
 
 def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested: torch.Tensor | None = None) -> dict:
     """Feature-space measures of images, given as metrics.predict's features and logits,
-    against the test split."""
+    against the real split in `real` (its features and class shares)."""
     multi_label = real["multi_label"]
     predicted = (logits > 0).long() if multi_label else logits.argmax(1)
     n = min(len(feats), len(real["features"]))  # precision/recall want equal set sizes
     precision, recall = metrics.precision_recall(real["features"], feats[:n], k=3)
     kid, kid_std = metrics.kid(feats, real["features"], args.kid_subsets, args.kid_subset_size, args.seed)
     shares = metrics.class_shares(predicted, logits.shape[1])
-    present = real["shares"] > 0  # a class missing from the test split has no ratio
+    present = real["shares"] > 0  # a class missing from the real split has no ratio
     out = {"n": len(feats), "fid": metrics.fid(feats, real["features"]), "kid": kid, "kid_std": kid_std,
            "precision": precision, "recall": recall, "class_shares": shares.round(4).tolist(),
-           # how far the class make-up is from the test split's: total variation (for findings, which
+           # how far the class make-up is from the real split's: total variation (for findings, which
            # are not shares of one whole, the mean absolute difference), and the worst share ratio
            "class_tv": float(np.abs(shares - real["shares"]).mean() if multi_label
                              else 0.5 * np.abs(shares - real["shares"]).sum()),
@@ -131,15 +139,16 @@ def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested
 
 
 def vae_measures(sampler: Sampler, test, args, fnet) -> dict:
-    """Test-split negative ELBO (nats per image), its parts, and the MSE, PSNR and SSIM of the
-    mean reconstructions, as train_vae.py logs them for the validation split; for a single-label
+    """Negative ELBO (nats per image) of the real split `test` (args.split names it), its parts,
+    and the MSE, PSNR and SSIM of the mean reconstructions, as train_vae.py logs them for the
+    validation split; keys named after the split (test_psnr, val_psnr). For a single-label
     set also how often the classifier sees each image's class in its reconstruction, overall and
     per class: whether the decoder can draw what marks a class at all, whatever density its
     samples come from."""
     batches = Batches(test, args.batch_size, sampler.device, VALUE_RANGE, shuffle=False)
     kept = []  # the mean reconstructions the ELBO pass makes, with their labels
     measures = vae_eval.evaluate(sampler.model, batches, args.seed, keep=kept)
-    out = {k.replace("val_", "test_"): v for k, v in measures.items()}
+    out = {args.split + k.removeprefix("val"): v for k, v in measures.items()}
     if test.multi_label:
         return out
     labels = torch.cat([y for _, y in kept])
@@ -151,7 +160,7 @@ def vae_measures(sampler: Sampler, test, args, fnet) -> dict:
 
 def references(splits: dict, real: dict, fnet, args) -> list[dict]:
     """Real training images (what a perfect generator would score: only the sampling of two
-    finite sets separates them from the test split) and independent per-pixel Gaussian noise
+    finite sets separates them from the real split) and independent per-pixel Gaussian noise
     with the training images' mean and std (a generator that learned only the palette)."""
     train = as_tensor(splits["train"].images)
     g = torch.Generator().manual_seed(args.seed)
@@ -187,18 +196,19 @@ def print_aligned(table: list[list[str]], left: int = 1, write=print) -> None:
             write("  ".join("-" * w for w in widths))
 
 
-def print_table(rows: list[dict], real_shares: np.ndarray, class_names: list[str], multi_label: bool) -> None:
+def print_table(rows: list[dict], real_shares: np.ndarray, class_names: list[str], multi_label: bool,
+                split: str = "test") -> None:
     cols = [("FID", "fid", "{:.2f}"), ("KID", "kid", None), ("prec", "precision", "{:.3f}"),
             ("recall", "recall", "{:.3f}"), ("class TV", "class_tv", "{:.3f}"), ("min share", "min_share_ratio", "{:.2f}"),
             ("cls acc", "class_accuracy", "{:.3f}"), ("recon acc", "recon_class_accuracy", "{:.3f}"),
-            ("PSNR", "test_psnr", "{:.2f}"), ("SSIM", "test_ssim", "{:.3f}"), ("-ELBO", "test_nelbo", "{:.1f}")]
+            ("PSNR", f"{split}_psnr", "{:.2f}"), ("SSIM", f"{split}_ssim", "{:.3f}"), ("-ELBO", f"{split}_nelbo", "{:.1f}")]
     cols = [c for c in cols if any(c[1] in r for r in rows)]
     cell = lambda r, key, fmt: ("-" if key not in r else f"{r['kid']:.3f} ± {r['kid_std']:.3f}"
                                 if key == "kid" else fmt.format(r[key]))
     print_aligned([["model"] + [c[0] for c in cols]] + [[r["name"]] + [cell(r, k, f) for _, k, f in cols] for r in rows])
     print("\n" + ("Share of images showing each finding" if multi_label else "Class shares")
-          + " under the classifier (test split: true labels)")
-    heads = ["test"] + [r["name"].removeprefix("ref: ")[:30] for r in rows]
+          + f" under the classifier ({split} split: true labels)")
+    heads = [split] + [r["name"].removeprefix("ref: ")[:30] for r in rows]
     shares = [real_shares] + [r["class_shares"] for r in rows]
     w = [max(6, len(h)) for h in heads]
     print("class".ljust(14) + "".join(h.rjust(wi + 2) for h, wi in zip(heads, w)))
@@ -206,16 +216,16 @@ def print_table(rows: list[dict], real_shares: np.ndarray, class_names: list[str
         print(name[:14].ljust(14) + "".join(f"{s[c]:{wi + 2}.3f}" for s, wi in zip(shares, w)))
 
 
-def print_cas(cas: list[dict], class_names: list[str]) -> None:
+def print_cas(cas: list[dict], class_names: list[str], split: str = "test") -> None:
     short = [name[:5] for name in class_names]
-    tqdm.write("\nTrain on synthetic, test on real (CAS): the classifier's scores on the real test split")
+    tqdm.write(f"\nTrain on synthetic, test on real (CAS): the classifier's scores on the real {split} split")
     print_aligned([["training set", "images", "acc", "bal acc", "AUC", *[f"{n} rec" for n in short]]] + [
         [r["name"], f"{r['images']:,}", f"{r['accuracy']:.3f}", f"{r['balanced_accuracy']:.3f}", f"{r['auc']:.3f}",
          *["-" if v is None else f"{v:.2f}" for v in r["recall"]]] for r in cas], write=tqdm.write)
 
 
-def print_augmentation(augmentation: list[dict]) -> None:
-    print("\nAugmentation: test accuracy, mean ± std over seeds (per seed in brackets); gain over the "
+def print_augmentation(augmentation: list[dict], split: str = "test") -> None:
+    print(f"\nAugmentation: {split} accuracy, mean ± std over seeds (per seed in brackets); gain over the "
           "real subset alone, seed by seed")
     print_aligned([["real share", "training set", "real", "synthetic", "accuracy", "per seed", "bal acc", "gain"]] + [
         [f"{r['fraction']:.0%}", r["training_set"], f"{r['real_images']:,}", f"{r['synthetic_images']:,}",
@@ -224,8 +234,8 @@ def print_augmentation(augmentation: list[dict]) -> None:
          f"{r['gain_mean']:+.3f} ± {r['gain_std']:.3f}" if "gain" in r else "-"] for r in augmentation], left=2)
 
 
-def print_memorization(rows: list[dict]) -> None:
-    print("\nMemorisation: distance to the nearest training image, generated against held-out (test) images")
+def print_memorization(rows: list[dict], split: str = "test") -> None:
+    print(f"\nMemorisation: distance to the nearest training image, generated against held-out ({split}) images")
     print_aligned([["model", "space", "train images", "median gen", "median held-out", "ratio", "gen < held-out p5"]] + [
         [r["name"], space, f"{r['train_images']:,}", *[f"{r[space][key]:.3f}" for key in (
             "median_generated", "median_heldout", "median_ratio", "share_below_heldout_p5")]]
@@ -246,16 +256,16 @@ def memorization(name: str, path: str, sampler: Sampler, images: torch.Tensor, f
                  splits: dict, real: dict, fnet, args, train_features: dict) -> dict:
     """synthetic.memorization against the images this checkpoint was trained on (the first
     --subset of the train split, if it was trained on a subset; their features are computed
-    once per subset), and the pairs picture. The test split is the held-out set."""
+    once per subset), and the pairs picture. The scored split (--split) is the held-out set."""
     subset = sampler.args.get("subset")
-    train, heldout = as_tensor(splits["train"].images[:subset]), as_tensor(splits["test"].images)
+    train, heldout = as_tensor(splits["train"].images[:subset]), as_tensor(splits[args.split].images)
     if subset not in train_features:
         train_features[subset] = metrics.predict(fnet, train, args.batch_size, desc="features: training images")[0]
     summary, pairs = synthetic.memorization(
         {"generated": images, "train": train, "heldout": heldout},
         {"generated": feats, "train": train_features[subset], "heldout": real["features"]}, sampler.device)
     picture, labels = synthetic.pairs_picture(images, train, heldout, pairs)
-    out = beside(path, "memorization_pairs.png")
+    out = beside(path, "memorization_pairs.png" if args.split == "test" else f"memorization_pairs_{args.split}.png")
     pictures.save_grid(picture, out, nrow=len(picture) // len(labels), row_labels=labels)
     return {"name": name, "checkpoint": str(path), "n_generated": len(images), "n_heldout": len(heldout),
             "train_images": len(train), **summary, "pairs_png": str(out)}
@@ -283,16 +293,17 @@ def main(argv=None):
         files.check_folder(Path(path).parent, "the folder of", "evaluate.py writes eval.json beside each "
                            "checkpoint; copy the run to a folder you can write")
     splits = load(data, args.data_root)  # checked before the feature network takes its minutes
-    if len(splits["test"]) < 4:
-        raise errors.UserError(f"the test split of {args.data_root} has {len(splits['test'])} images; "
+    held = splits[args.split]  # the real images everything is scored against
+    if len(held) < 4:
+        raise errors.UserError(f"the {args.split} split of {args.data_root} has {len(held)} images; "
                                "scoring needs at least 4")
     fnet, info = metrics.feature_network(data, args.data_root, device, args.feature_cache)
-    test_feats = metrics.predict(fnet, splits["test"].images, args.batch_size, desc="test split")[0]
-    real = {"features": test_feats, "shares": metrics.class_shares(splits["test"].labels, data.num_classes),
+    held_feats = metrics.predict(fnet, held.images, args.batch_size, desc=f"{args.split} split")[0]
+    real = {"features": held_feats, "shares": metrics.class_shares(held.labels, data.num_classes),
             "multi_label": data.multi_label}
     train_shares = metrics.class_shares(splits["train"].labels, data.num_classes)
     print(f"Feature network: {info['file']} (test accuracy {metrics.percent(info['test_accuracy'])}); "
-          f"{len(splits['test']):,} test images; {args.n:,} generated images per checkpoint")
+          f"scored against {len(held):,} {args.split} images; {args.n:,} generated images per checkpoint")
 
     rows, eval_records, memorization_rows, train_features = [], {}, [], {}
     for path, sampler in zip(args.checkpoints, samplers):
@@ -307,9 +318,9 @@ def main(argv=None):
         row = {"name": name, "checkpoint": str(path), "kind": sampler.kind,
                "conditional": sampler.conditional, "epochs": sampler.epochs_trained,
                "ema": sampler.ema, "prior": sampler.prior, "temperature": sampler.temperature,
-               **score(feats, logits, real, args, labels)}
+               "split": args.split, **score(feats, logits, real, args, labels)}
         if sampler.kind == "vae":
-            row.update(vae_measures(sampler, splits["test"], args, fnet))
+            row.update(vae_measures(sampler, held, args, fnet))
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(f"{name}: FID {row['fid']:.2f}, KID {row['kid']:.2e} ({row['seconds']} s)")
@@ -317,16 +328,16 @@ def main(argv=None):
         if args.memorization:
             memorization_rows.append(memorization(name, path, sampler, images, feats, splits, real, fnet, args, train_features))
             eval_records[path]["memorization"] = memorization_rows[-1]
-        write_eval_json(path, eval_records[path])
+        write_eval_json(path, eval_records[path], args.split)
     if not args.no_reference:
         rows += references(splits, real, fnet, args)
     print()
-    print_table(rows, real["shares"], data.class_names, data.multi_label)
+    print_table(rows, real["shares"], data.class_names, data.multi_label, args.split)
     out = {"dataset": data.name, "size": data.size, "feature_network": info, "n": args.n, "seed": args.seed,
-           "test_shares": real["shares"].tolist(), "results": rows}
+           "split": args.split, f"{args.split}_shares": real["shares"].tolist(), "results": rows}
 
     if args.memorization:
-        print_memorization(memorization_rows)
+        print_memorization(memorization_rows, args.split)
         out["memorization"] = memorization_rows
     if study:
         names = [r["name"] for r in rows[:len(samplers)]]
@@ -338,20 +349,20 @@ def main(argv=None):
         print(f"\n{'Utility' if args.utility else 'CAS'}: training {total} classifier{'s' * (total != 1)} of "
               f"{synthetic.recipe_steps(len(splits['train'])):,} steps each")
         with tqdm(total=total, desc=f"{study[2:]}: classifiers", dynamic_ncols=True) as bar:
-            out["cas"] = synthetic.cas(generators, splits["train"], splits["test"], device, args.seed, fnet, bar,
+            out["cas"] = synthetic.cas(generators, splits["train"], held, device, args.seed, fnet, bar,
                                        args.cas_sizes, floor)
-            print_cas(out["cas"], data.class_names)
+            print_cas(out["cas"], data.class_names, args.split)
             if args.utility:
-                out["augmentation"] = synthetic.augmentation(generators, splits["train"], splits["test"], device,
+                out["augmentation"] = synthetic.augmentation(generators, splits["train"], held, device,
                                                              *runs, args.synthetic_ratio, bar)
         if args.utility:
-            print_augmentation(out["augmentation"])
+            print_augmentation(out["augmentation"], args.split)
         for path, name in zip(args.checkpoints, names):
             eval_records[path]["cas"] = [r for r in out["cas"] if r.get("generator") == name]
             if args.utility:
                 eval_records[path]["augmentation"] = [r for r in out["augmentation"]
                                                       if r["training_set"] in ("real only", name)]
-            write_eval_json(path, eval_records[path])
+            write_eval_json(path, eval_records[path], args.split)
     if args.json:
         note = files.write_output_text(args.json, json.dumps(out, indent=2) + "\n")
         print(f"\nWrote {args.json}{note}")
@@ -392,12 +403,13 @@ STUDIES = ("cas", "augmentation", "memorization")  # the slow parts of a scoring
 STUDY_INPUTS = ("checkpoint_md5", "feature_network", "seed", "ema", "prior", "temperature")
 
 
-def write_eval_json(path: str, record: dict) -> None:
-    """The checkpoint's eval file: its latest scoring. A study that this scoring did not run (CAS,
+def write_eval_json(path: str, record: dict, split: str = "test") -> None:
+    """The checkpoint's eval file for the split scored against (eval.json for the test split,
+    eval_val.json for the validation split): its latest scoring. A study that this scoring did not run (CAS,
     augmentation, memorisation: up to hours of classifiers on a CPU) stays from the file's earlier
     scoring when that one scored the same checkpoint file (by MD5) with the same draws, and is
     listed in "kept_studies": a quick rescoring does not throw it away."""
-    out = beside(path, "eval.json")
+    out = beside(path, "eval.json" if split == "test" else f"eval_{split}.json")
     earlier = read_eval_json(out)
     record = dict(record)
     if all(earlier.get(k) == record[k] for k in STUDY_INPUTS):

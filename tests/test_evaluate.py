@@ -5,6 +5,7 @@ import json
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,7 +69,7 @@ def test_recon_accuracy_of_a_perfect_autoencoder_is_the_classifiers_own(data_roo
     fnet, info = metrics.feature_network(Dataset(), data_root, torch.device("cpu"), str(feature_cache))
     test = load(Dataset(), data_root, splits=("test",))["test"]
     sampler = SimpleNamespace(model=Identity(latent_dim=4, widths=(8,)), device=torch.device("cpu"))
-    out = evaluate.vae_measures(sampler, test, SimpleNamespace(batch_size=5, seed=0), fnet)
+    out = evaluate.vae_measures(sampler, test, SimpleNamespace(batch_size=5, seed=0, split="test"), fnet)
     assert out["recon_class_accuracy"] == pytest.approx(info["test_accuracy"])
     hit = metrics.predict(fnet, test.images)[1].argmax(1).numpy() == test.labels
     assert out["recon_class_accuracy_per_class"] == [round(hit[test.labels == c].mean(), 4) if (test.labels == c).any()
@@ -120,6 +121,37 @@ def test_a_rescoring_keeps_the_studies_of_the_same_checkpoint_and_draws(ckpts, d
     shutil.copy(ckpts["cgan"], path)  # another checkpoint under the same name, drawn the same way
     score("--no-ema")
     assert "memorization" not in record() and record()["checkpoint_md5"] != studied["checkpoint_md5"]
+
+
+def test_split_val_is_the_test_scoring_of_the_validation_images(ckpts, data_root, feature_cache, tmp_path):
+    """--split val gives the numbers that a test scoring gives on a file whose test split is this
+    file's validation split (the same training images, so the same feature network), in
+    eval_val.json, leaving eval.json to the test scoring."""
+    with np.load(data_root / "bloodmnist_64.npz") as f:
+        arrays = dict(f)
+    swapped = write_npz(tmp_path / "swapped" / "bloodmnist_64.npz",
+                        **{**arrays, "test_images": arrays["val_images"], "test_labels": arrays["val_labels"]}).parent
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / "ckpt.pt"
+    shutil.copy(ckpts["cvae"], path)
+    read = lambda name: json.loads((run_dir / name).read_text())
+    score = lambda root, *flags: run(root, feature_cache, path, "--n", 24, "--no-reference", "--memorization", *flags)
+    score(data_root, "--split", "val")
+    assert not (run_dir / "eval.json").exists() and (run_dir / "memorization_pairs_val.png").is_file()
+    val = read("eval_val.json")
+    score(swapped)
+    swapped_test = read("eval.json")
+    assert read("eval_val.json") == val
+    assert val["split"] == "val" and swapped_test["split"] == "test"
+    for key in ("fid", "kid", "precision", "recall", "class_shares", "class_accuracy", "recon_class_accuracy"):
+        assert val[key] == pytest.approx(swapped_test[key])
+    for key in ("nelbo", "psnr", "ssim"):
+        assert val[f"val_{key}"] == pytest.approx(swapped_test[f"test_{key}"])
+    assert val["memorization"]["feature"] == pytest.approx(swapped_test["memorization"]["feature"])
+    assert "test_psnr" not in val
+    score(data_root)  # the test split itself: other real images, other numbers
+    assert read("eval.json")["fid"] != val["fid"] and read("eval_val.json") == val
 
 
 def test_each_vae_prior_scores_its_own_draws(ckpts, data_root, feature_cache, tmp_path):
