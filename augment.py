@@ -65,17 +65,22 @@ def draws(policy: tuple[str, ...]) -> int:
     return sum(OPERATIONS[name][1] for name in policy)
 
 
+# Symmetry k (k quarter turns, then for k >= 4 a mirror) as three steps taken or not, in order:
+# transpose H and W, flip the rows, flip the columns. Selecting each image's steps with
+# torch.where keeps the batch on the device: no step waits to learn which images take which turn.
+_STEPS = torch.tensor([[0, 0, 0], [1, 1, 0], [0, 1, 1], [1, 0, 1],
+                       [0, 0, 1], [1, 1, 1], [0, 1, 0], [1, 0, 0]], dtype=torch.bool)
+
+
 def symmetry(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Image i turned by k quarter turns and, for k >= 4, mirrored, with k = floor(8 u_i)."""
+    """Image i turned by k quarter turns and, for k >= 4, mirrored, with k = floor(8 u_i).
+    Images are square (H == W), as every MedMNIST image is."""
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     k = (u[:, 0] * 8).long().clamp(0, 7)
-    out = x
-    for turn in range(8):
-        rows = (k == turn).nonzero().flatten()
-        if len(rows) and turn:
-            moved = torch.rot90(x[rows], turn % 4, dims=(2, 3))
-            moved = moved.flip(3) if turn >= 4 else moved
-            out = out.index_copy(0, rows, moved)  # out of place, so the gradient reaches x
-    return out
+    steps = _STEPS.to(x.device)[k].view(-1, 3, 1, 1, 1)  # (B, 3) -> broadcast over C, H, W
+    x = torch.where(steps[:, 0], x.transpose(2, 3), x)
+    x = torch.where(steps[:, 1], x.flip(2), x)
+    return torch.where(steps[:, 2], x.flip(3), x).contiguous(memory_format=layout)  # the layout it came in
 
 
 def translation(x: torch.Tensor, u: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:

@@ -60,6 +60,19 @@ def test_symmetry_gives_each_image_one_of_the_eight_rotations_and_flips():
         assert torch.equal(out[i], expected)
 
 
+def test_symmetry_passes_the_gradient_back_through_the_same_turn():
+    """Each symmetry moves pixels without changing them, so the gradient that reaches image i is
+    the upstream gradient turned back: the inverse symmetry applied to it."""
+    x = images(16).requires_grad_(True)
+    upstream = torch.randn(16, *x.shape[1:])
+    out = augment.symmetry(x, torch.arange(16)[:, None] / 16.0)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), x)
+    for i in range(16):
+        k = i // 2
+        back = upstream[i].flip(2) if k >= 4 else upstream[i]
+        assert torch.equal(grad[i], torch.rot90(back, -(k % 4), dims=(1, 2)))
+
+
 def test_translation_shifts_whole_pixels_and_fills_with_zero():
     x = images(1)
     out = augment.translation(x, torch.tensor([[0.0, 1.0 - 1e-6]]))  # 2 rows up, 2 columns right at 16 px
