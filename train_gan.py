@@ -87,6 +87,9 @@ def build_parser():
     p.add_argument("--r1", type=cli.non_negative_float, default=None, metavar="GAMMA",
                    help="gamma of the R1 penalty gamma/2 E||grad D(x)||^2 on real images (Mescheder et "
                         "al. 2018); 0 turns it off")
+    p.add_argument("--r1-every", type=cli.positive_int, default=1, metavar="N",
+                   help="compute R1 on every N-th batch only, weighted N times (lazy regularisation, Karras "
+                        "et al. 2020): the same penalty on average at about 1/N of its cost")
     p.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="spectral normalisation of D's weights (Miyato et al. 2018)")
     p.add_argument("--g-labels", choices=LABEL_INPUTS, default=None,
@@ -178,10 +181,10 @@ class GANTrainer:
             if args.class_loss:
                 loss_d = loss_d + F.cross_entropy(named.float(), y)
                 meter.update(d_named=(named.argmax(1) == y).float().mean())
-            if args.r1:
+            if args.r1 and batch_index % args.r1_every == 0:
                 r1 = r1_penalty(self.D, real, y)  # on the plain module, outside DDP, as the GP
                 meter.update(r1=r1)
-                loss_d = loss_d + args.r1 / 2 * r1
+                loss_d = loss_d + args.r1 / 2 * args.r1_every * r1
             if self.lecam is not None:
                 lecam = self.lecam(logits_real, logits_fake, distributed.batch_mean)
                 meter.update(lecam=lecam)

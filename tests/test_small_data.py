@@ -261,9 +261,23 @@ def test_a_conditional_small_data_run_adds_lecam(flags, lecam):
     assert args.lecam == lecam
 
 
+def test_lazy_r1_changes_only_the_batches_it_falls_on(data_root, tmp_path):
+    """--r1-every N adds N times the penalty on every N-th batch and nothing on the others: a run
+    shorter than N batches learns exactly as one without R1, and one as long does not."""
+    common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "1", "--ngf", "8", "--ndf", "8",
+              "--nz", "16", "--batch-size", "16", "--subset", "48"]  # 3 batches
+    runs = {name: tmp_path / name for name in ("none", "late", "due")}
+    train_gan.main([*common, "--r1", "0", "--out", str(runs["none"])])
+    train_gan.main([*common, "--r1", "1", "--r1-every", "4", "--out", str(runs["late"])])
+    train_gan.main([*common, "--r1", "1", "--r1-every", "3", "--out", str(runs["due"])])
+    none, late, due = (checkpoints.load_checkpoint(runs[n] / "ckpt.pt") for n in ("none", "late", "due"))
+    assert states_equal(none, late)
+    assert not states_equal(none, due)
+
+
 def test_resume_is_exact_with_every_small_data_flag(data_root, tmp_path):
     flags = [*TINY_GAN, "--conditional", "--g-labels", "batchnorm", "--augment", "all", "--lecam", "0.1", "--r1", "1",
-             "--spectral-norm", "--ema", "0.9", "--class-loss", "1"]
+             "--r1-every", "2", "--spectral-norm", "--ema", "0.9", "--class-loss", "1"]
     a, b = straight_and_resumed(train_gan.main, data_root, flags, tmp_path)
     assert states_equal(a, b) and {"G", "D", "G_ema", "lecam"} <= a["models"].keys()
     assert "classifier.weight" in a["models"]["D"]
