@@ -44,7 +44,7 @@ LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
 # one of the 8 symmetries of the square, draws from a short EMA of G, and keeps D flat on the real
 # images with R1 on every 16th batch: without R1 D won and G collapsed in one run (an H200, epoch
 # 19) and nearly in another (a CPU, epoch 23); with it D(x) fell smoothly in every run, the FID
-# was lower after 5 and 10 epochs and level after 25, for about 5 % more time (docs/results.md).
+# was lower after 5 and 10 epochs and level after 25, for about 10 % more time (docs/results.md).
 # R1 on every batch scored best after 25 epochs but doubled the time of an epoch. A conditional run of it adds LeCam regularisation
 # (CONDITIONAL): without it the conditional D, stronger for its projection term, overpowered G
 # after epoch 20 and the samples collapsed; with it the run kept improving to epoch 25. Without
