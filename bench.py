@@ -46,8 +46,9 @@ from models.classifier import Classifier
 from models import dcgan, vae
 from models.dcgan import discriminator_loss, generator_loss, gradient_penalty
 
-# gan-default is train_gan.py's default recipe (augmentation, EMA), what a run costs; the gan-LOSS
-# workloads are the paper recipe with that loss, the same work as the baseline loop does.
+# gan-default is train_gan.py's default recipe (augmentation, EMA, R1 on every 16th batch), what a
+# run costs; the gan-LOSS workloads are the paper recipe with that loss, the same work as the
+# baseline loop does.
 WORKLOADS = ("gan-default", "gan-bce", "gan-hinge", "gan-wgan-gp", "vae", "features")
 
 
