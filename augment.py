@@ -65,22 +65,17 @@ def draws(policy: tuple[str, ...]) -> int:
     return sum(OPERATIONS[name][1] for name in policy)
 
 
-# Symmetry k (k quarter turns, then for k >= 4 a mirror) as three steps taken or not, in order:
-# transpose H and W, flip the rows, flip the columns. Selecting each image's steps with
-# torch.where keeps the batch on the device: no step waits to learn which images take which turn.
-_STEPS = torch.tensor([[0, 0, 0], [1, 1, 0], [0, 1, 1], [1, 0, 1],
-                       [0, 0, 1], [1, 1, 1], [0, 1, 0], [1, 0, 0]], dtype=torch.bool)
-
-
 def symmetry(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Image i turned by k quarter turns and, for k >= 4, mirrored, with k = floor(8 u_i).
-    Images are square (H == W), as every MedMNIST image is."""
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    k = (u[:, 0] * 8).long().clamp(0, 7)
-    steps = _STEPS.to(x.device)[k].view(-1, 3, 1, 1, 1)  # (B, 3) -> broadcast over C, H, W
-    x = torch.where(steps[:, 0], x.transpose(2, 3), x)
-    x = torch.where(steps[:, 1], x.flip(2), x)
-    return torch.where(steps[:, 2], x.flip(3), x).contiguous(memory_format=layout)  # the layout it came in
+    Images are square (H == W), as every MedMNIST image is.
+
+    Symmetry k is three steps, each taken or not, in order: transpose H and W (odd k), flip the
+    rows (k = 1, 2, 5, 6), flip the columns (k = 2..5). Each image's steps are chosen with
+    torch.where from k on the device, so no step waits to learn which image takes which turn."""
+    k = (u[:, 0] * 8).long().clamp(0, 7).view(-1, 1, 1, 1)  # broadcast over C, H, W
+    x = torch.where(k % 2 == 1, x.transpose(2, 3), x)
+    x = torch.where((k + 1) // 2 % 2 == 1, x.flip(2), x)
+    return torch.where((k >= 2) & (k <= 5), x.flip(3), x)
 
 
 def translation(x: torch.Tensor, u: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
