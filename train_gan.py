@@ -35,20 +35,22 @@ from run import Run
 
 GRID = 64  # images in each sample grid, 8 x 8 (conditional: 8 of each class, a class per row)
 CALIBRATION = 4  # batches of noise that set the drawn generator's BatchNorm statistics
-# Per loss: learning rate, Adam betas, D steps per G step (and for WGAN-GP no R1). WGAN-GP: Gulrajani et al. 2017, Alg. 1.
+# Per loss: learning rate, Adam betas, D steps per G step; WGAN-GP (Gulrajani et al. 2017, Alg. 1)
+# also turns R1 off, since its gradient penalty already keeps D in check.
 LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
                  "hinge": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
-                 "wgan-gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, n_critic=5, r1=0.0)}  # its GP already keeps D in check
+                 "wgan-gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, n_critic=5, r1=0.0)}
 # The settings of each recipe (those not typed on the command line). "paper" is the DCGAN of
 # Radford et al. as pytorch/examples trains it. "small-data", the default, shows D every image in
 # one of the 8 symmetries of the square, draws from a short EMA of G, and keeps D flat on the real
 # images with R1 on every 16th batch: without R1 D won and G collapsed in one run (an H200, epoch
 # 19) and nearly in another (a CPU, epoch 23); with it D(x) fell smoothly in every run, the FID
 # was lower after 5 and 10 epochs and level after 25, for about 10 % more time (docs/results.md).
-# R1 on every batch scored best after 25 epochs but doubled the time of an epoch. A conditional run of it adds LeCam regularisation
-# (CONDITIONAL): without it the conditional D, stronger for its projection term, overpowered G
-# after epoch 20 and the samples collapsed; with it the run kept improving to epoch 25. Without
-# the condition LeCam did the opposite (recall 0.40 to 0.03 at epoch 25), so it stays off there.
+# R1 on every batch scored best after 25 epochs but doubled the time of an epoch. A conditional
+# run of it adds LeCam regularisation (CONDITIONAL): without it the conditional D, stronger for
+# its projection term, overpowered G after epoch 20 and the samples collapsed; with it the run
+# kept improving to epoch 25. Without the condition LeCam did the opposite (recall 0.40 to 0.03
+# at epoch 25), so it stays off there.
 RECIPES = {"paper": dict(batch_size=64, ema=0.0, augment="none", lecam=0.0, r1=0.0, r1_every=1,
                          spectral_norm=False, g_labels="concat"),
            "small-data": dict(batch_size=64, ema=0.99, augment="symmetry", lecam=0.0, r1=0.1, r1_every=16,
@@ -64,12 +66,15 @@ def build_parser():
     p = cli.make_parser(__doc__)
     cli.add_common_args(p, "gan", epochs=25, lr=None, batch_size=None,  # the recipe's batch
                         lr_help="Adam learning rate (default: 2e-4; 1e-4 for wgan-gp)")
+    def settings(d: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items())
     p.add_argument("--recipe", choices=RECIPES, default="small-data",
-                   help="the defaults of --batch-size, --ema, --augment, --lecam, --r1, --r1-every, --spectral-norm and "
-                        "--g-labels: " + "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in r.items())
-                                                   + (" (" + ", ".join(f"{k} {v}" for k, v in CONDITIONAL[name].items()) + " with --conditional)"
-                                                      if CONDITIONAL[name] else "")
-                                                   for name, r in RECIPES.items()))
+                   help="the defaults of --batch-size, --ema, --augment, --lecam, --r1, --r1-every, "
+                        "--spectral-norm and --g-labels: "
+                        + "; ".join(f"{name}: {settings(r)}"
+                                    + (f" ({settings(CONDITIONAL[name])} with --conditional)"
+                                       if CONDITIONAL[name] else "")
+                                    for name, r in RECIPES.items()))
     p.add_argument("--loss", choices=LOSSES, default="bce",
                    help="bce: the DCGAN of the paper; wgan-gp: a critic with a gradient penalty; hinge")
     p.add_argument("--beta1", type=cli.unit_interval, default=None,
