@@ -46,10 +46,11 @@ from models.classifier import Classifier
 from models import dcgan, vae
 from models.dcgan import discriminator_loss, generator_loss, gradient_penalty
 
-# gan-default is train_gan.py's default recipe (augmentation, EMA, R1 on every 16th batch), what a
-# run costs; the gan-LOSS workloads are the paper recipe with that loss, the same work as the
+# gan-default and vae-default are the training scripts' default recipes (the GAN's augmentation,
+# EMA and R1 on every 16th batch; the VAE-GAN's discriminator), what a run costs; the gan-LOSS
+# workloads are the paper recipe with that loss, and vae the plain recipe, the same work as the
 # baseline loop does.
-WORKLOADS = ("gan-default", "gan-bce", "gan-hinge", "gan-wgan-gp", "vae", "features")
+WORKLOADS = ("gan-default", "gan-bce", "gan-hinge", "gan-wgan-gp", "vae-default", "vae", "features")
 
 
 def build_parser():
@@ -60,7 +61,7 @@ def build_parser():
     cli.add_device_and_data(p)
     p.add_argument("--batch-size", type=cli.positive_int, default=None, metavar="N",
                    help="images per training step (default: the training script's own, 64 for the GAN "
-                        "recipes, 32 for the VAE)")
+                        "recipes, 16 for vae-default, 32 for vae)")
     p.add_argument("--feature-batch-size", type=cli.positive_int, default=500, metavar="N",
                    help="images per batch of the feature pass (evaluate.py's)")
     p.add_argument("--steps", type=cli.positive_int, default=10, metavar="N", help="steps per timing")
@@ -172,14 +173,14 @@ def cycle_batches(batches):
 
 
 def ours_training(train, batches: Batches):
-    """train(x, batch_index, meter) on the run's own batches, reading the losses every 10 steps
-    as the training loop does."""
+    """train(x, labels, batch_index, meter) on the run's own batches, reading the losses every 10
+    steps as the training loop does."""
     data, meter, counter = cycle_batches(batches), loop.Meter(), itertools.count(1)
 
     def step():
-        x, _ = next(data)
+        x, y = next(data)
         i = next(counter)
-        train(x, i, meter)
+        train(x, y, i, meter)
         if i % 10 == 0:
             meter.means()
     return step
@@ -212,11 +213,12 @@ def training_args(workload: str, opts) -> object:
              "--precision", opts.precision, "--channels-last" if opts.channels_last else "--no-channels-last",
              *(["--compile"] if opts.compile else []), *(["--batch-size", str(opts.batch_size)] if opts.batch_size else [])]
     if workload == "vae":
-        return train_vae.build_parser().parse_args(flags)
-    if workload != "gan-default":
+        flags += ["--recipe", "plain"]
+    elif workload.startswith("gan-") and workload != "gan-default":
         flags += ["--recipe", "paper", "--loss", workload.removeprefix("gan-")]
-    args = train_gan.build_parser().parse_args(flags)
-    train_gan.fill_defaults(args)
+    script = train_vae if workload.startswith("vae") else train_gan
+    args = script.build_parser().parse_args(flags)
+    script.fill_defaults(args)
     return args
 
 
@@ -232,16 +234,16 @@ def make_step(path: str, workload: str, opts, device: torch.device, split):
         return ours_features(net, images, opts.feature_batch_size), opts.feature_batch_size
     args = training_args(workload, opts)
     if path == "baseline":
-        make = baseline_vae if workload == "vae" else baseline_gan
+        make = baseline_vae if workload.startswith("vae") else baseline_gan
         return make(args, split, device, opts.workers), args.batch_size
-    script = train_vae if workload == "vae" else train_gan
+    script = train_vae if workload.startswith("vae") else train_gan
     batches = Batches(split, args.batch_size, device, script.VALUE_RANGE, channels_last=args.channels_last)
     data = dataset_of(vars(args))
-    if workload == "vae":
+    if script is train_vae:
         trainer = train_vae.VAETrainer(args, data, device)
-        return ours_training(lambda x, i, meter: trainer.step(x, None, meter), batches), args.batch_size
+        return ours_training(lambda x, y, i, meter: trainer.step(x, y, meter), batches), args.batch_size
     trainer = train_gan.GANTrainer(args, data, device)
-    return ours_training(lambda x, i, meter: trainer.step(x, None, i, meter), batches), args.batch_size
+    return ours_training(lambda x, y, i, meter: trainer.step(x, None, i, meter), batches), args.batch_size
 
 
 def serve(path: str, workload: str, opts, conn, warned: set) -> None:

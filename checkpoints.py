@@ -26,7 +26,8 @@ FORMATS = {"gan": 2, "vae": 3}
 KINDS = tuple(FORMATS)
 # Settings that a kind's checkpoints written before them lack, with the value their runs trained
 # with; load_checkpoint fills them in, so resuming and sampling both see what the weights are.
-ADDED_SETTINGS = {"gan": {"class_loss": 0.0}, "vae": {"critic_labels": False, "upsample": "transposed", "class_loss": 0.0}}
+ADDED_SETTINGS = {"gan": {"class_loss": 0.0}, "vae": {"critic_labels": False, "upsample": "transposed", "class_loss": 0.0,
+                                                     "recipe": "plain"}}
 
 
 # What every checkpoint holds, and what resuming a training run needs besides.

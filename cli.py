@@ -164,6 +164,20 @@ def add_common_args(p: argparse.ArgumentParser, kind: str, epochs: int, lr: floa
                         "and scores like ckpt.pt); 0: only the latest")
 
 
+def add_recipe_arg(p: argparse.ArgumentParser, recipes: dict[str, dict], conditional: dict[str, dict],
+                   default: str) -> None:
+    """--recipe NAME: the defaults of the settings each recipe names, with what --conditional
+    changes in them, all shown by --help."""
+    def settings(d: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items())
+    flags = [f"--{key.replace('_', '-')}" for key in recipes[default]]
+    p.add_argument("--recipe", choices=recipes, default=default,
+                   help=f"the defaults of {', '.join(flags[:-1])} and {flags[-1]}: "
+                        + "; ".join(f"{name}: {settings(r)}"
+                                    + (f" ({settings(conditional[name])} with --conditional)" if conditional[name] else "")
+                                    for name, r in recipes.items()))
+
+
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     """--dataset and --size: which MedMNIST file a run trains on (sample.py and evaluate.py read
     them from the checkpoint)."""

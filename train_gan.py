@@ -66,15 +66,7 @@ def build_parser():
     p = cli.make_parser(__doc__)
     cli.add_common_args(p, "gan", epochs=25, lr=None, batch_size=None,  # the recipe's batch
                         lr_help="Adam learning rate (default: 2e-4; 1e-4 for wgan-gp)")
-    def settings(d: dict) -> str:
-        return ", ".join(f"{k} {v}" for k, v in d.items())
-    p.add_argument("--recipe", choices=RECIPES, default="small-data",
-                   help="the defaults of --batch-size, --ema, --augment, --lecam, --r1, --r1-every, "
-                        "--spectral-norm and --g-labels: "
-                        + "; ".join(f"{name}: {settings(r)}"
-                                    + (f" ({settings(CONDITIONAL[name])} with --conditional)"
-                                       if CONDITIONAL[name] else "")
-                                    for name, r in RECIPES.items()))
+    cli.add_recipe_arg(p, RECIPES, CONDITIONAL, "small-data")
     p.add_argument("--loss", choices=LOSSES, default="bce",
                    help="bce: the DCGAN of the paper; wgan-gp: a critic with a gradient penalty; hinge")
     p.add_argument("--beta1", type=cli.unit_interval, default=None,

@@ -95,9 +95,10 @@ def interrupt_after_first_epoch(command: dict, out: Path) -> tuple[int, str]:
     return proc.returncode, err
 
 
-# Small widths keep every script run to seconds on two CPU cores.
+# Small widths keep every script run to seconds on two CPU cores. The VAE's tests train the plain
+# recipe (no discriminator) unless they say otherwise; tests/test_vae_gan.py trains the default.
 TINY_GAN = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "16"]
-TINY_VAE = ["--widths", "8,16", "--latent-dim", "8", "--batch-size", "16"]
+TINY_VAE = ["--recipe", "plain", "--widths", "8,16", "--latent-dim", "8", "--batch-size", "16"]
 
 
 @pytest.fixture(scope="session")
@@ -133,6 +134,31 @@ def straight_and_resumed(main, data_root, flags: list[str], tmp_path: Path, epoc
     main([*common, *flags, "--epochs", str(epochs), "--out", str(tmp_path / "straight")])
     main([*common, *flags, "--epochs", str(epochs - 1), "--out", str(tmp_path / "resumed")])
     main([*common, "--epochs", str(epochs), "--out", str(tmp_path / "resumed"), "--resume"])
+    return tuple(checkpoints.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("straight", "resumed"))
+
+
+def stopped_and_resumed(main, flags: list[str], tmp_path: Path, monkeypatch) -> tuple[dict, dict]:
+    """The checkpoints of a run straight through and of the same run stopped mid-epoch (as by
+    Ctrl-C, after step 3 of epoch 2 where an epoch has 4 steps) and resumed with only --resume and
+    --out typed, every setting the same: this is what a resume must match when the learning rate
+    follows --epochs. main: a training script's main()."""
+    import checkpoints
+    import loop
+    main([*flags, "--out", str(tmp_path / "straight")])
+    steps = {"n": 0}
+    real_show = loop.show_progress
+
+    def stop_at_step_6(*args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == 6:  # Ctrl-C while step 2 of epoch 2 shows its progress: stop after step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_show(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "show_progress", stop_at_step_6)
+        with pytest.raises(SystemExit) as e:
+            main([*flags, "--out", str(tmp_path / "resumed")])
+    assert e.value.code == 130 and checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
+    main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
     return tuple(checkpoints.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("straight", "resumed"))
 
 

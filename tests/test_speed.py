@@ -19,12 +19,12 @@ from models.dcgan import Discriminator, Generator, generator_loss
 
 def test_bench_writes_a_row_per_workload(data_root, tmp_path):
     out = tmp_path / "bench.json"
-    r = run_script("bench.py", "--data-root", data_root, "--workloads", "gan-wgan-gp", "vae", "features",
+    r = run_script("bench.py", "--data-root", data_root, "--workloads", "gan-wgan-gp", "vae-default", "features",
                    "--batch-size", 8, "--feature-batch-size", 16, "--steps", 1, "--repeats", 2, "--warmup", 1,
                    "--workers", 0, "--json", out)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())
-    assert [row["workload"] for row in rows] == ["gan-wgan-gp", "vae", "features"]
+    assert [row["workload"] for row in rows] == ["gan-wgan-gp", "vae-default", "features"]
     for row in rows:
         assert row["images_per_s"] > 0 and row["baseline_images_per_s"] > 0
         assert row["speedup"] == pytest.approx(row["images_per_s"] / row["baseline_images_per_s"], rel=0.02)

@@ -2,8 +2,6 @@
 finished run and after Ctrl-C mid-epoch), atomic checkpoints, NaN stops, and the one-line
 errors a user gets for a bad file or a bad --resume."""
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -11,10 +9,10 @@ from PIL import Image
 
 import checkpoints
 import errors
-import loop
 import train_gan
 import train_vae
-from conftest import TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command, states_equal, write_npz
+from conftest import (TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command, states_equal,
+                      stopped_and_resumed, write_npz)
 from models.vae import VAE
 
 SCRIPTS = {"gan": (train_gan, TINY_GAN), "vae": (train_vae, TINY_VAE)}
@@ -109,22 +107,7 @@ def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch):
     an uninterrupted run."""
     common = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "3", "--schedule", "cosine", *TINY_VAE,
               "--conditional", "--res-blocks", "1"]
-    train_vae.main([*common, "--out", str(tmp_path / "straight")])
-    steps = {"n": 0}
-    real_show = loop.show_progress
-
-    def stop_at_step_6(*args, **kwargs):  # in the second epoch of 4 steps
-        steps["n"] += 1
-        if steps["n"] == 6:  # Ctrl-C while step 2 of epoch 2 shows its progress: stop after step 3
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_show(*args, **kwargs)
-    monkeypatch.setattr(loop, "show_progress", stop_at_step_6)
-    with pytest.raises(SystemExit) as e:
-        train_vae.main([*common, "--out", str(tmp_path / "resumed")])
-    assert e.value.code == 130 and checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
-    train_vae.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
-    a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    a, b = stopped_and_resumed(train_vae.main, common, tmp_path, monkeypatch)
     assert states_equal(a, b) and a["args"]["schedule"] == "cosine"
     for name in ("prior_scale", "class_scales", "class_weights", "prior_mu", "prior_logvar"):
         assert torch.equal(a["models"]["vae"][name], b["models"]["vae"][name])

@@ -3,8 +3,9 @@ that it learns to tell sharp images from blurred ones and (--critic-labels) an i
 from the same image under another, its projection term against a hand computation, its
 auxiliary classifier (--class-loss) and the D step that teaches it the real images' classes
 alone, the discriminator's terms of the loss against a hand computation, the step that trains
-each network on its own loss, exact resume (also of a checkpoint written before --critic-labels),
-the flag's default, and the refusal of settings it cannot serve. Two processes against one:
+each network on its own loss, exact resume (also of a checkpoint written before --critic-labels
+and --recipe), the flags' defaults, the default recipe (the same run as its flags typed out), and
+the refusal of settings it cannot serve. Two processes against one:
 tests/test_distributed.py."""
 import json
 import math
@@ -17,7 +18,7 @@ import checkpoints
 import errors
 import loop
 import train_vae
-from conftest import TINY_VAE, run_script, states_equal, straight_and_resumed, write_npz
+from conftest import TINY_VAE, run_script, states_equal, stopped_and_resumed, straight_and_resumed, write_npz
 from data import Dataset
 from models.dcgan import discriminator_loss
 from models.vae import VAE, PatchDiscriminator
@@ -240,24 +241,69 @@ def test_class_loss_without_a_discriminator_or_one_class_is_refused_and_writes_n
 
 
 def test_critic_labels_default_follows_the_discriminator_and_the_labels():
-    for flags, expected in (([], False), (["--adversarial", "0.01"], True),
-                            (["--adversarial", "0.01", "--dataset", "chestmnist", "--size", "28"], False)):
+    for flags, expected in (([], True), (["--recipe", "plain"], False), (["--recipe", "plain", "--adversarial", "0.01"], True),
+                            (["--dataset", "chestmnist", "--size", "28"], False)):
         args = train_vae.build_parser().parse_args(flags)
         train_vae.fill_defaults(args)
         assert args.critic_labels is expected, flags
 
 
+SETTINGS = ("batch_size", "likelihood", "augment", "schedule", "upsample", "res_blocks", "adversarial", "class_loss")
+
+
+@pytest.mark.parametrize("flags, changed", [
+    ([], {}),
+    (["--conditional"], {"adversarial": 0.001}),
+    (["--recipe", "plain"], {"batch_size": 32, "schedule": "constant", "upsample": "transposed", "res_blocks": 0,
+                             "adversarial": 0.0, "class_loss": 0.0}),
+    (["--recipe", "textbook", "--conditional"], {"batch_size": 128, "likelihood": "bernoulli", "augment": "none",
+                                                 "schedule": "constant", "upsample": "transposed", "res_blocks": 0,
+                                                 "adversarial": 0.0, "class_loss": 0.0}),
+    # what the recipe's discriminator needs: the Gaussian likelihood, and one class per image for its classifier
+    (["--likelihood", "bernoulli"], {"likelihood": "bernoulli", "adversarial": 0.0, "class_loss": 0.0}),
+    (["--adversarial", "0"], {"adversarial": 0.0, "class_loss": 0.0}),
+    (["--dataset", "chestmnist", "--size", "28"], {"class_loss": 0.0}),
+    (["--batch-size", "64", "--class-loss", "0.01"], {"batch_size": 64, "class_loss": 0.01})],
+    ids=["default", "conditional", "plain", "textbook", "bernoulli", "no-adversarial", "multi-label", "typed"])
+def test_the_default_recipe_is_the_vae_gan_and_typed_flags_win(flags, changed):
+    args = train_vae.build_parser().parse_args(flags)
+    train_vae.fill_defaults(args)
+    vae_gan = dict(batch_size=16, likelihood="gaussian", augment="symmetry", schedule="cosine", upsample="resize",
+                   res_blocks=1, adversarial=0.0003, class_loss=0.001)
+    assert {key: getattr(args, key) for key in SETTINGS} == {**vae_gan, **changed}
+
+
+def test_the_default_recipe_trains_as_its_flags_typed_out_and_resumes_exactly(data_root, tmp_path, monkeypatch):
+    """A run of the default recipe is bit for bit the run with every setting it fills typed on
+    top of the plain recipe (so a table row of the one stands for the other), and resumes exactly
+    from a stop mid-epoch (its cosine schedule follows --epochs, so the resumed run keeps them)."""
+    tiny = ["--data-root", str(data_root), "--device", "cpu", "--epochs", "2", "--widths", "8,16", "--latent-dim", "8",
+            "--subset", "64"]
+    a, b = stopped_and_resumed(train_vae.main, tiny, tmp_path, monkeypatch)
+    assert states_equal(a, b) and a["args"]["recipe"] == "vae-gan"
+    assert {key: a["args"][key] for key in SETTINGS} == dict(
+        batch_size=16, likelihood="gaussian", augment="symmetry", schedule="cosine", upsample="resize", res_blocks=1,
+        adversarial=0.0003, class_loss=0.001)
+    assert a["args"]["critic_labels"] is True and any(k.startswith("classifier.") for k in a["models"]["critic"])
+    train_vae.main([*tiny, "--recipe", "plain",
+                    "--batch-size", "16", "--schedule", "cosine", "--upsample", "resize", "--res-blocks", "1",
+                    "--adversarial", "0.0003", "--class-loss", "0.001", "--out", str(tmp_path / "typed")])
+    assert states_equal(a, checkpoints.load_checkpoint(tmp_path / "typed" / "ckpt.pt"))
+
+
 def test_a_checkpoint_from_before_critic_labels_resumes_without_them(data_root, tmp_path):
-    """A VAE-GAN checkpoint whose settings lack critic_labels, upsample and class_loss had a D
-    without classes or a classifier and a transposed-convolution decoder: it resumes and loads as
-    it was trained, not with today's defaults."""
+    """A VAE-GAN checkpoint whose settings lack critic_labels, upsample, class_loss and recipe had
+    a D without classes or a classifier and a transposed-convolution decoder: it resumes and loads
+    as it was trained, not with today's defaults."""
     common = ["--data-root", str(data_root), "--device", "cpu", "--out", str(tmp_path / "run")]
     train_vae.main([*common, *TINY_VAE, "--adversarial", "0.01", "--no-critic-labels", "--epochs", "1"])
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    del ckpt["args"]["critic_labels"], ckpt["args"]["upsample"], ckpt["args"]["class_loss"]
+    for key in ("critic_labels", "upsample", "class_loss", "recipe"):
+        del ckpt["args"][key]
     torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
     assert checkpoints.load_checkpoint(tmp_path / "run" / "ckpt.pt")["args"]["upsample"] == "transposed"
     train_vae.main([*common, "--epochs", "2", "--resume"])
     resumed = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["args"]["critic_labels"] is False
     assert resumed["args"]["upsample"] == "transposed" and resumed["args"]["class_loss"] == 0.0
+    assert resumed["args"]["recipe"] == "plain" and resumed["args"]["batch_size"] == 16  # its own batch
