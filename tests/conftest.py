@@ -101,6 +101,14 @@ TINY_GAN = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "16"]
 TINY_VAE = ["--recipe", "plain", "--widths", "8,16", "--latent-dim", "8", "--batch-size", "16"]
 
 
+def vae_args(flags: list[str]):
+    """train_vae.py's settings for these flags, with the defaults its recipe fills."""
+    import train_vae
+    args = train_vae.build_parser().parse_args(flags)
+    train_vae.fill_defaults(args)
+    return args
+
+
 @pytest.fixture(scope="session")
 def ckpts(data_root, tmp_path_factory):
     """One epoch each of a conditional GAN with EMA, an unconditional GAN without, and both VAEs."""

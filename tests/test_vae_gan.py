@@ -18,7 +18,8 @@ import checkpoints
 import errors
 import loop
 import train_vae
-from conftest import TINY_VAE, run_script, states_equal, stopped_and_resumed, straight_and_resumed, write_npz
+from conftest import (TINY_VAE, run_script, states_equal, stopped_and_resumed, straight_and_resumed, vae_args,
+                      write_npz)
 from data import Dataset
 from models.dcgan import discriminator_loss
 from models.vae import VAE, PatchDiscriminator
@@ -126,8 +127,7 @@ def test_auxiliary_classifier_names_the_class_from_the_image_alone():
 def test_class_loss_trains_the_classifier_on_real_images_and_asks_the_vae_for_named_reconstructions():
     """The D step adds the cross-entropy of the real images' classes alone (not of the
     reconstructions'), and the VAE's loss gains the class_loss term from D's classifier."""
-    args = train_vae.build_parser().parse_args(["--device", "cpu", *TINY_VAE, "--adversarial", "0.01",
-                                                "--class-loss", "0.01", "--no-critic-labels"])
+    args = vae_args(["--device", "cpu", *TINY_VAE, "--adversarial", "0.01", "--class-loss", "0.01", "--no-critic-labels"])
     torch.manual_seed(0)
     trainer = train_vae.VAETrainer(args, Dataset("bloodmnist", 64), torch.device("cpu"))
     x, labels = torch.rand(16, 3, 64, 64), torch.arange(16) % 8
@@ -171,7 +171,7 @@ def test_adversarial_term_is_weighed_in_squared_error_per_pixel():
 def test_each_network_learns_from_its_own_loss_only(monkeypatch):
     """A step trains D on real against reconstructed images, then the VAE on the ELBO plus the
     term from the updated D, whose weights that second backward pass leaves alone."""
-    args = train_vae.build_parser().parse_args(["--device", "cpu", *TINY_VAE, "--adversarial", "0.01"])
+    args = vae_args(["--device", "cpu", *TINY_VAE, "--adversarial", "0.01"])
     torch.manual_seed(0)
     trainer = train_vae.VAETrainer(args, Dataset("bloodmnist", 64), torch.device("cpu"))
     critic_grads = []
@@ -183,7 +183,7 @@ def test_each_network_learns_from_its_own_loss_only(monkeypatch):
     monkeypatch.setattr(trainer, "critic_step", recording)
     vae_before = [p.detach().clone() for p in trainer.model.parameters()]
     meter = loop.Meter()
-    trainer.step(torch.rand(16, 3, 64, 64), None, meter)
+    trainer.step(torch.rand(16, 3, 64, 64), torch.arange(16) % 8, meter)  # D reads the classes
     # the VAE's backward pass added nothing to D's gradients from its own step
     assert all(torch.equal(p.grad, g) for p, g in zip(trainer.D.parameters(), critic_grads[0]))
     assert all(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), vae_before))
@@ -243,8 +243,7 @@ def test_class_loss_without_a_discriminator_or_one_class_is_refused_and_writes_n
 def test_critic_labels_default_follows_the_discriminator_and_the_labels():
     for flags, expected in (([], True), (["--recipe", "plain"], False), (["--recipe", "plain", "--adversarial", "0.01"], True),
                             (["--dataset", "chestmnist", "--size", "28"], False)):
-        args = train_vae.build_parser().parse_args(flags)
-        train_vae.fill_defaults(args)
+        args = vae_args(flags)
         assert args.critic_labels is expected, flags
 
 
@@ -266,8 +265,7 @@ SETTINGS = ("batch_size", "likelihood", "augment", "schedule", "upsample", "res_
     (["--batch-size", "64", "--class-loss", "0.01"], {"batch_size": 64, "class_loss": 0.01})],
     ids=["default", "conditional", "plain", "textbook", "bernoulli", "no-adversarial", "multi-label", "typed"])
 def test_the_default_recipe_is_the_vae_gan_and_typed_flags_win(flags, changed):
-    args = train_vae.build_parser().parse_args(flags)
-    train_vae.fill_defaults(args)
+    args = vae_args(flags)
     vae_gan = dict(batch_size=16, likelihood="gaussian", augment="symmetry", schedule="cosine", upsample="resize",
                    res_blocks=1, adversarial=0.0003, class_loss=0.001)
     assert {key: getattr(args, key) for key in SETTINGS} == {**vae_gan, **changed}

@@ -13,7 +13,7 @@ import loop
 import train_gan
 import train_vae
 from data import Dataset
-from conftest import TINY_GAN, TINY_VAE, states_equal, straight_and_resumed
+from conftest import TINY_GAN, TINY_VAE, states_equal, straight_and_resumed, vae_args
 from models.dcgan import Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
 from models.vae import VAE
 
@@ -160,8 +160,7 @@ def test_vae_symmetries_feed_the_step_turned_and_mirrored_images(monkeypatch):
     one of its 8 rotations and flips; --augment none: as it is."""
     seen, x = {}, torch.rand(64, 3, 64, 64)
     for policy in ("symmetry", "none"):
-        args = train_vae.build_parser().parse_args([*TINY_VAE, "--precision", "fp32", "--no-channels-last",
-                                                    "--augment", policy])
+        args = vae_args([*TINY_VAE, "--precision", "fp32", "--no-channels-last", "--augment", policy])
         trainer = train_vae.VAETrainer(args, Dataset(), torch.device("cpu"))
 
         def record(x, logits, *rest, policy=policy, **kwargs):  # the images the loss is given
