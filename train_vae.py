@@ -54,7 +54,7 @@ RECON = 32  # validation images in each reconstruction grid, each row over its r
 # 0.001), a cosine schedule, resize upsampling, a residual block at each resolution of the decoder
 # and a batch of 16: after 25 epochs it reconstructs better than "plain" (26.26 against 26.13 dB
 # test PSNR) and samples far better (FID 19.3 against 73.5; every cell type at least 0.81 of its
-# real share, against 0.01), for about 3.5 times the time per epoch (docs/results.md).
+# real share, against 0.01), for 3.5 to 4 times the time per epoch (docs/results.md, speed.md).
 RECIPES = {"textbook": dict(batch_size=128, likelihood="bernoulli", augment="none", schedule="constant",
                             upsample="transposed", res_blocks=0, adversarial=0.0, class_loss=0.0),
            "plain": dict(batch_size=32, likelihood="gaussian", augment="symmetry", schedule="constant",
