@@ -60,8 +60,8 @@ def build_parser():
     cli.add_dataset_args(p)
     cli.add_device_and_data(p)
     p.add_argument("--batch-size", type=cli.positive_int, default=None, metavar="N",
-                   help="images per training step (default: the training script's own, 64 for the GAN "
-                        "recipes, 16 for vae-default, 32 for vae)")
+                   help="images per training step (default: the training script's own, 32 for gan-default, "
+                        "64 for the paper recipe's gan-LOSS, 16 for vae-default, 32 for vae)")
     p.add_argument("--feature-batch-size", type=cli.positive_int, default=500, metavar="N",
                    help="images per batch of the feature pass (evaluate.py's)")
     p.add_argument("--steps", type=cli.positive_int, default=10, metavar="N", help="steps per timing")

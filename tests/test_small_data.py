@@ -275,13 +275,21 @@ def test_lazy_r1_changes_only_the_batches_it_falls_on(data_root, tmp_path):
     assert not states_equal(none, due)
 
 
-@pytest.mark.parametrize("flags, r1, every", [([], 0.1, 16), (["--conditional"], 0.0, 16), (["--loss", "wgan-gp"], 0.0, 16),
+@pytest.mark.parametrize("flags, r1, every", [([], 0.1, 16), (["--conditional"], 0.1, 16), (["--loss", "wgan-gp"], 0.0, 16),
                                               (["--loss", "hinge"], 0.1, 16), (["--recipe", "paper"], 0.0, 1),
                                               (["--r1", "1", "--r1-every", "1"], 1.0, 1)])
-def test_the_default_recipe_adds_lazy_r1_without_the_condition(flags, r1, every):
+def test_the_default_recipe_adds_lazy_r1_except_under_wgan_gp(flags, r1, every):
     args = train_gan.build_parser().parse_args(flags)
     train_gan.fill_defaults(args)
     assert (args.r1, args.r1_every) == (r1, every)
+
+
+@pytest.mark.parametrize("flags, batch", [([], 32), (["--conditional"], 32), (["--recipe", "paper"], 64),
+                                         (["--batch-size", "128"], 128)])
+def test_the_default_recipe_trains_batches_of_32(flags, batch):
+    args = train_gan.build_parser().parse_args(flags)
+    train_gan.fill_defaults(args)
+    assert args.batch_size == batch
 
 
 def test_resume_is_exact_with_every_small_data_flag(data_root, tmp_path):
