@@ -54,11 +54,10 @@ RECIPES = {"paper": dict(batch_size=64, ema=0.0, augment="none", lecam=0.0, r1=0
            "small-data": dict(batch_size=32, ema=0.99, augment="symmetry", lecam=0.0, r1=0.1, r1_every=16,
                               spectral_norm=False, g_labels="batchnorm")}
 # A conditional run of small-data adds LeCam at Tseng et al.'s weight for the logistic loss: the
-# conditional D, stronger for its projection term, overpowered G late in runs without it (at a
-# batch of 64 without R1 after epoch 20; at 32 with LeCam but without R1 after epoch 20 too), and
-# with LeCam and R1 together D(x) stayed near 0.69 and the FID reached 8.0 after 25 epochs, against
-# 15.4 at a batch of 64 with LeCam alone. Without the condition LeCam lowered recall (0.40 to 0.03
-# after 25 epochs), so it stays off there.
+# conditional D, stronger for its projection term, overpowered G after epoch 20 without LeCam at a
+# batch of 64, and with LeCam but without R1 at 32; with both, D(x) fell smoothly and the FID
+# reached 8.0 after 25 epochs, against 15.4 at a batch of 64 with LeCam alone. Without the
+# condition LeCam lowered recall (0.40 to 0.03 after 25 epochs), so it stays off there.
 CONDITIONAL = {"paper": {}, "small-data": dict(lecam=0.01)}
 # What the second curves panel shows for each loss, and its reference line.
 D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),

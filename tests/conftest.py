@@ -101,6 +101,14 @@ TINY_GAN = ["--ngf", "8", "--ndf", "8", "--nz", "16", "--batch-size", "16"]
 TINY_VAE = ["--recipe", "plain", "--widths", "8,16", "--latent-dim", "8", "--batch-size", "16"]
 
 
+def gan_args(flags: list[str]):
+    """train_gan.py's settings for these flags, with the defaults its recipe and loss fill."""
+    import train_gan
+    args = train_gan.build_parser().parse_args(flags)
+    train_gan.fill_defaults(args)
+    return args
+
+
 def vae_args(flags: list[str]):
     """train_vae.py's settings for these flags, with the defaults its recipe fills."""
     import train_vae

@@ -16,7 +16,7 @@ import checkpoints
 import errors
 import loop
 import train_gan
-from conftest import TINY_GAN, states_equal, straight_and_resumed
+from conftest import TINY_GAN, gan_args, states_equal, straight_and_resumed
 from data import Dataset
 from models.dcgan import Discriminator, Generator, LeCamAnchors, r1_penalty
 
@@ -256,8 +256,7 @@ def test_the_paper_recipe_is_the_plain_dcgan(data_root, tmp_path):
 @pytest.mark.parametrize("flags, lecam", [([], 0.0), (["--conditional"], 0.01), (["--conditional", "--lecam", "0"], 0.0),
                                           (["--recipe", "paper", "--conditional"], 0.0)])
 def test_a_conditional_small_data_run_adds_lecam(flags, lecam):
-    args = train_gan.build_parser().parse_args(flags)
-    train_gan.fill_defaults(args)
+    args = gan_args(flags)
     assert args.lecam == lecam
 
 
@@ -279,16 +278,14 @@ def test_lazy_r1_changes_only_the_batches_it_falls_on(data_root, tmp_path):
                                               (["--loss", "hinge"], 0.1, 16), (["--recipe", "paper"], 0.0, 1),
                                               (["--r1", "1", "--r1-every", "1"], 1.0, 1)])
 def test_the_default_recipe_adds_lazy_r1_except_under_wgan_gp(flags, r1, every):
-    args = train_gan.build_parser().parse_args(flags)
-    train_gan.fill_defaults(args)
+    args = gan_args(flags)
     assert (args.r1, args.r1_every) == (r1, every)
 
 
 @pytest.mark.parametrize("flags, batch", [([], 32), (["--conditional"], 32), (["--recipe", "paper"], 64),
                                          (["--batch-size", "128"], 128)])
 def test_the_default_recipe_trains_batches_of_32(flags, batch):
-    args = train_gan.build_parser().parse_args(flags)
-    train_gan.fill_defaults(args)
+    args = gan_args(flags)
     assert args.batch_size == batch
 
 
