@@ -140,6 +140,9 @@ def add_common_args(p: argparse.ArgumentParser, kind: str, epochs: int, lr: floa
     p.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N",
                    help="images per step, over all processes under torchrun (each takes an equal share)")
     p.add_argument("--lr", type=positive_float, default=lr, help=lr_help)
+    p.add_argument("--schedule", choices=["constant", "cosine"], default=None,
+                   help="learning rate over the run: constant, or a cosine decay from --lr to 0 at --epochs "
+                        "(the recipe's by default)")
     p.add_argument("--seed", type=int, default=0, help="seeds weights, noise and data order")
     add_device_and_data(p)
     p.add_argument("--subset", type=positive_int, default=None, metavar="N",

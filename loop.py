@@ -21,6 +21,15 @@ def fixed_noise(n: int, dim: int, seed: int, device: torch.device) -> torch.Tens
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
+def learning_rate(base: float, schedule: str, index: int, total: int) -> float:
+    """The learning rate of step `index` (counted from 1) of a run of `total` steps: `base` all
+    along ("constant"), or falling from `base` to 0 along a half cosine ("cosine"). A function of
+    the step alone, so a resumed run needs no state for it."""
+    if schedule == "constant":
+        return base
+    return base * 0.5 * (1 + math.cos(math.pi * (index - 1) / total))
+
+
 class Meter:
     """Running means of scalar tensors, each over the steps that reported it. Values stay on the
     device until read, so logging does not stall the GPU every step. Under torchrun the means

@@ -16,7 +16,6 @@ recon_epoch_NNN.png (validation images over their reconstructions), metrics.json
 validation ELBO and PSNR, curves.png and ckpt.pt into --out.
 """
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +85,6 @@ def build_parser():
     p.add_argument("--likelihood", choices=LIKELIHOODS, default=None,
                    help="p(x|z): Gaussian with the batch's best variance (sharper reconstructions), "
                         "or Bernoulli per pixel as in Kingma & Welling")
-    p.add_argument("--schedule", choices=["constant", "cosine"], default=None,
-                   help="learning rate over the run: constant, or cosine decay from --lr to 0")
     p.add_argument("--beta", type=cli.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
     p.add_argument("--augment", choices=["symmetry", "none"], default=None,
                    help="show every training image (input and target alike) in one of the 8 rotations and "
@@ -272,9 +269,7 @@ def main(argv=None):
     for epoch in run.epochs():
         model.train()
         for index, (x, y) in run.steps(epoch):
-            if args.schedule == "cosine":  # a function of the step alone, so resume needs no state
-                progress = (index - 1) / (args.epochs * len(batches))
-                opt.param_groups[0]["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+            opt.param_groups[0]["lr"] = loop.learning_rate(args.lr, args.schedule, index, args.epochs * len(batches))
             trainer.step(x, y, run.meter)
 
         # End of epoch: sampling Gaussian, validation ELBO, samples, reconstructions, curves,
