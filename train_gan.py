@@ -28,7 +28,7 @@ import pictures
 from augment import augment, parse_policy, policy
 from data import balanced_labels, grid_labels, to_uint8
 from models import dcgan
-from models.dcgan import (LABEL_INPUTS, LOSSES, VALUE_RANGE, LeCamAnchors, discriminator_loss, generator_loss,
+from models.dcgan import (D_NORMS, LABEL_INPUTS, LOSSES, VALUE_RANGE, LeCamAnchors, discriminator_loss, generator_loss,
                           gradient_penalty, r1_penalty)
 from models.sync_batchnorm import convert_sync_batchnorm
 from run import Run
@@ -39,7 +39,7 @@ CALIBRATION = 4  # batches of noise that set the drawn generator's BatchNorm sta
 # also turns R1 off, since its gradient penalty already keeps D in check.
 LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
                  "hinge": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
-                 "wgan-gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, n_critic=5, r1=0.0)}
+                 "wgan-gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, n_critic=5, r1=0.0, d_norm="layer")}
 # The settings of each recipe (those not typed on the command line). "paper" is the DCGAN of
 # Radford et al. as pytorch/examples trains it. "small-data", the default, shows D every image in
 # one of the 8 symmetries of the square, draws from a short EMA of G, and keeps D flat on the real
@@ -51,9 +51,9 @@ LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
 # share instead of a fifth, for 26 % more time per epoch on a CPU. The learning rate stays
 # constant: decayed along a cosine to 0 it left G narrower (FID 40.5 against 16.3 after 25 epochs).
 RECIPES = {"paper": dict(batch_size=64, schedule="constant", ema=0.0, augment="none", lecam=0.0, r1=0.0, r1_every=1,
-                         spectral_norm=False, g_labels="concat"),
+                         spectral_norm=False, d_norm="batch", g_labels="concat"),
            "small-data": dict(batch_size=32, schedule="constant", ema=0.99, augment="symmetry", lecam=0.0, r1=0.1, r1_every=16,
-                              spectral_norm=False, g_labels="batchnorm")}
+                              spectral_norm=False, d_norm="batch", g_labels="batchnorm")}
 # A conditional run of small-data adds LeCam at Tseng et al.'s weight for the logistic loss: the
 # conditional D, stronger for its projection term, overpowered G after epoch 20 without LeCam at a
 # batch of 64, and with LeCam but without R1 at 32; with both, D(x) fell smoothly and the FID
@@ -96,6 +96,9 @@ def build_parser():
                         "et al. 2020): the same penalty on average at about 1/N of its cost")
     p.add_argument("--spectral-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="spectral normalisation of D's weights (Miyato et al. 2018)")
+    p.add_argument("--d-norm", choices=D_NORMS, default=None,
+                   help="what normalises D's hidden layers: BatchNorm over the batch (the DCGAN's), layer norm "
+                        "per image, or none (WGAN-GP: layer by default, and never batch, which its penalty forbids)")
     p.add_argument("--g-labels", choices=LABEL_INPUTS, default=None,
                    help="--conditional: G reads one-hot labels with z (concat), or through a class-conditional "
                         "BatchNorm in every layer (batchnorm)")
@@ -235,6 +238,9 @@ def calibration_batches(args, num_classes: int, device: torch.device) -> list[tu
 
 
 def check_settings(args, data) -> None:
+    if args.loss == "wgan-gp" and args.d_norm == "batch":
+        raise errors.UserError("--d-norm batch mixes the images of a batch, which WGAN-GP's gradient penalty "
+                               "forbids (it needs each image's own gradient); use --d-norm layer or none")
     if args.class_loss and not args.conditional:
         raise errors.UserError("--class-loss asks G for the class of each image, which only a --conditional run "
                                "has; add --conditional or drop --class-loss")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 LOSSES = ("bce", "hinge", "wgan-gp")
 LABEL_INPUTS = ("concat", "batchnorm")  # how a conditional generator reads its labels
+D_NORMS = ("batch", "layer", "none")  # what normalises D's hidden layers
 VALUE_RANGE = (-1.0, 1.0)  # the generator ends in Tanh
 
 
@@ -37,6 +38,11 @@ def _stack(image_size: int) -> tuple[int, int]:
         if n >= 2 and start * 2 ** n == image_size:
             return start, n
     raise ValueError(f"image_size must be 4 or 7 times a power of two, at least 16, got {image_size}")
+
+
+def d_norm(settings: dict) -> str:
+    """D's normalisation; runs from before --d-norm have BatchNorm, or layer norm under WGAN-GP."""
+    return settings.get("d_norm") or ("layer" if settings["loss"] == "wgan-gp" else "batch")
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -246,6 +252,6 @@ def build(settings: dict, data) -> tuple[Generator, Discriminator]:
     G = Generator(settings["nz"], settings["ngf"], data.channels, data.size, num_classes=classes,
                   labels=settings["g_labels"])
     D = Discriminator(settings["ndf"], data.channels, data.size, num_classes=classes,
-                      norm="layer" if settings["loss"] == "wgan-gp" else "batch", spectral_norm=settings["spectral_norm"],
+                      norm=d_norm(settings), spectral_norm=settings["spectral_norm"],
                       classifier=data.num_classes if settings["class_loss"] else 0)
     return G, D

@@ -18,6 +18,7 @@ import loop
 import train_gan
 from conftest import TINY_GAN, gan_args, states_equal, straight_and_resumed
 from data import Dataset
+from models import dcgan
 from models.dcgan import Discriminator, Generator, LeCamAnchors, r1_penalty
 
 
@@ -235,6 +236,39 @@ def test_a_gan_checkpoint_from_before_class_loss_resumes_without_a_classifier(da
     assert not any(k.startswith("classifier") for k in resumed["models"]["D"])
 
 
+@pytest.mark.parametrize("flags, norm", [([], "batch"), (["--recipe", "paper"], "batch"), (["--loss", "wgan-gp"], "layer"),
+                                        (["--d-norm", "none"], "none"), (["--loss", "wgan-gp", "--d-norm", "none"], "none")])
+def test_d_norm_follows_the_loss_unless_given(flags, norm):
+    assert gan_args(flags).d_norm == norm
+
+
+@pytest.mark.parametrize("norm, module", [("batch", nn.BatchNorm2d), ("layer", nn.GroupNorm), ("none", None)])
+def test_d_norm_builds_that_discriminator_and_none_mixes_no_images(norm, module):
+    args = gan_args(["--d-norm", norm, "--ndf", "8", "--ngf", "8", "--nz", "16"])
+    _, D = dcgan.build(vars(args), Dataset())
+    norms = [m for m in D.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+    assert all(isinstance(m, module) for m in norms) and (len(norms) > 0) == (module is not None)
+    if norm != "batch":  # each image's score is its own, whatever else is in the batch
+        D.train()
+        x = torch.randn(4, 3, 64, 64)
+        torch.testing.assert_close(D(x)[:2], D(x[:2]))
+
+
+def test_a_gan_checkpoint_from_before_d_norm_builds_its_discriminator():
+    for loss, module in (("bce", nn.BatchNorm2d), ("wgan-gp", nn.GroupNorm)):
+        settings = vars(gan_args(["--loss", loss, "--ndf", "8", "--ngf", "8", "--nz", "16"]))
+        del settings["d_norm"]
+        _, D = dcgan.build(settings, Dataset())
+        assert any(isinstance(m, module) for m in D.modules())
+
+
+def test_batchnorm_in_a_wgan_gp_critic_is_refused_and_writes_nothing(data_root, tmp_path):
+    with pytest.raises(errors.UserError, match="--d-norm batch mixes the images of a batch"):
+        train_gan.main(["--data-root", str(data_root), "--device", "cpu", *TINY_GAN, "--loss", "wgan-gp",
+                        "--d-norm", "batch", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
 def run_config(out):
     return json.loads((out / "config.json").read_text())
 
@@ -291,7 +325,7 @@ def test_the_default_recipe_trains_batches_of_32(flags, batch):
 
 def test_resume_is_exact_with_every_small_data_flag(data_root, tmp_path):
     flags = [*TINY_GAN, "--conditional", "--g-labels", "batchnorm", "--augment", "all", "--lecam", "0.1", "--r1", "1",
-             "--r1-every", "2", "--spectral-norm", "--ema", "0.9", "--class-loss", "1"]
+             "--r1-every", "2", "--spectral-norm", "--d-norm", "layer", "--ema", "0.9", "--class-loss", "1"]
     a, b = straight_and_resumed(train_gan.main, data_root, flags, tmp_path)
     assert states_equal(a, b) and {"G", "D", "G_ema", "lecam"} <= a["models"].keys()
     assert "classifier.weight" in a["models"]["D"]
