@@ -236,9 +236,10 @@ def test_a_gan_checkpoint_from_before_class_loss_resumes_without_a_classifier(da
     assert not any(k.startswith("classifier") for k in resumed["models"]["D"])
 
 
-@pytest.mark.parametrize("flags, norm", [([], "batch"), (["--recipe", "paper"], "batch"), (["--loss", "wgan-gp"], "layer"),
-                                        (["--d-norm", "none"], "none"), (["--loss", "wgan-gp", "--d-norm", "none"], "none")])
-def test_d_norm_follows_the_loss_unless_given(flags, norm):
+@pytest.mark.parametrize("flags, norm", [([], "none"), (["--conditional"], "batch"), (["--recipe", "paper"], "batch"),
+                                        (["--loss", "wgan-gp"], "layer"), (["--d-norm", "batch"], "batch"),
+                                        (["--loss", "wgan-gp", "--d-norm", "none"], "none")])
+def test_d_norm_follows_the_recipe_and_the_loss_unless_given(flags, norm):
     assert gan_args(flags).d_norm == norm
 
 
@@ -278,10 +279,10 @@ def test_the_paper_recipe_is_the_plain_dcgan(data_root, tmp_path):
     train_gan.main([*common, "--recipe", "paper", "--out", str(tmp_path / "paper")])
     config = run_config(tmp_path / "paper")
     assert (config["batch_size"], config["ema"], config["augment"], config["lecam"], config["r1"],
-            config["spectral_norm"]) == (64, 0.0, "none", 0.0, 0.0, False)
+            config["spectral_norm"], config["d_norm"]) == (64, 0.0, "none", 0.0, 0.0, False, "batch")
     # the same run spelled out flag by flag, on top of the default recipe
     train_gan.main([*common, "--batch-size", "64", "--ema", "0", "--augment", "none", "--lecam", "0", "--r1", "0",
-                    "--no-spectral-norm", "--out", str(tmp_path / "flags")])
+                    "--no-spectral-norm", "--d-norm", "batch", "--out", str(tmp_path / "flags")])
     a = checkpoints.load_checkpoint(tmp_path / "paper" / "ckpt.pt")
     b = checkpoints.load_checkpoint(tmp_path / "flags" / "ckpt.pt")
     assert states_equal(a, b) and set(a["models"]) == {"G", "D"}
