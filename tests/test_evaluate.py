@@ -172,7 +172,9 @@ def test_same_seed_same_numbers_at_any_batch_size(ckpts, data_root, feature_cach
         run(data_root, feature_cache, ckpts["gan"], "--n", 24, "--no-reference", "--json", tmp_path / "r.json", "--overwrite", *argv)
         scores.append(json.loads((tmp_path / "r.json").read_text())["results"][0])
     assert scores[0]["fid"] == pytest.approx(scores[1]["fid"], rel=1e-6)  # eval-mode BN: batch-independent
-    assert scores[0]["kid"] == pytest.approx(scores[1]["kid"], rel=1e-6)
+    # KID is a small difference of large kernel means, so the rounding of another batch's
+    # convolution path shows more in it than in the FID
+    assert scores[0]["kid"] == pytest.approx(scores[1]["kid"], rel=1e-5)
     assert scores[2]["fid"] != scores[0]["fid"]  # other latents
 
 
