@@ -64,6 +64,9 @@ RECIPES = {"paper": dict(batch_size=64, schedule="constant", ema=0.0, augment="n
 # condition LeCam lowered recall (0.40 to 0.03 after 25 epochs), so it stays off there. Its D keeps
 # BatchNorm, with which all of that was measured; without it, a conditional run has not been tried.
 CONDITIONAL = {"paper": {}, "small-data": dict(lecam=0.01, d_norm="batch")}
+# What a checkpoint written before a flag existed was trained with, where that is not the
+# recipe's default today: D had BatchNorm (layer norm under WGAN-GP) before --d-norm.
+OLDER = {"d_norm": dcgan.d_norm}
 # What the second curves panel shows for each loss, and its reference line.
 D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
            "wgan-gp": (["wasserstein", "gp"], None)}
@@ -251,7 +254,7 @@ def check_settings(args, data) -> None:
 
 
 def main(argv=None):
-    run = Run(build_parser(), argv, "gan", VALUE_RANGE, fill_defaults=fill_defaults, check=check_settings)
+    run = Run(build_parser(), argv, "gan", VALUE_RANGE, fill_defaults=fill_defaults, check=check_settings, older=OLDER)
     args, device, out = run.args, run.device, run.out
     if args.n_critic > args.epochs * len(run.batches):
         raise errors.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(run.batches)} "

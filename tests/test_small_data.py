@@ -236,6 +236,20 @@ def test_a_gan_checkpoint_from_before_class_loss_resumes_without_a_classifier(da
     assert not any(k.startswith("classifier") for k in resumed["models"]["D"])
 
 
+def test_a_gan_checkpoint_from_before_d_norm_resumes_with_the_batchnorm_it_was_trained_with(data_root, tmp_path):
+    common = ["--data-root", str(data_root), "--device", "cpu", "--out", str(tmp_path / "run")]
+    train_gan.main([*common, *TINY_GAN, "--d-norm", "batch", "--epochs", "1"])  # the default D before --d-norm
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    del ckpt["args"]["d_norm"]
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(errors.UserError, match="--d-norm none differs from its batch"):
+        train_gan.main([*common, "--epochs", "2", "--resume", "--d-norm", "none"])
+    train_gan.main([*common, "--epochs", "2", "--resume"])
+    resumed = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["args"]["d_norm"] == "batch"
+    assert any(k.endswith("running_mean") for k in resumed["models"]["D"])
+
+
 @pytest.mark.parametrize("flags, norm", [([], "none"), (["--conditional"], "batch"), (["--recipe", "paper"], "batch"),
                                         (["--loss", "wgan-gp"], "layer"), (["--d-norm", "batch"], "batch"),
                                         (["--loss", "wgan-gp", "--d-norm", "none"], "none")])
