@@ -162,6 +162,9 @@ class GANTrainer:
         self.D_learn = hardware.compiled(distributed.ddp(self.D, device), compile_d)
         self.D_judge = hardware.compiled(self.D, compile_d) if distributed.world_size() > 1 else self.D_learn
         self.g_params = list(self.G.parameters())
+        # A D without BatchNorm judges each image on its own, so it may judge the real and the
+        # generated images in one call: the same scores, for fewer and larger convolutions.
+        self.one_call = dcgan.d_norm(vars(args)) != "batch"
         # Without --sync-bn each process's BatchNorm statistics come from its own share of the
         # batch; averaging them after every step keeps G, D and G's EMA identical everywhere.
         self.average_buffers = distributed.world_size() > 1 and not args.sync_bn
@@ -171,6 +174,21 @@ class GANTrainer:
         models = {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {}),
                   **({"lecam": self.lecam} if self.lecam is not None else {})}
         return models, {"G": self.opt_g, "D": self.opt_d}, {"G": self.scaler_g, "D": self.scaler_d}
+
+    def judge_both(self, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor | None):
+        """D's logits for the real and the generated images (and, with --class-loss, the class
+        it names for each real image). BatchNorm in D needs two calls: each batch is normalised
+        by its own statistics, as in the DCGAN."""
+        # the classifier learns from real images only: trained on G's images too, it could learn
+        # to name G's own artefacts, and G to draw them
+        named = self.args.class_loss > 0
+        if self.one_call:
+            out = self.D_learn(torch.cat([real, fake]), None if y is None else torch.cat([y, y]), named=named)
+            logits, names = out if named else (out, None)
+            return *logits.chunk(2), None if names is None else names[:len(real)]
+        out = self.D_learn(real, y, named=named)
+        logits_real, names = out if named else (out, None)
+        return logits_real, self.D_learn(fake, y), names
 
     def step(self, real: torch.Tensor, y: torch.Tensor | None, batch_index: int, meter: loop.Meter) -> None:
         """batch_index counts batches from 1 over the whole run. D sees every image, real or
@@ -184,13 +202,7 @@ class GANTrainer:
 
             # (1) Update D on every batch: real images against generated ones of the same labels
             real, fake_seen = augment(real, self.policy), augment(fake.detach(), self.policy)
-            if args.class_loss:
-                # the classifier learns from real images only: trained on G's images too, it could
-                # learn to name G's own artefacts, and G to draw them
-                logits_real, named = self.D_learn(real, y, named=True)
-            else:
-                logits_real = self.D_learn(real, y)
-            logits_fake = self.D_learn(fake_seen, y)
+            logits_real, logits_fake, named = self.judge_both(real, fake_seen, y)
             loss_d = adversarial = discriminator_loss(args.loss, logits_real, logits_fake)
             if args.class_loss:
                 loss_d = loss_d + F.cross_entropy(named.float(), y)

@@ -277,6 +277,27 @@ def test_a_gan_checkpoint_from_before_d_norm_builds_its_discriminator():
         assert any(isinstance(m, module) for m in D.modules())
 
 
+@pytest.mark.parametrize("flags", [[], ["--conditional", "--d-norm", "none", "--class-loss", "0.1"],
+                                   ["--loss", "wgan-gp"], ["--d-norm", "batch"]])
+def test_d_judges_real_and_generated_images_in_one_call_only_without_batchnorm(flags):
+    trainer = train_gan.GANTrainer(gan_args([*TINY_GAN, "--precision", "fp32", *flags]), Dataset(), torch.device("cpu"))
+    assert trainer.one_call == ("batch" not in flags)
+    torch.manual_seed(0)
+    real, fake, y = torch.randn(6, 3, 64, 64), torch.randn(6, 3, 64, 64), torch.randint(0, 8, (6,))
+    y = y if "--conditional" in flags else None
+    trainer.one_call = True
+    together = trainer.judge_both(real, fake, y)
+    trainer.one_call = False
+    apart = trainer.judge_both(real, fake, y)
+    if "batch" in flags:  # BatchNorm normalises each call's batch: judged together, the scores change
+        assert not torch.allclose(together[0], apart[0])
+        return
+    assert (together[2] is None) == (apart[2] is None) == ("--class-loss" not in flags)
+    for a, b in zip(together, apart):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_batchnorm_in_a_wgan_gp_critic_is_refused_and_writes_nothing(data_root, tmp_path):
     with pytest.raises(errors.UserError, match="--d-norm batch mixes the images of a batch"):
         train_gan.main(["--data-root", str(data_root), "--device", "cpu", *TINY_GAN, "--loss", "wgan-gp",
