@@ -69,13 +69,36 @@ def symmetry(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Image i turned by k quarter turns and, for k >= 4, mirrored, with k = floor(8 u_i).
     Images are square (H == W), as every MedMNIST image is.
 
+    Each symmetry only moves pixels, so it is one gather of each image's pixels from the places
+    symmetry_sources(k) names: one operation on the device, in whichever memory format x is,
+    with no step that waits to learn which image takes which turn."""
+    n, c, h, w = x.shape
+    k = (u[:, 0] * 8).long().clamp(0, 7)
+    sources = symmetry_sources(h, x.device)[k]  # (B, H*W)
+    if x.is_contiguous(memory_format=torch.channels_last):  # pixels (B, H*W, C), a view
+        moved = x.permute(0, 2, 3, 1).reshape(n, h * w, c).gather(1, sources[:, :, None].expand(-1, -1, c))
+        return moved.view(n, h, w, c).permute(0, 3, 1, 2)
+    return x.reshape(n, c, h * w).gather(2, sources[:, None, :].expand(-1, c, -1)).view(n, c, h, w)
+
+
+_SOURCES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def symmetry_sources(size: int, device: torch.device) -> torch.Tensor:
+    """(8, size * size): for symmetry k, the flat index of the pixel that lands at each place.
+
     Symmetry k is three steps, each taken or not, in order: transpose H and W (odd k), flip the
-    rows (k = 1, 2, 5, 6), flip the columns (k = 2..5). Each image's steps are chosen with
-    torch.where from k on the device, so no step waits to learn which image takes which turn."""
-    k = (u[:, 0] * 8).long().clamp(0, 7).view(-1, 1, 1, 1)  # broadcast over C, H, W
-    x = torch.where(k % 2 == 1, x.transpose(2, 3), x)
-    x = torch.where((k + 1) // 2 % 2 == 1, x.flip(2), x)
-    return torch.where((k >= 2) & (k <= 5), x.flip(3), x)
+    rows (k = 1, 2, 5, 6), flip the columns (k = 2..5)."""
+    key = (size, device)
+    if key not in _SOURCES:
+        turned = []
+        for k in range(8):
+            places = torch.arange(size * size).view(size, size)
+            places = places.t() if k % 2 == 1 else places
+            places = places.flip(0) if (k + 1) // 2 % 2 == 1 else places
+            turned.append((places.flip(1) if 2 <= k <= 5 else places).flatten())
+        _SOURCES[key] = torch.stack(turned).to(device)
+    return _SOURCES[key]
 
 
 def translation(x: torch.Tensor, u: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:

@@ -51,9 +51,11 @@ def test_augmentation_is_the_same_function_for_real_and_fake():
     assert torch.equal(augment.augment(x, policy, u), augment.augment(fake, policy, u).detach())
 
 
-def test_symmetry_gives_each_image_one_of_the_eight_rotations_and_flips():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_symmetry_gives_each_image_one_of_the_eight_rotations_and_flips(memory_format):
     x = images(16)
-    out = augment.symmetry(x, torch.arange(16)[:, None] / 16.0)  # each of the 8 twice
+    out = augment.symmetry(x.contiguous(memory_format=memory_format), torch.arange(16)[:, None] / 16.0)  # each of the 8 twice
+    assert out.is_contiguous(memory_format=memory_format)  # the next convolution gets the layout it expects
     for i in range(16):
         k = i // 2
         expected = torch.rot90(x[i], k % 4, dims=(1, 2))
@@ -61,10 +63,11 @@ def test_symmetry_gives_each_image_one_of_the_eight_rotations_and_flips():
         assert torch.equal(out[i], expected)
 
 
-def test_symmetry_passes_the_gradient_back_through_the_same_turn():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_symmetry_passes_the_gradient_back_through_the_same_turn(memory_format):
     """Each symmetry moves pixels without changing them, so the gradient that reaches image i is
     the upstream gradient turned back: the inverse symmetry applied to it."""
-    x = images(16).requires_grad_(True)
+    x = images(16).contiguous(memory_format=memory_format).requires_grad_(True)
     upstream = torch.randn(16, *x.shape[1:])
     out = augment.symmetry(x, torch.arange(16)[:, None] / 16.0)
     (grad,) = torch.autograd.grad((out * upstream).sum(), x)
