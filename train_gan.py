@@ -51,7 +51,8 @@ LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
 # share instead of a fifth, for 26 % more time per epoch on a CPU. Its D has no BatchNorm, so it
 # judges each image on its own, not by the statistics of an all-real or all-generated batch: FID
 # 31.0, 18.5 and 6.1 after 5, 10 and 25 epochs against 31.2, 21.7 and 16.3 with BatchNorm, and every
-# class at 0.74 of its real share or more. The learning rate stays constant: decayed along a cosine
+# class at 0.74 of its real share or more; the whole recipe costs 10 to 11 % more time per epoch
+# than "paper" (docs/speed.md). The learning rate stays constant: decayed along a cosine
 # to 0 it left G narrower (FID 40.5 against 16.3 after 25 epochs).
 RECIPES = {"paper": dict(batch_size=64, schedule="constant", ema=0.0, augment="none", lecam=0.0, r1=0.0, r1_every=1,
                          spectral_norm=False, d_norm="batch", g_labels="concat"),
