@@ -16,6 +16,7 @@ global batch and cut to this process's rows (distributed.batch_noise), so a run'
 depend on its seed alone, resume exactly and do not depend on the number of processes.
 """
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -81,24 +82,19 @@ def symmetry(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return x.reshape(n, c, h * w).gather(2, sources[:, None, :].expand(-1, c, -1)).view(n, c, h, w)
 
 
-_SOURCES: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
+@functools.cache  # one table per image size and device
 def symmetry_sources(size: int, device: torch.device) -> torch.Tensor:
     """(8, size * size): for symmetry k, the flat index of the pixel that lands at each place.
 
     Symmetry k is three steps, each taken or not, in order: transpose H and W (odd k), flip the
     rows (k = 1, 2, 5, 6), flip the columns (k = 2..5)."""
-    key = (size, device)
-    if key not in _SOURCES:
-        turned = []
-        for k in range(8):
-            places = torch.arange(size * size).view(size, size)
-            places = places.t() if k % 2 == 1 else places
-            places = places.flip(0) if (k + 1) // 2 % 2 == 1 else places
-            turned.append((places.flip(1) if 2 <= k <= 5 else places).flatten())
-        _SOURCES[key] = torch.stack(turned).to(device)
-    return _SOURCES[key]
+    turned = []
+    for k in range(8):
+        places = torch.arange(size * size).view(size, size)
+        places = places.t() if k % 2 == 1 else places
+        places = places.flip(0) if (k + 1) // 2 % 2 == 1 else places
+        turned.append((places.flip(1) if 2 <= k <= 5 else places).flatten())
+    return torch.stack(turned).to(device)
 
 
 def translation(x: torch.Tensor, u: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:

@@ -25,8 +25,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 FORMATS = {"gan": 2, "vae": 3}
 KINDS = tuple(FORMATS)
 # Settings that a kind's checkpoints written before them lack, with the value their runs trained
-# with; load_checkpoint fills them in, so resuming and sampling both see what the weights are.
-ADDED_SETTINGS = {"gan": {"class_loss": 0.0}, "vae": {"critic_labels": False, "upsample": "transposed", "class_loss": 0.0,
+# with (or the function of the run's other settings that gives it); load_checkpoint fills them in,
+# so resuming and sampling both see what the weights are. Before --d-norm, D had BatchNorm, or
+# layer norm under WGAN-GP.
+ADDED_SETTINGS = {"gan": {"class_loss": 0.0, "d_norm": lambda s: "layer" if s["loss"] == "wgan-gp" else "batch"}, "vae": {"critic_labels": False, "upsample": "transposed", "class_loss": 0.0,
                                                      "recipe": "plain"}}
 
 
@@ -64,8 +66,14 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
                                "train_gan.py or train_vae.py?")
     if kind is not None and ckpt["kind"] != kind:
         raise errors.UserError(f"{path} was written by train_{ckpt['kind']}.py, not train_{kind}.py")
-    ckpt["args"] = {**ADDED_SETTINGS[ckpt["kind"]], **ckpt["args"]}
+    ckpt["args"] = with_added_settings(ckpt["kind"], ckpt["args"])
     return ckpt
+
+
+def with_added_settings(kind: str, saved: dict) -> dict:
+    """A checkpoint's settings with those added since it was written, as its run trained."""
+    added = {k: v(saved) if callable(v) else v for k, v in ADDED_SETTINGS[kind].items() if k not in saved}
+    return {**added, **saved}
 
 
 class MetricsLog:

@@ -33,12 +33,12 @@ class Run:
     seed, and load the training data; nothing is written until build()."""
 
     def __init__(self, parser: argparse.ArgumentParser, argv, kind: str, value_range: tuple[float, float],
-                 splits: tuple[str, ...] = ("train",), fill_defaults=None, check=None, older=None):
+                 splits: tuple[str, ...] = ("train",), fill_defaults=None, check=None):
         self.args = args = parser.parse_args(argv)
         self.kind = kind
         if args.out is None:  # the default folder names the dataset, so runs on two sets never meet
             args.out = default_out(kind, dataset_of(vars(args)))
-        self.ckpt = start_run(args, parser, kind, cli.given_flags(parser, argv), fill_defaults, older)
+        self.ckpt = start_run(args, parser, kind, cli.given_flags(parser, argv), fill_defaults)
         self.data = dataset_of(vars(args))  # as resumed: the run's own
         if args.conditional and self.data.multi_label:
             raise errors.UserError(f"--conditional: {self.data.name} is multi-label ({self.data.num_classes} findings, "
@@ -153,16 +153,14 @@ def same_kind(value, default) -> bool:
 
 
 def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: str, given: set[str],
-              fill_defaults=None, older=None) -> dict | None:
+              fill_defaults=None) -> dict | None:
     """Check --out and --resume and return the checkpoint to resume from (None for a new run);
     nothing is written yet (claim_run does that, once the data and models are ready).
 
     A new run refuses a folder that already holds a checkpoint, so no run is overwritten by
     accident. With --resume, the run's own settings are restored into `args`: a flag in `given`
-    (typed on the command line) must agree with them unless it is in RESUME_MAY_CHANGE. A setting
-    that a checkpoint lacks, written before its flag existed, is `older[key](saved)` where given:
-    what such runs used, which may not be today's default. Then `fill_defaults(args)` may fill
-    defaults that depend on other flags.
+    (typed on the command line) must agree with them unless it is in RESUME_MAY_CHANGE. Then
+    `fill_defaults(args)` may fill defaults that depend on other flags.
     """
     out = Path(args.out)
     files.check_folder(out, "--out")
@@ -174,10 +172,7 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
         if not ckpt_path.is_file():
             raise errors.UserError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
         ckpt = checkpoints.load_checkpoint(ckpt_path, kind, training=True)
-        saved, defaults = dict(ckpt["args"]), vars(parser.parse_args([]))
-        for key, value_before in (older or {}).items():
-            if key not in saved:
-                saved[key] = value_before(saved)
+        saved, defaults = ckpt["args"], vars(parser.parse_args([]))
         for key, value in vars(args).items():
             if key in THIS_MACHINE or key not in saved:
                 continue

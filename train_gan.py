@@ -66,9 +66,6 @@ RECIPES = {"paper": dict(batch_size=64, schedule="constant", ema=0.0, augment="n
 # BatchNorm: without it the FID after 25 epochs fell from 8.0 to 4.3, but a classifier trained on
 # its samples scored worse on real cells (CAS balanced accuracy 0.823 against 0.895).
 CONDITIONAL = {"paper": {}, "small-data": dict(lecam=0.01, d_norm="batch")}
-# What a checkpoint written before a flag existed was trained with, where that is not the
-# recipe's default today: D had BatchNorm (layer norm under WGAN-GP) before --d-norm.
-OLDER = {"d_norm": dcgan.d_norm}
 # What the second curves panel shows for each loss, and its reference line.
 D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
            "wgan-gp": (["wasserstein", "gp"], None)}
@@ -166,7 +163,7 @@ class GANTrainer:
         self.g_params = list(self.G.parameters())
         # A D without BatchNorm judges each image on its own, so it may judge the real and the
         # generated images in one call: the same scores, for fewer and larger convolutions.
-        self.one_call = dcgan.d_norm(vars(args)) != "batch"
+        self.one_call = args.d_norm != "batch"
         # Without --sync-bn each process's BatchNorm statistics come from its own share of the
         # batch; averaging them after every step keeps G, D and G's EMA identical everywhere.
         self.average_buffers = distributed.world_size() > 1 and not args.sync_bn
@@ -183,13 +180,13 @@ class GANTrainer:
         by its own statistics, as in the DCGAN."""
         # the classifier learns from real images only: trained on G's images too, it could learn
         # to name G's own artefacts, and G to draw them
-        named = self.args.class_loss > 0
+        with_names = self.args.class_loss > 0
         if self.one_call:
-            out = self.D_learn(torch.cat([real, fake]), None if y is None else torch.cat([y, y]), named=named)
-            logits, names = out if named else (out, None)
+            out = self.D_learn(torch.cat([real, fake]), None if y is None else torch.cat([y, y]), named=with_names)
+            logits, names = out if with_names else (out, None)
             return *logits.chunk(2), None if names is None else names[:len(real)]
-        out = self.D_learn(real, y, named=named)
-        logits_real, names = out if named else (out, None)
+        out = self.D_learn(real, y, named=with_names)
+        logits_real, names = out if with_names else (out, None)
         return logits_real, self.D_learn(fake, y), names
 
     def step(self, real: torch.Tensor, y: torch.Tensor | None, batch_index: int, meter: loop.Meter) -> None:
@@ -268,7 +265,7 @@ def check_settings(args, data) -> None:
 
 
 def main(argv=None):
-    run = Run(build_parser(), argv, "gan", VALUE_RANGE, fill_defaults=fill_defaults, check=check_settings, older=OLDER)
+    run = Run(build_parser(), argv, "gan", VALUE_RANGE, fill_defaults=fill_defaults, check=check_settings)
     args, device, out = run.args, run.device, run.out
     if args.n_critic > args.epochs * len(run.batches):
         raise errors.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(run.batches)} "

@@ -40,11 +40,6 @@ def _stack(image_size: int) -> tuple[int, int]:
     raise ValueError(f"image_size must be 4 or 7 times a power of two, at least 16, got {image_size}")
 
 
-def d_norm(settings: dict) -> str:
-    """D's normalisation; runs from before --d-norm have BatchNorm, or layer norm under WGAN-GP."""
-    return settings.get("d_norm") or ("layer" if settings["loss"] == "wgan-gp" else "batch")
-
-
 def _norm(kind: str, channels: int) -> nn.Module:
     """BatchNorm mixes the samples of a batch, which the gradient penalty of WGAN-GP forbids;
     'layer' normalises each sample on its own (GroupNorm with one group)."""
@@ -252,6 +247,6 @@ def build(settings: dict, data) -> tuple[Generator, Discriminator]:
     G = Generator(settings["nz"], settings["ngf"], data.channels, data.size, num_classes=classes,
                   labels=settings["g_labels"])
     D = Discriminator(settings["ndf"], data.channels, data.size, num_classes=classes,
-                      norm=d_norm(settings), spectral_norm=settings["spectral_norm"],
+                      norm=settings["d_norm"], spectral_norm=settings["spectral_norm"],
                       classifier=data.num_classes if settings["class_loss"] else 0)
     return G, D

@@ -276,7 +276,7 @@ def test_a_gan_checkpoint_from_before_d_norm_builds_its_discriminator():
     for loss, module in (("bce", nn.BatchNorm2d), ("wgan-gp", nn.GroupNorm)):
         settings = vars(gan_args(["--loss", loss, "--ndf", "8", "--ngf", "8", "--nz", "16"]))
         del settings["d_norm"]
-        _, D = dcgan.build(settings, Dataset())
+        _, D = dcgan.build(checkpoints.with_added_settings("gan", settings), Dataset())
         assert any(isinstance(m, module) for m in D.modules())
 
 
