@@ -28,7 +28,7 @@ KINDS = tuple(FORMATS)
 # with (or the function of the run's other settings that gives it); load_checkpoint fills them in,
 # so resuming and sampling both see what the weights are. Before --d-norm, D had BatchNorm, or
 # layer norm under WGAN-GP.
-ADDED_SETTINGS = {"gan": {"class_loss": 0.0, "d_norm": lambda s: "layer" if s["loss"] == "wgan-gp" else "batch"}, "vae": {"critic_labels": False, "upsample": "transposed", "class_loss": 0.0,
+ADDED_SETTINGS = {"gan": {"class_loss": 0.0, "d_norm": lambda s: "layer" if s.get("loss") == "wgan-gp" else "batch"}, "vae": {"critic_labels": False, "upsample": "transposed", "class_loss": 0.0,
                                                      "recipe": "plain"}}
 
 
