@@ -33,12 +33,8 @@ import torchvision.transforms as T
 from PIL import Image
 from tqdm import tqdm
 
-import cli
-import errors
-import files
-import hardware
-import loop
-import metrics
+from utils import cli, errors, files, hardware, loop
+from evaluation import metrics
 import train_gan
 import train_vae
 from data import Batches, Dataset, as_tensor, dataset_of, load

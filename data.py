@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError, warn
-from files import atomic_write
-from hardware import memory_format
+from utils.errors import UserError, warn
+from utils.files import atomic_write
+from utils.hardware import memory_format
 
 # MedMNIST v3's 2D datasets and their sizes (medmnist.INFO also lists 3D volumes, not for here)
 DATASETS = ("bloodmnist", "breastmnist", "chestmnist", "dermamnist", "octmnist", "organamnist",

@@ -46,17 +46,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import cli
-import errors
-import files
-import hardware
-import metrics
-import pictures
-import synthetic
-import vae_eval
+from utils import cli, errors, files, hardware, pictures
+from evaluation import metrics, reconstruction, studies
 from data import Batches, as_tensor, load, md5
 from models.vae import PRIORS, TEMPERATURES, VALUE_RANGE
-from sampler import Sampler
+from utils.sampling import Sampler
 
 
 def parse_args(argv=None):
@@ -147,7 +141,7 @@ def vae_measures(sampler: Sampler, test, args, fnet) -> dict:
     samples come from."""
     batches = Batches(test, args.batch_size, sampler.device, VALUE_RANGE, shuffle=False)
     kept = []  # the mean reconstructions the ELBO pass makes, with their labels
-    measures = vae_eval.evaluate(sampler.model, batches, args.seed, keep=kept)
+    measures = reconstruction.evaluate(sampler.model, batches, args.seed, keep=kept)
     out = {args.split + k.removeprefix("val"): v for k, v in measures.items()}
     if test.multi_label:
         return out
@@ -244,7 +238,7 @@ def print_memorization(rows: list[dict], split: str = "test") -> None:
           "Held-out images fall below their own 5th percentile 5 % of the time.")
 
 
-def generator(sampler: Sampler, name: str, batch_size: int) -> synthetic.Generate:
+def generator(sampler: Sampler, name: str, batch_size: int) -> studies.Generate:
     """A checkpoint as synthetic.py's generator: labels, seed -> uint8 images."""
     def generate(labels: torch.Tensor, seed: int) -> torch.Tensor:
         return sampler.decode(sampler.latents(len(labels), seed, labels), labels, batch_size, uint8=True,
@@ -261,10 +255,10 @@ def memorization(name: str, path: str, sampler: Sampler, images: torch.Tensor, f
     train, heldout = as_tensor(splits["train"].images[:subset]), as_tensor(splits[args.split].images)
     if subset not in train_features:
         train_features[subset] = metrics.predict(fnet, train, args.batch_size, desc="features: training images")[0]
-    summary, pairs = synthetic.memorization(
+    summary, pairs = studies.memorization(
         {"generated": images, "train": train, "heldout": heldout},
         {"generated": feats, "train": train_features[subset], "heldout": real["features"]}, sampler.device)
-    picture, labels = synthetic.pairs_picture(images, train, heldout, pairs)
+    picture, labels = studies.pairs_picture(images, train, heldout, pairs)
     out = beside(path, "memorization_pairs.png" if args.split == "test" else f"memorization_pairs_{args.split}.png")
     pictures.save_grid(picture, out, nrow=len(picture) // len(labels), row_labels=labels)
     return {"name": name, "checkpoint": str(path), "n_generated": len(images), "n_heldout": len(heldout),
@@ -347,13 +341,13 @@ def main(argv=None):
         total = floor + len(generators) * len(args.cas_sizes)
         total += len(runs[0]) * len(runs[1]) * (1 + len(generators)) if args.utility else 0
         print(f"\n{'Utility' if args.utility else 'CAS'}: training {total} classifier{'s' * (total != 1)} of "
-              f"{synthetic.recipe_steps(len(splits['train'])):,} steps each")
+              f"{studies.recipe_steps(len(splits['train'])):,} steps each")
         with tqdm(total=total, desc=f"{study[2:]}: classifiers", dynamic_ncols=True) as bar:
-            out["cas"] = synthetic.cas(generators, splits["train"], held, device, args.seed, fnet, bar,
+            out["cas"] = studies.cas(generators, splits["train"], held, device, args.seed, fnet, bar,
                                        args.cas_sizes, floor)
             print_cas(out["cas"], data.class_names, args.split)
             if args.utility:
-                out["augmentation"] = synthetic.augmentation(generators, splits["train"], held, device,
+                out["augmentation"] = studies.augmentation(generators, splits["train"], held, device,
                                                              *runs, args.synthetic_ratio, bar)
         if args.utility:
             print_augmentation(out["augmentation"], args.split)

@@ -19,15 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cli
-import errors
-import files
-import hardware
-import loop
-import pictures
+from utils import cli, errors, files, hardware, loop, pictures
 from data import SPLITS, Batches, Dataset, as_array, balanced_labels, grid_labels, load
 from models.vae import PRIORS, TEMPERATURES
-from sampler import Sampler
+from utils.sampling import Sampler
 
 
 def parse_args(argv=None):

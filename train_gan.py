@@ -18,20 +18,15 @@ import copy
 import torch
 import torch.nn.functional as F
 
-import cli
-import distributed
-import errors
-import hardware
-import loop
-import metrics
-import pictures
-from augment import augment, parse_policy, policy
+from utils import cli, distributed, errors, hardware, loop, pictures
+from evaluation import metrics
+from utils.augment import augment, parse_policy, policy
 from data import balanced_labels, grid_labels, to_uint8
 from models import dcgan
 from models.dcgan import (D_NORMS, LABEL_INPUTS, LOSSES, VALUE_RANGE, LeCamAnchors, discriminator_loss, generator_loss,
                           gradient_penalty, r1_penalty)
 from models.sync_batchnorm import convert_sync_batchnorm
-from run import Run
+from utils.training import Run
 
 GRID = 64  # images in each sample grid, 8 x 8 (conditional: 8 of each class, a class per row)
 CALIBRATION = 4  # batches of noise that set the drawn generator's BatchNorm statistics

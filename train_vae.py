@@ -21,20 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
-import distributed
-import errors
-import hardware
-import loop
-import metrics
-import pictures
-import vae_eval
-from augment import augment, parse_policy
+from utils import cli, distributed, errors, hardware, loop, pictures
+from evaluation import metrics, reconstruction
+from utils.augment import augment, parse_policy
 from data import Batches, dataset_of, grid_labels, to_uint8
 from models import vae
 from models.dcgan import discriminator_loss, generator_loss
 from models.vae import LIKELIHOODS, VALUE_RANGE
-from run import Run
+from utils.training import Run
 
 GRID = 64  # prior samples in each grid, 8 x 8 (by class: 8 of each, a class per row)
 CURVES = [("training loss, validation -ELBO (nats)", ["loss", "val_nelbo"], None),
@@ -276,9 +270,9 @@ def main(argv=None):
         # checkpoint. Rank 0 alone fits, evaluates and draws; the other processes never sample.
         record = run.epoch_record(epoch)
         if distributed.is_main():
-            vae_eval.fit_prior(model, batches)
+            reconstruction.fit_prior(model, batches)
             if val is not None:
-                record.update(vae_eval.evaluate(model, val, args.seed))
+                record.update(reconstruction.evaluate(model, val, args.seed))
             model.eval()
             if run.probe is not None and run.probe.due(epoch + 1):
                 record.update(run.probe(lambda eps, y: to_uint8(draw(eps, y), VALUE_RANGE)))

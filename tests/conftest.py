@@ -135,7 +135,7 @@ def ckpts(data_root, tmp_path_factory):
 def feature_cache(tmp_path_factory):
     """A folder for the feature network, and a small recipe for it (in this process only):
     evaluate.py and --eval-every then train it once, in seconds, and reuse it."""
-    import metrics
+    from evaluation import metrics
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(metrics, "RECIPE", {**metrics.RECIPE, "widths": [16, 32], "epochs": 4, "batch_size": 16, "lr": 1e-2})
         yield tmp_path_factory.mktemp("features")
@@ -145,12 +145,12 @@ def straight_and_resumed(main, data_root, flags: list[str], tmp_path: Path, epoc
     """The checkpoints of a run of `epochs` epochs straight through, and of one stopped an epoch
     earlier and resumed with only --resume, --out and --epochs typed, its settings read from its
     checkpoint. main: a training script's main()."""
-    import checkpoints
+    from utils import checkpoint
     common = ["--data-root", str(data_root), "--device", "cpu"]
     main([*common, *flags, "--epochs", str(epochs), "--out", str(tmp_path / "straight")])
     main([*common, *flags, "--epochs", str(epochs - 1), "--out", str(tmp_path / "resumed")])
     main([*common, "--epochs", str(epochs), "--out", str(tmp_path / "resumed"), "--resume"])
-    return tuple(checkpoints.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("straight", "resumed"))
+    return tuple(checkpoint.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("straight", "resumed"))
 
 
 def stopped_and_resumed(main, flags: list[str], tmp_path: Path, monkeypatch) -> tuple[dict, dict]:
@@ -158,8 +158,8 @@ def stopped_and_resumed(main, flags: list[str], tmp_path: Path, monkeypatch) -> 
     Ctrl-C, after step 3 of epoch 2 where an epoch has 4 steps) and resumed with only --resume and
     --out typed, every setting the same: this is what a resume must match when the learning rate
     follows --epochs. main: a training script's main()."""
-    import checkpoints
-    import loop
+    from utils import checkpoint
+    from utils import loop
     main([*flags, "--out", str(tmp_path / "straight")])
     steps = {"n": 0}
     real_show = loop.show_progress
@@ -173,9 +173,9 @@ def stopped_and_resumed(main, flags: list[str], tmp_path: Path, monkeypatch) -> 
         patch.setattr(loop, "show_progress", stop_at_step_6)
         with pytest.raises(SystemExit) as e:
             main([*flags, "--out", str(tmp_path / "resumed")])
-    assert e.value.code == 130 and checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
+    assert e.value.code == 130 and checkpoint.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
     main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
-    return tuple(checkpoints.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("straight", "resumed"))
+    return tuple(checkpoint.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("straight", "resumed"))
 
 
 def states_equal(a: dict, b: dict) -> bool:

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import data
-import errors
+from utils import errors
 from conftest import write_npz
-from errors import UserError
+from utils.errors import UserError
 
 BLOOD = data.Dataset()  # the default: BloodMNIST at 64
 

@@ -13,9 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import checkpoints
-import distributed
-import loop
+from utils import checkpoint, distributed, loop
 import train_gan
 from conftest import TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command
 from data import Batches, Dataset, load
@@ -46,7 +44,7 @@ def launch(nproc: int, script: str, *args) -> None:
 
 def largest_difference(a_path, b_path) -> dict[str, float]:
     """Per network, the largest absolute difference between the weights of two checkpoints."""
-    a, b = checkpoints.load_checkpoint(a_path), checkpoints.load_checkpoint(b_path)
+    a, b = checkpoint.load_checkpoint(a_path), checkpoint.load_checkpoint(b_path)
     assert a["models"].keys() == b["models"].keys()
     return {name: max((x.float() - b["models"][name][k].float()).abs().max().item()
                       for k, x in a["models"][name].items()) for name in a["models"]}
@@ -75,7 +73,7 @@ def vae_runs(data_root, tmp_path_factory):
 def test_vae_on_two_processes_learns_what_one_process_learns(vae_runs):
     # Adam divides by the gradient's running RMS, so a weight whose gradient is near zero (a rarely
     # active unit) moves by rounding differences: about 1e-5 in these 8 steps
-    a, b = (checkpoints.load_checkpoint(vae_runs / run / "ckpt.pt")["models"]["vae"] for run in ("one", "two"))
+    a, b = (checkpoint.load_checkpoint(vae_runs / run / "ckpt.pt")["models"]["vae"] for run in ("one", "two"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5
     for k in ("prior_mu", "prior_logvar"):  # learned outside DDP's forward, averaged all the same
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
@@ -96,7 +94,7 @@ def test_two_processes_write_one_run(vae_runs):
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_resume_with_another_number_of_processes(vae_runs, first, then):
     resumed = vae_runs / f"{first}_then_{then}"
-    assert checkpoints.load_checkpoint(resumed / "ckpt.pt")["epoch"] == 2
+    assert checkpoint.load_checkpoint(resumed / "ckpt.pt")["epoch"] == 2
     assert max(largest_difference(vae_runs / "one" / "ckpt.pt", resumed / "ckpt.pt").values()) < 1e-5
     assert [r["epoch"] for r in records(resumed)] == [1, 2]
 
@@ -166,7 +164,7 @@ def test_ctrl_c_under_torchrun_stops_every_process_with_one_checkpoint(data_root
     out = tmp_path / "interrupted"
     _, err = interrupt_after_first_epoch(torchrun_command(2, "train_vae.py", *common, "--epochs", 1000, "--out", out), out)
     assert err.count("checkpoint saved") == 1, err[-3000:]
-    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", "vae")
+    ckpt = checkpoint.load_checkpoint(out / "ckpt.pt", "vae")
     epochs = ckpt["epoch"] + 2
     launch(1, "train_vae.py", *common, "--epochs", epochs, "--out", out, "--resume")
     launch(1, "train_vae.py", *common, "--epochs", epochs, "--out", tmp_path / "straight")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import errors
+from utils import errors
 import evaluate
-import metrics
+from evaluation import metrics
 import train_gan
 import train_vae
 from conftest import TINY_GAN, TINY_VAE, run_script, write_npz

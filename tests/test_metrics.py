@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 from skimage.metrics import structural_similarity
 
-import metrics
+from evaluation import metrics
 from data import Dataset
 from conftest import write_npz
 from models.classifier import Classifier, random_symmetry

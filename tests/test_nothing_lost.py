@@ -14,11 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import cli
-import errors
-import files
-import pictures
+from utils import checkpoint, cli, errors, files, pictures
 import sample
 import train_gan
 import train_vae
@@ -208,7 +204,7 @@ def test_an_os_error_during_a_run_is_one_line(tmp_path, capsys):
 def test_a_vae_on_one_image_fits_its_prior(data_root, tmp_path):
     train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "1", "--subset", "1",
                     "--out", str(tmp_path / "one"), *TINY_VAE])
-    vae = checkpoints.load_checkpoint(tmp_path / "one" / "ckpt.pt")["models"]["vae"]
+    vae = checkpoint.load_checkpoint(tmp_path / "one" / "ckpt.pt")["models"]["vae"]
     assert torch.isfinite(vae["prior_scale"]).all() and torch.isfinite(vae["prior_mean"]).all()
 
 
@@ -228,7 +224,7 @@ def test_latent_map_of_a_one_image_split_is_refused(run, tmp_path):
 ])
 def test_crafted_checkpoints_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "ckpt.pt"
-    torch.save({"format": checkpoints.FORMATS.get(content["kind"]), **content}, path)
+    torch.save({"format": checkpoint.FORMATS.get(content["kind"]), **content}, path)
     before = snapshot(tmp_path)
     one_line_error(run_script("sample.py", path), message)
     one_line_error(run_script("evaluate.py", path, "--feature-cache", tmp_path / "cache"), message)
@@ -252,7 +248,7 @@ def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(run, tmp_path, k
 
 
 def test_a_feature_cache_that_is_not_ours_is_one_line(run, data_root, tmp_path):
-    import metrics
+    from evaluation import metrics
     cache = tmp_path / "cache"
     cache.mkdir()
     file = cache / f"classifier_bloodmnist_64_{metrics.md5(data_root / 'bloodmnist_64.npz')[:12]}.pt"
@@ -277,7 +273,7 @@ def test_a_gpu_run_resumes_with_device_auto_on_this_machine(data_root, tmp_path)
     ckpt["args"]["device"] = "cuda"  # as if trained on a GPU
     torch.save(ckpt, out / "ckpt.pt")
     train_vae.main(["--out", str(out), "--resume", "--epochs", "2"])  # --device auto: this machine's choice
-    assert checkpoints.load_checkpoint(out / "ckpt.pt")["epoch"] == 2
+    assert checkpoint.load_checkpoint(out / "ckpt.pt")["epoch"] == 2
 
 
 # 18. The data a checkpoint was trained on

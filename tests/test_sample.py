@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import data
-import errors
+from utils import errors
 import sample
 from conftest import run_script
 
@@ -75,7 +75,7 @@ def test_ema_is_used_unless_no_ema(ckpts, tmp_path):
 
 @pytest.mark.parametrize("name, prior", [("gan", None), ("vae", "gaussian"), ("vae", "classes")])
 def test_temperature_scales_the_draws_about_the_density_mean(ckpts, name, prior):
-    from sampler import Sampler
+    from utils.sampling import Sampler
     cpu = torch.device("cpu")
     full, cooled = (Sampler(str(ckpts[name]), cpu, prior=prior, temperature=t) for t in (1.0, 0.5))
     y = full.labels(12, seed=0)
@@ -93,7 +93,7 @@ def test_temperature_scales_the_draws_about_the_density_mean(ckpts, name, prior)
 @pytest.mark.parametrize("name, prior, expected", [("gan", None, 1.0), ("vae", "gaussian", 1.0), ("vae", "standard", 1.0),
                                                    ("vae", None, 1.2), ("vae", "classes", 1.2)])
 def test_default_temperature_is_raised_for_the_class_gaussians_only(ckpts, name, prior, expected):
-    from sampler import Sampler
+    from utils.sampling import Sampler
     cpu = torch.device("cpu")
     default, given = (Sampler(str(ckpts[name]), cpu, prior=prior, temperature=t) for t in (None, expected))
     assert default.temperature == expected

@@ -11,10 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import augment
-import checkpoints
-import errors
-import loop
+from utils import augment, checkpoint, errors, loop
 import train_gan
 from conftest import TINY_GAN, gan_args, states_equal, straight_and_resumed
 from data import Dataset
@@ -276,7 +273,7 @@ def test_a_gan_checkpoint_from_before_d_norm_builds_its_discriminator():
     for loss, module in (("bce", nn.BatchNorm2d), ("wgan-gp", nn.GroupNorm)):
         settings = vars(gan_args(["--loss", loss, "--ndf", "8", "--ngf", "8", "--nz", "16"]))
         del settings["d_norm"]
-        _, D = dcgan.build(checkpoints.with_added_settings("gan", settings), Dataset())
+        _, D = dcgan.build(checkpoint.with_added_settings("gan", settings), Dataset())
         assert any(isinstance(m, module) for m in D.modules())
 
 
@@ -321,8 +318,8 @@ def test_the_paper_recipe_is_the_plain_dcgan(data_root, tmp_path):
     # the same run spelled out flag by flag, on top of the default recipe
     train_gan.main([*common, "--batch-size", "64", "--ema", "0", "--augment", "none", "--lecam", "0", "--r1", "0",
                     "--no-spectral-norm", "--d-norm", "batch", "--out", str(tmp_path / "flags")])
-    a = checkpoints.load_checkpoint(tmp_path / "paper" / "ckpt.pt")
-    b = checkpoints.load_checkpoint(tmp_path / "flags" / "ckpt.pt")
+    a = checkpoint.load_checkpoint(tmp_path / "paper" / "ckpt.pt")
+    b = checkpoint.load_checkpoint(tmp_path / "flags" / "ckpt.pt")
     assert states_equal(a, b) and set(a["models"]) == {"G", "D"}
 
 
@@ -342,7 +339,7 @@ def test_lazy_r1_changes_only_the_batches_it_falls_on(data_root, tmp_path):
     train_gan.main([*common, "--r1", "0", "--out", str(runs["none"])])
     train_gan.main([*common, "--r1", "1", "--r1-every", "4", "--out", str(runs["late"])])
     train_gan.main([*common, "--r1", "1", "--r1-every", "3", "--out", str(runs["due"])])
-    none, late, due = (checkpoints.load_checkpoint(runs[n] / "ckpt.pt") for n in ("none", "late", "due"))
+    none, late, due = (checkpoint.load_checkpoint(runs[n] / "ckpt.pt") for n in ("none", "late", "due"))
     assert states_equal(none, late)
     assert not states_equal(none, due)
 

@@ -6,9 +6,7 @@ import json
 import pytest
 import torch
 
-import checkpoints
-import hardware
-import loop
+from utils import checkpoint, hardware, loop
 import train_gan
 import train_vae
 from conftest import TINY_GAN, TINY_VAE, run_script
@@ -53,13 +51,13 @@ def test_gan_and_vae_train_in_reduced_precision(data_root, tmp_path, precision):
     train_gan.main([*common, *TINY_GAN, "--loss", "wgan-gp", "--n-critic", "2", "--out", str(tmp_path / "gan")])
     train_vae.main([*common, *TINY_VAE, "--out", str(tmp_path / "vae")])
     for kind, scalers in (("gan", {"G", "D"}), ("vae", {"vae"})):
-        ckpt = checkpoints.load_checkpoint(tmp_path / kind / "ckpt.pt", kind)
+        ckpt = checkpoint.load_checkpoint(tmp_path / kind / "ckpt.pt", kind)
         assert set(ckpt["scalers"]) == (scalers if precision == "fp16" else set())
         record = json.loads((tmp_path / kind / "metrics.jsonl").read_text().splitlines()[-1])
         assert all(isinstance(v, (int, float)) and v == v for v in record.values())  # finite, no NaN
     # a checkpoint's scaler comes back on resume
     train_vae.main(["--resume", "--epochs", "2", "--out", str(tmp_path / "vae"), "--data-root", str(data_root), "--device", "cpu"])
-    assert checkpoints.load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")["epoch"] == 2
+    assert checkpoint.load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")["epoch"] == 2
 
 
 @pytest.mark.parametrize("module, extra", [(train_gan, TINY_GAN), (train_vae, TINY_VAE)])
@@ -79,7 +77,7 @@ def test_compiled_vae_trains_and_saves_plain_weights(data_root, tmp_path):
     pytest.importorskip("torch._inductor")
     train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "1", "--compile",
                     *TINY_VAE, "--out", str(tmp_path / "vae")])
-    ckpt = checkpoints.load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")
     assert not any(k.startswith("_orig_mod") for k in ckpt["models"]["vae"])  # loads into a plain VAE
     vae.build(ckpt["args"], Dataset()).load_state_dict(ckpt["models"]["vae"])
 
@@ -113,9 +111,9 @@ def test_resume_keeps_this_machines_optimizer_flavour(tmp_path):
     plain = torch.optim.Adam(model.parameters(), lr=1e-3)
     saved = {"models": {"m": model.state_dict()}, "optimizers": {"m": {**plain.state_dict(), "param_groups": [
         {**g, "fused": True} for g in plain.state_dict()["param_groups"]]}},
-        "meter": {"sums": {}, "counts": {}}, "rng": checkpoints.rng_state(torch.device("cpu")), "epoch": 1, "step": 0}
+        "meter": {"sums": {}, "counts": {}}, "rng": checkpoint.rng_state(torch.device("cpu")), "epoch": 1, "step": 0}
     fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
-    checkpoints.restore_training_state(saved, {"m": model}, {"m": fresh}, loop.Meter(), torch.device("cpu"))
+    checkpoint.restore_training_state(saved, {"m": model}, {"m": fresh}, loop.Meter(), torch.device("cpu"))
     assert not fresh.param_groups[0]["fused"]
 
 

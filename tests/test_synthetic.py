@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import evaluate
-import metrics
-import synthetic
+from evaluation import metrics, studies
 from conftest import make_images, run_script
 from data import Split
 
@@ -33,7 +32,7 @@ def recipe(monkeypatch):
     return lambda **settings: monkeypatch.setattr(metrics, "RECIPE", {**metrics.RECIPE, **settings})
 
 
-def real_images_of(data: Split) -> synthetic.Generate:
+def real_images_of(data: Split) -> studies.Generate:
     """A 'generator' that returns real images of the asked class, picked at random."""
     def generate(labels: torch.Tensor, seed: int) -> torch.Tensor:
         rng = np.random.default_rng(seed)
@@ -42,7 +41,7 @@ def real_images_of(data: Split) -> synthetic.Generate:
     return generate
 
 
-def noise_like(data: Split) -> synthetic.Generate:
+def noise_like(data: Split) -> studies.Generate:
     return lambda labels, seed: metrics.pixel_noise(data.images, len(labels), torch.Generator().manual_seed(seed))
 
 
@@ -74,17 +73,17 @@ def test_classification_scores_by_hand():
 
 def test_stratified_subset_keeps_every_class_and_depends_on_the_seed():
     data = split(160, 0)  # 20 images a class
-    a, b = (synthetic.stratified_subset(data, 0.1, seed) for seed in (0, 1))
+    a, b = (studies.stratified_subset(data, 0.1, seed) for seed in (0, 1))
     assert np.bincount(a.labels, minlength=NUM_CLASSES).tolist() == [2] * NUM_CLASSES
     assert not np.array_equal(a.images, b.images)
-    assert len(synthetic.stratified_subset(data, 0.001, 0)) == NUM_CLASSES  # at least one each
-    assert len(synthetic.stratified_subset(data, 1.0, 0)) == len(data)
+    assert len(studies.stratified_subset(data, 0.001, 0)) == NUM_CLASSES  # at least one each
+    assert len(studies.stratified_subset(data, 1.0, 0)) == len(data)
 
 
 def test_cas_of_real_images_matches_the_real_score_and_noise_sits_at_chance(recipe):
     recipe(**LEARNS)
     train, test = split(256, 0), split(128, 2)
-    rows = {r["name"]: r for r in synthetic.cas({"real": real_images_of(train), "noise": noise_like(train)},
+    rows = {r["name"]: r for r in studies.cas({"real": real_images_of(train), "noise": noise_like(train)},
                                                 train, test, CPU)}
     ceiling, floor = rows["real train split (ceiling)"], rows["pixel noise, real labels (floor)"]
     assert ceiling["accuracy"] > 0.9
@@ -100,7 +99,7 @@ def test_cas_reuses_a_given_ceiling_classifier(recipe):
     recipe(widths=[8], epochs=1, batch_size=16)
     train, test = split(64, 0), split(32, 2)
     given = Classifier(widths=(8,)).eval()
-    rows = synthetic.cas({}, train, test, CPU, ceiling=given)
+    rows = studies.cas({}, train, test, CPU, ceiling=given)
     expected = metrics.classification_scores(metrics.predict(given, test.images)[1], test.labels)
     assert rows[0]["accuracy"] == expected["accuracy"] and rows[0]["auc"] == expected["auc"]
 
@@ -108,7 +107,7 @@ def test_cas_reuses_a_given_ceiling_classifier(recipe):
 def test_augmentation_has_every_row_and_seed(recipe):
     recipe(widths=[8], epochs=1, batch_size=16)
     train, test = split(128, 0), split(32, 2)
-    rows = synthetic.augmentation({"copies": real_images_of(train)}, train, test, CPU,
+    rows = studies.augmentation({"copies": real_images_of(train)}, train, test, CPU,
                                   fractions=(0.25, 1.0), seeds=(0, 1, 2), ratio=2.0)
     assert [(r["fraction"], r["training_set"]) for r in rows] == [
         (0.25, "real only"), (0.25, "copies"), (1.0, "real only"), (1.0, "copies")]
@@ -127,7 +126,7 @@ def test_memorization_ratio_is_zero_for_copies_and_about_one_for_held_out_images
     train, heldout, fresh = (torch.from_numpy(make_images(n, seed)[0]).permute(0, 3, 1, 2)
                              for n, seed in ((96, 0), (96, 1), (96, 2)))
     fnet = Classifier(widths=(8, 16)).eval()  # any fixed embedding will do for the ratio
-    check = lambda generated: synthetic.memorization(
+    check = lambda generated: studies.memorization(
         {"generated": generated, "train": train, "heldout": heldout},
         {who: metrics.predict(fnet, images)[0] for who, images in
          (("generated", generated), ("train", train), ("heldout", heldout))}, CPU)

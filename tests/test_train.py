@@ -7,9 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import errors
-import loop
+from utils import checkpoint, errors, loop
 import train_gan
 import train_vae
 from conftest import (TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command, states_equal,
@@ -32,7 +30,7 @@ def test_gan_script_writes_its_run(data_root, tmp_path):
     assert 0 < records[-1]["d_x"] < 1 and 0 < records[-1]["d_g_z"] < 1
     assert Image.open(out / "samples_epoch_002.png").size == (8 * 66 + 2, 8 * 66 + 2)  # 8 x 8 grid
     assert json.loads((out / "config.json").read_text())["ngf"] == 8
-    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", "gan")
+    ckpt = checkpoint.load_checkpoint(out / "ckpt.pt", "gan")
     assert ckpt["epoch"] == 2 and ckpt["step"] == 0 and set(ckpt["models"]) == {"G", "D", "G_ema"}  # the default recipe: an EMA of G
     assert "loss_d=" in r.stderr  # the progress bar shows the losses
 
@@ -60,8 +58,8 @@ def test_resume_gives_the_same_weights(data_root, tmp_path, kind):
     module.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
     module.main([*common, "--epochs", "1", "--out", str(tmp_path / "resumed")])
     module.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
-    a = checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = checkpoints.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    a = checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = checkpoint.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
     assert b["epoch"] == 3 and states_equal(a, b)
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
@@ -74,9 +72,9 @@ def test_keep_every_keeps_epochs_that_resume_like_the_run(data_root, tmp_path):
     kept = tmp_path / "again" / "ckpt.pt"
     kept.parent.mkdir()
     kept.write_bytes((tmp_path / "run" / "ckpt_epoch_002.pt").read_bytes())
-    assert checkpoints.load_checkpoint(kept)["epoch"] == 2
+    assert checkpoint.load_checkpoint(kept)["epoch"] == 2
     train_vae.main([*common, "--epochs", "3", "--resume", "--out", str(kept.parent)])
-    assert states_equal(checkpoints.load_checkpoint(tmp_path / "run" / "ckpt.pt"), checkpoints.load_checkpoint(kept))
+    assert states_equal(checkpoint.load_checkpoint(tmp_path / "run" / "ckpt.pt"), checkpoint.load_checkpoint(kept))
     (tmp_path / "run" / "ckpt.pt").unlink()  # a kept epoch alone still marks the folder as a run
     with pytest.raises(errors.UserError, match="ckpt_epoch_002.pt"):
         train_vae.main([*common, "--epochs", "1", "--out", str(tmp_path / "run")])
@@ -91,15 +89,15 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(data_root, tmp_pat
     code, err = interrupt_after_first_epoch(script_command(script, *common, "--epochs", 1000, "--out", out), out)
     assert code == 130, err
     assert "Traceback" not in err and "checkpoint saved" in err
-    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", kind)
+    ckpt = checkpoint.load_checkpoint(out / "ckpt.pt", kind)
     epochs = ckpt["epoch"] + 2  # finish the interrupted epoch and one more
     r = run_script(script, *common, "--epochs", epochs, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     r = run_script(script, *common, "--epochs", epochs, "--out", tmp_path / "straight")
     assert r.returncode == 0, r.stderr
-    a = checkpoints.load_checkpoint(out / "ckpt.pt")
+    a = checkpoint.load_checkpoint(out / "ckpt.pt")
     assert a["epoch"] == epochs
-    assert states_equal(a, checkpoints.load_checkpoint(tmp_path / "straight" / "ckpt.pt"))
+    assert states_equal(a, checkpoint.load_checkpoint(tmp_path / "straight" / "ckpt.pt"))
 
 
 def test_the_learning_rate_schedules():
@@ -130,16 +128,16 @@ def test_cosine_schedule_resumes_exactly(data_root, tmp_path, monkeypatch, main,
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    state = lambda x: {"format": checkpoints.FORMATS["gan"], "kind": "gan", "args": {}, "epoch": 1, "step": 0, "models": {"G": {"x": x}}}
-    checkpoints.save_checkpoint(path, state(torch.ones(3)))
+    state = lambda x: {"format": checkpoint.FORMATS["gan"], "kind": "gan", "args": {}, "epoch": 1, "step": 0, "models": {"G": {"x": x}}}
+    checkpoint.save_checkpoint(path, state(torch.ones(3)))
 
     def crash(obj, f, *args, **kwargs):
         open(f, "wb").write(b"half a checkpoint")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        checkpoints.save_checkpoint(path, state(torch.zeros(3)))
-    assert torch.equal(checkpoints.load_checkpoint(path)["models"]["G"]["x"], torch.ones(3))  # the old one is intact
+        checkpoint.save_checkpoint(path, state(torch.zeros(3)))
+    assert torch.equal(checkpoint.load_checkpoint(path)["models"]["G"]["x"], torch.ones(3))  # the old one is intact
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
@@ -157,7 +155,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data_root, tmp_pat
     with pytest.raises(errors.UserError, match="diverged.*last good checkpoint"):
         train_vae.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3",
                         "--out", str(out), *TINY_VAE])
-    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", "vae")
+    ckpt = checkpoint.load_checkpoint(out / "ckpt.pt", "vae")
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in ckpt["models"]["vae"].values())
 

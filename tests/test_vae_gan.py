@@ -14,9 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
-import errors
-import loop
+from utils import checkpoint, errors, loop
 import train_vae
 from conftest import (TINY_VAE, run_script, states_equal, stopped_and_resumed, straight_and_resumed, vae_args,
                       write_npz)
@@ -286,7 +284,7 @@ def test_the_default_recipe_trains_as_its_flags_typed_out_and_resumes_exactly(da
     train_vae.main([*tiny, "--recipe", "plain",
                     "--batch-size", "16", "--schedule", "cosine", "--upsample", "resize", "--res-blocks", "1",
                     "--adversarial", "0.0003", "--class-loss", "0.001", "--out", str(tmp_path / "typed")])
-    assert states_equal(a, checkpoints.load_checkpoint(tmp_path / "typed" / "ckpt.pt"))
+    assert states_equal(a, checkpoint.load_checkpoint(tmp_path / "typed" / "ckpt.pt"))
 
 
 def test_a_checkpoint_from_before_critic_labels_resumes_without_them(data_root, tmp_path):
@@ -299,7 +297,7 @@ def test_a_checkpoint_from_before_critic_labels_resumes_without_them(data_root, 
     for key in ("critic_labels", "upsample", "class_loss", "recipe"):
         del ckpt["args"][key]
     torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
-    assert checkpoints.load_checkpoint(tmp_path / "run" / "ckpt.pt")["args"]["upsample"] == "transposed"
+    assert checkpoint.load_checkpoint(tmp_path / "run" / "ckpt.pt")["args"]["upsample"] == "transposed"
     train_vae.main([*common, "--epochs", "2", "--resume"])
     resumed = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["args"]["critic_labels"] is False

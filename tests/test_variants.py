@@ -8,8 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoints
-import loop
+from utils import checkpoint, loop
 import train_gan
 import train_vae
 from data import Dataset
@@ -131,7 +130,7 @@ def test_wgan_gp_run_uses_its_defaults_and_logs_its_estimates(data_root, tmp_pat
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"wasserstein", "gp", "loss_d"} <= records[0].keys() and "loss_g" not in records[0]
     assert "loss_g" in records[1]  # the first G step is the 5th batch, in epoch 2
-    ckpt = checkpoints.load_checkpoint(out / "ckpt.pt", "gan")
+    ckpt = checkpoint.load_checkpoint(out / "ckpt.pt", "gan")
     assert not any("running_mean" in k for k in ckpt["models"]["D"])  # no BatchNorm in the critic
     # 8 batches over 2 epochs, G on every 5th: Adam's step count in G's optimiser says 1
     assert ckpt["optimizers"]["G"]["state"][0]["step"].item() == 1

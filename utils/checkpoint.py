@@ -8,10 +8,7 @@ from pathlib import Path
 
 import torch
 
-import distributed
-import errors
-import files
-import loop
+from utils import distributed, errors, files, loop
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -4,7 +4,7 @@ the test split, and the sampling densities fitted to its training codes after ea
 import torch
 import torch.nn.functional as F
 
-import metrics
+from evaluation import metrics
 from data import Batches, to_float, to_uint8
 from models.vae import VALUE_RANGE, VAE
 

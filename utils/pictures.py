@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-import files
+from utils import files
 
 
 def save_figure(path: Path, write) -> None:

@@ -7,10 +7,7 @@ import time
 
 import torch
 
-import distributed
-import errors
-import files
-import hardware
+from utils import distributed, errors, files, hardware
 
 
 def run_main(main) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-import errors
+from utils import errors
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import errors
-import files
-import loop
+from utils import errors, files, loop
 from data import Batches, Dataset, Split, as_tensor, load, locate, md5, to_float
 from models.classifier import Classifier, random_symmetry
 

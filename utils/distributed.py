@@ -16,8 +16,7 @@ import sys
 
 import torch
 
-import errors
-import hardware
+from utils import errors, hardware
 
 
 def processes_note(batch_size: int) -> str:

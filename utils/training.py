@@ -17,14 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-import checkpoints
-import cli
-import distributed
-import errors
-import files
-import hardware
-import loop
-import metrics
+from utils import checkpoint, cli, distributed, errors, files, hardware, loop
+from evaluation import metrics
 from data import Batches, Dataset, dataset_of, load
 
 
@@ -62,20 +56,20 @@ class Run:
         the checkpoint names them); with --resume their state is restored. Then the run claims
         --out: it makes the folder, locks it and writes config.json. Returns the trainer."""
         resuming = self.ckpt_path if self.ckpt is not None else None
-        with checkpoints.from_checkpoint(resuming):  # a resumed run's settings come from the file
+        with checkpoint.from_checkpoint(resuming):  # a resumed run's settings come from the file
             trainer = make_trainer(self.args, self.data, self.device)
         self.models, self.optimizers, self.scalers = trainer.state()
         self.meter = loop.Meter()
         self.epoch, self.step = 0, 0  # finished epochs, and steps into the next
         if self.ckpt is not None:
-            with checkpoints.from_checkpoint(self.ckpt_path):
-                self.epoch, self.step = checkpoints.restore_training_state(
+            with checkpoint.from_checkpoint(self.ckpt_path):
+                self.epoch, self.step = checkpoint.restore_training_state(
                     self.ckpt, self.models, self.optimizers, self.meter, self.device, self.scalers)
         # rank 0 alone evaluates, logs and draws
         self.probe = metrics.KIDProbe(self.args, self.data, latent_dim, self.device) \
             if self.args.eval_every and distributed.is_main() else None
         claim_run(self.args, self.ckpt)  # nothing in --out has changed before this line
-        self.log = checkpoints.MetricsLog(self.out / "metrics.jsonl", keep_epochs=self.epoch) \
+        self.log = checkpoint.MetricsLog(self.out / "metrics.jsonl", keep_epochs=self.epoch) \
             if distributed.is_main() else None
         return trainer
 
@@ -115,7 +109,7 @@ class Run:
         """The checkpoint after `epoch` finished epochs and `step` steps into the next; after every
         --keep-every-th epoch a copy of it stays as ckpt_epoch_NNN.pt, so that a model a later
         epoch spoils (a GAN can collapse late) is still there to sample, score or resume."""
-        checkpoints.save_training_state(self.ckpt_path, self.kind, self.args, epoch, step, self.models,
+        checkpoint.save_training_state(self.ckpt_path, self.kind, self.args, epoch, step, self.models,
                                         self.optimizers, self.meter, self.device, self.scalers)
         every = self.args.keep_every
         if step == 0 and every and epoch % every == 0 and distributed.is_main():
@@ -171,7 +165,7 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, kind: s
     if args.resume:
         if not ckpt_path.is_file():
             raise errors.UserError(f"--resume: no checkpoint at {ckpt_path}; start a new run without --resume")
-        ckpt = checkpoints.load_checkpoint(ckpt_path, kind, training=True)
+        ckpt = checkpoint.load_checkpoint(ckpt_path, kind, training=True)
         saved, defaults = ckpt["args"], vars(parser.parse_args([]))
         for key, value in vars(args).items():
             if key in THIS_MACHINE or key not in saved:

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import distributed
-import errors
+from utils import distributed, errors
 
 
 def set_seed(seed: int) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import metrics
+from evaluation import metrics
 from data import Split, as_array, to_float
 
 Generate = Callable[[torch.Tensor, int], torch.Tensor]

@@ -5,7 +5,7 @@ import os
 import zipfile
 from pathlib import Path
 
-import errors
+from utils import errors
 
 
 @contextlib.contextmanager

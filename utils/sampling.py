@@ -4,9 +4,7 @@ holds. sample.py draws pictures and datasets with it, evaluate.py scores it."""
 import torch
 from tqdm import tqdm
 
-import checkpoints
-import loop
-import errors
+from utils import checkpoint, errors, loop
 from data import dataset_of, to_uint8
 from models import dcgan, vae
 from models.vae import PRIORS, TEMPERATURES
@@ -22,14 +20,14 @@ class Sampler:
         the standard normal noise every draw starts from: below 1, draws keep nearer the density's
         mean (the GAN's z nearer 0), trading variety for typical images; None: the density's
         default (models/vae.py TEMPERATURES), 1 for a GAN."""
-        ckpt = checkpoints.load_checkpoint(path, map_location=device)
+        ckpt = checkpoint.load_checkpoint(path, map_location=device)
         self.kind, self.args, self.device = ckpt["kind"], ckpt["args"], device
         self.epochs_trained = ckpt["epoch"]  # finished epochs, which may be fewer than args["epochs"]
         self.conditional = bool(self.args.get("conditional"))
         self.data_root = self.args.get("data_root", "data")  # what it was trained on
         self.data = dataset_of(self.args)
         self.has_ema, self.prior = False, None
-        with checkpoints.from_checkpoint(path):
+        with checkpoint.from_checkpoint(path):
             if self.kind == "gan":
                 self.model, _ = dcgan.build(self.args, self.data)
                 self.has_ema = "G_ema" in ckpt["models"]
