@@ -10,7 +10,7 @@ For each workload it times two ways of doing the same work on the same model and
   ours      the training scripts' own step (GANTrainer, VAETrainer): images
             resident on the device as uint8, channels-last, fused Adam, --precision (auto: bf16
             where the hardware has it), losses left on the device; for "features", evaluate.py's
-            feature pass (metrics.predict) on uint8 images.
+            feature pass (evaluation/features.py predict) on uint8 images.
   baseline  the usual loop: a Dataset that turns each image into a PIL image and runs
             torchvision transforms, a DataLoader with 2 workers, fp32, the default memory format,
             plain Adam, and .item() on the losses after every step.
@@ -33,14 +33,17 @@ import torchvision.transforms as T
 from PIL import Image
 from tqdm import tqdm
 
-from utils import cli, errors, files, hardware, loop
-from evaluation import metrics
 import train_gan
 import train_vae
-from data import Batches, Dataset, as_tensor, dataset_of, load
-from models.classifier import Classifier
+from data import Batches, Dataset, as_tensor, load
+from evaluation import features
 from models import dcgan, vae
+from models.classifier import Classifier
 from models.dcgan import discriminator_loss, generator_loss, gradient_penalty
+from system import errors, files, hardware
+from utils import checkpoint, cli
+from utils.log import Meter
+from utils.training import set_seed
 
 # gan-default and vae-default are the training scripts' default recipes (the GAN's augmentation,
 # EMA and R1 on every 16th batch; the VAE-GAN's discriminator), what a run costs; the gan-LOSS
@@ -106,7 +109,8 @@ def baseline_loader(split, transform, batch_size: int, workers: int, shuffle: bo
 
 def baseline_gan(args, split, device, workers: int):
     """pytorch/examples' DCGAN loop (and its WGAN-GP cousin) on our G and D."""
-    G, D = (m.to(device) for m in dcgan.build(vars(args), dataset_of(vars(args))))
+    networks = dcgan.build(vars(args), Dataset(args.dataset, args.size))
+    G, D = networks["G"].to(device), networks["D"].to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     batches = baseline_loader(split, to_symmetric(), args.batch_size, workers)
@@ -115,7 +119,7 @@ def baseline_gan(args, split, device, workers: int):
     def step():
         real, _ = next(batches)
         real = real.to(device)
-        fake = G(torch.randn(real.size(0), args.nz, device=device))
+        fake = G(torch.randn(real.size(0), args.latent_dim, device=device))
         D.zero_grad()
         loss_d = discriminator_loss(args.loss, D(real), D(fake.detach()))
         if args.loss == "wgan-gp":
@@ -135,7 +139,7 @@ def baseline_gan(args, split, device, workers: int):
 
 def baseline_vae(args, split, device, workers: int):
     """pytorch/examples' VAE loop on our VAE and its loss."""
-    model = vae.build(vars(args), dataset_of(vars(args))).to(device)
+    model = vae.build(vars(args), Dataset(args.dataset, args.size))["vae"].to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     batches = baseline_loader(split, T.ToTensor(), args.batch_size, workers)
 
@@ -171,7 +175,7 @@ def cycle_batches(batches):
 def ours_training(train, batches: Batches):
     """train(x, labels, batch_index, meter) on the run's own batches, reading the losses every 10
     steps as the training loop does."""
-    data, meter, counter = cycle_batches(batches), loop.Meter(), itertools.count(1)
+    data, meter, counter = cycle_batches(batches), Meter(), itertools.count(1)
 
     def step():
         x, y = next(data)
@@ -187,7 +191,7 @@ def ours_features(model, images: torch.Tensor, batch_size: int):
 
     def step():
         i = next(starts)
-        return metrics.predict(model, images[i:i + batch_size], batch_size)
+        return features.predict(model, images[i:i + batch_size], batch_size)
     return step
 
 
@@ -222,7 +226,7 @@ def make_step(path: str, workload: str, opts, device: torch.device, split):
     """(step, images per step) of one path for one workload."""
     if workload == "features":
         data = Dataset(opts.dataset, opts.size)
-        net = Classifier(data.num_classes, data.channels, tuple(metrics.RECIPE["widths"])).to(device).eval()
+        net = Classifier(data.num_classes, data.channels, tuple(features.RECIPE["widths"])).to(device).eval()
         if path == "baseline":
             return baseline_features(net, split, opts.feature_batch_size, device, opts.workers), opts.feature_batch_size
         images = as_tensor(split.images)  # uint8, as evaluate.py holds them
@@ -232,13 +236,14 @@ def make_step(path: str, workload: str, opts, device: torch.device, split):
     if path == "baseline":
         make = baseline_vae if workload.startswith("vae") else baseline_gan
         return make(args, split, device, opts.workers), args.batch_size
-    script = train_vae if workload.startswith("vae") else train_gan
+    kind = "vae" if workload.startswith("vae") else "gan"
+    script = train_vae if kind == "vae" else train_gan
     batches = Batches(split, args.batch_size, device, script.VALUE_RANGE, channels_last=args.channels_last)
-    data = dataset_of(vars(args))
+    networks = checkpoint.networks(kind, vars(args), Dataset(args.dataset, args.size))
     if script is train_vae:
-        trainer = train_vae.VAETrainer(args, data, device)
+        trainer = train_vae.VAETrainer(args, networks, device)
         return ours_training(lambda x, y, i, meter: trainer.step(x, y, meter), batches), args.batch_size
-    trainer = train_gan.GANTrainer(args, data, device)
+    trainer = train_gan.GANTrainer(args, networks, device)
     return ours_training(lambda x, y, i, meter: trainer.step(x, None, i, meter), batches), args.batch_size
 
 
@@ -252,7 +257,7 @@ def serve(path: str, workload: str, opts, conn, warned: set) -> None:
         if path == "ours":
             hardware.speed_up(device)
         split = load(Dataset(opts.dataset, opts.size), opts.data_root, splits=("train",))["train"]
-        loop.set_seed(0)
+        set_seed(0)
         step, batch = make_step(path, workload, opts, device, split)
         for _ in range(opts.warmup):
             step()

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.errors import UserError, warn
-from utils.files import atomic_write
-from utils.hardware import memory_format
+from system.errors import UserError, warn
+from system.files import atomic_write
+from system.hardware import memory_format
 
 # MedMNIST v3's 2D datasets and their sizes (medmnist.INFO also lists 3D volumes, not for here)
 DATASETS = ("bloodmnist", "breastmnist", "chestmnist", "dermamnist", "octmnist", "organamnist",
@@ -96,12 +96,6 @@ class Dataset:
 
     def __str__(self) -> str:
         return f"{self.name} at {self.size}x{self.size}"
-
-
-def dataset_of(settings: dict) -> Dataset:
-    """The dataset a run's settings (config.json, a checkpoint's args) name; runs that predate
-    --dataset and --size were BloodMNIST at 64."""
-    return Dataset(settings.get("dataset", "bloodmnist"), settings.get("size", 64))
 
 
 def balanced_labels(n: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:

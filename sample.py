@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import cli, errors, files, hardware, loop, pictures
 from data import SPLITS, Batches, Dataset, as_array, balanced_labels, grid_labels, load
-from models.vae import PRIORS, TEMPERATURES
-from utils.sampling import Sampler
+from models.vae import PRIORS, TEMPERATURES, VAE
+from system import errors, files, hardware
+from utils import cli, pictures
+from utils.checkpoint import Trained, load_trained
+from utils.sampling import class_draws, draw, fixed_noise, use_density
 
 
 def parse_args(argv=None):
@@ -110,82 +112,85 @@ def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor, source: st
 
 
 @torch.no_grad()
-def encode_split(sampler: Sampler, args, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_split(trained: Trained, args, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The VAE's mu over one split: (mu (N, D), labels (N,) or (N, L), images (N, C, S, S) uint8)."""
-    data = load(sampler.data, args.data_root, splits=(split,))[split]
+    data = load(trained.data, args.data_root, splits=(split,))[split]
     if len(data) < 2:
         raise errors.UserError(f"the {split} split of {args.data_root} has {len(data)} images, too few to "
                                "compare; choose another --split")
-    batches = Batches(data, args.batch_size, sampler.device, (0.0, 1.0), shuffle=False)
-    mus = [sampler.model.encode(x, y if sampler.conditional else None)[0] for x, y in batches.epoch(0)]
+    batches = Batches(data, args.batch_size, trained.device, (0.0, 1.0), shuffle=False)
+    mus = [trained.model.encode(x, y if trained.conditional else None)[0] for x, y in batches.epoch(0)]
     return torch.cat(mus), batches.labels, batches.images
 
 
-def labels_for(sampler: Sampler, n: int, cls: int | None, seed: int, by_row: bool = False) -> torch.Tensor | None:
+def labels_for(trained: Trained, n: int, cls: int | None, seed: int, by_row: bool = False) -> torch.Tensor | None:
     """The classes to draw: all `cls`; every class in turn for a conditional model; the model's
     own shares for a VAE's class mixture; None for a model that draws no classes."""
     if cls is not None:
-        return torch.full((n,), cls, device=sampler.device)
-    if not sampler.conditional:
-        return sampler.labels(n, seed)
-    classes = sampler.data.num_classes
-    return grid_labels(classes, n // classes, sampler.device) if by_row else balanced_labels(n, classes, sampler.device)
+        return torch.full((n,), cls, device=trained.device)
+    if not trained.conditional:
+        return class_draws(trained.model, n, seed)
+    classes = trained.data.num_classes
+    return grid_labels(classes, n // classes, trained.device) if by_row else balanced_labels(n, classes, trained.device)
 
 
-def every_class(sampler: Sampler, args, cls: int | None) -> bool:
+def every_class(trained: Trained, args, cls: int | None) -> bool:
     """A grid of a conditional model's classes, all of them: drawn a row per class where N allows."""
-    return sampler.conditional and cls is None and not args.npz
+    return trained.conditional and cls is None and not args.npz
 
 
-def draw(sampler: Sampler, args, out: Path, cls: int | None) -> None:
+def samples(trained: Trained, args, out: Path, cls: int | None) -> None:
     """N samples to a grid PNG (a class per row for conditional runs), or to a MedMNIST npz."""
-    classes = sampler.data.num_classes
-    by_row = every_class(sampler, args, cls) and args.n % classes == 0
-    y = labels_for(sampler, args.n, cls, args.seed, by_row)
-    images = sampler.decode(sampler.latents(args.n, args.seed, y), y, args.batch_size, uint8=bool(args.npz))
+    classes = trained.data.num_classes
+    by_row = every_class(trained, args, cls) and args.n % classes == 0
+    y = labels_for(trained, args.n, cls, args.seed, by_row)
+    noise = fixed_noise(args.n, trained.model.latent_dim, args.seed, trained.device)
+    images = draw(trained.model, noise, y, args.temperature, args.batch_size, uint8=bool(args.npz))
     if args.npz:
         if y is None:
             errors.warn("this model draws no classes; train_labels are all 0 (placeholders)")
-            y = torch.zeros(args.n, classes if sampler.data.multi_label else 1, dtype=torch.long)
+            y = torch.zeros(args.n, classes if trained.data.multi_label else 1, dtype=torch.long)
         write_npz(out, images, y, source=str(args.checkpoint))
         return
     nrow, row_labels = int(math.ceil(math.sqrt(args.n))), None
     if by_row:
-        nrow, row_labels = args.n // classes, sampler.data.class_names
+        nrow, row_labels = args.n // classes, trained.data.class_names
     pictures.save_grid(images, out, nrow=nrow, row_labels=row_labels)
 
 
-def interpolate(sampler: Sampler, args, out: Path, cls: int | None) -> None:
+def interpolate(trained: Trained, args, out: Path, cls: int | None) -> None:
     """Rows that walk on great circles between pairs of latent points; a class per row."""
-    eps = loop.fixed_noise(2 * args.n, sampler.latent_dim, args.seed, sampler.device)
-    eps = slerp(eps[:args.n], eps[args.n:], torch.linspace(0, 1, args.steps, device=sampler.device))
-    y = labels_for(sampler, args.n, cls, args.seed)  # a class per row
+    eps = fixed_noise(2 * args.n, trained.model.latent_dim, args.seed, trained.device)
+    eps = slerp(eps[:args.n], eps[args.n:], torch.linspace(0, 1, args.steps, device=trained.device))
+    y = labels_for(trained, args.n, cls, args.seed)  # a class per row
     rows = None if y is None else y[:, None].expand(-1, args.steps)
-    z = sampler.to_latent(eps, rows)  # the great circles of N(0, I), carried into the latent density
-    images = sampler.decode(z.flatten(0, 1), None if y is None else rows.flatten(), args.batch_size)
-    row_labels = None if y is None else [sampler.data.class_names[c] for c in y.tolist()]
+    # the great circles of N(0, I), carried into the latent density
+    images = draw(trained.model, eps.flatten(0, 1), None if y is None else rows.flatten(), args.temperature, args.batch_size)
+    row_labels = None if y is None else [trained.data.class_names[c] for c in y.tolist()]
     pictures.save_grid(images, out, nrow=args.steps, row_labels=row_labels)
 
 
-def arithmetic(sampler: Sampler, args, out: Path, cls: int | None) -> None:
+def arithmetic(trained: Trained, args, out: Path, cls: int | None) -> None:
     """Real FROM images (first column), then decode(z + t * (mean(TO) - mean(FROM))), t = 0..1."""
-    a, b = (parse_class(c, sampler.data) for c in args.arithmetic)
-    names, split = sampler.data.class_names, args.split or "train"
-    mu, labels, images = encode_split(sampler, args, split)
+    a, b = (parse_class(c, trained.data) for c in args.arithmetic)
+    names, split = trained.data.class_names, args.split or "train"
+    mu, labels, images = encode_split(trained, args, split)
     if not (labels == a).any() or not (labels == b).any():
         raise errors.UserError(f"the {split} split lacks {names[a]} or {names[b]} images")
     shift = mu[labels == b].mean(0) - mu[labels == a].mean(0)
     rows = torch.nonzero(labels == a).flatten()[:args.n]
-    t = torch.linspace(0, 1, args.steps, device=sampler.device)
+    t = torch.linspace(0, 1, args.steps, device=trained.device)
     z = mu[rows][:, None] + t[None, :, None] * shift  # (R, T, D)
-    decoded = sampler.decode(z.flatten(0, 1), None, args.batch_size).unflatten(0, (len(rows), args.steps))
+    with torch.no_grad():
+        decoded = torch.cat([trained.model.decode(part) for part in z.flatten(0, 1).split(args.batch_size)])
+    decoded = decoded.unflatten(0, (len(rows), args.steps))
     real = images[rows].float()[:, None] / 255
     pictures.save_grid(torch.cat([real, decoded], 1).flatten(0, 1), out, nrow=args.steps + 1)
     print(f"Rows: real {names[a]} images (first column), then z + t * (mean({names[b]}) - "
           f"mean({names[a]})) for t = 0..1 in {args.steps} steps")
 
 
-def latent_map(sampler: Sampler, args, out: Path, cls: int | None) -> None:
+def latent_map(trained: Trained, args, out: Path, cls: int | None) -> None:
     """The encoder's mu over --split (default test) in 2-D, PCA and t-SNE, coloured by class."""
     import matplotlib
     matplotlib.use("Agg")
@@ -193,7 +198,7 @@ def latent_map(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     from sklearn.manifold import TSNE
 
     split = args.split or "test"
-    mu, labels, _ = encode_split(sampler, args, split)
+    mu, labels, _ = encode_split(trained, args, split)
     mu, labels = mu.cpu().double(), labels.cpu().numpy()
     centred = mu - mu.mean(0)
     _, s, v = torch.linalg.svd(centred, full_matrices=False)
@@ -202,7 +207,7 @@ def latent_map(sampler: Sampler, args, out: Path, cls: int | None) -> None:
     print(f"t-SNE of {len(mu):,} points ...")
     tsne = TSNE(2, init="pca", perplexity=min(30.0, (len(mu) - 1) / 3), random_state=args.seed).fit_transform(mu.numpy())
     fig, axes = plt.subplots(1, 2, figsize=(13, 6))
-    names = sampler.data.class_names
+    names = trained.data.class_names
     colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     groups = [(labels == c, f"{names[c]} ({(labels == c).sum()})", colours(c)) for c in range(len(names))] \
         if labels.ndim == 1 else [(slice(None), f"all {len(labels)} images (multi-label: no one class)", "tab:blue")]
@@ -236,32 +241,33 @@ def output_path(args, folder: Path, data: Dataset) -> Path:
 def main(argv=None):
     args = parse_args(argv)
     device = hardware.pick_device(args.device)
-    sampler = Sampler(args.checkpoint, device, use_ema=not args.no_ema, prior=args.prior, temperature=args.temperature)
-    args.data_root = args.data_root or sampler.data_root
-    if args.cls is not None and not sampler.labelled:
+    trained = load_trained(args.checkpoint, device, use_ema=not args.no_ema)
+    use_density(trained.model, args.prior)
+    args.data_root = args.data_root or trained.settings["data_root"]
+    if args.cls is not None and not trained.model.draws_classes:
         raise errors.UserError(f"--class needs a conditional checkpoint or a VAE drawn from its class mixture "
                                f"(--prior classes); {args.checkpoint} is neither")
-    if (args.arithmetic or args.latent_map) and sampler.kind != "vae":
+    if (args.arithmetic or args.latent_map) and not isinstance(trained.model, VAE):
         raise errors.UserError(f"--{'arithmetic' if args.arithmetic else 'latent-map'} works on the VAE's "
                                f"encoder; {args.checkpoint} is a GAN")
-    if args.arithmetic and sampler.data.multi_label:
-        raise errors.UserError(f"--arithmetic moves images from one class to another; {sampler.data.name} is "
+    if args.arithmetic and trained.data.multi_label:
+        raise errors.UserError(f"--arithmetic moves images from one class to another; {trained.data.name} is "
                                "multi-label and has no one class per image")
-    if args.arithmetic and sampler.conditional:
+    if args.arithmetic and trained.conditional:
         raise errors.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
                                "class out of z (decode with --class instead)")
     if args.npz and (args.interpolate or args.arithmetic or args.latent_map):
         raise errors.UserError("--npz writes drawn samples; it does not combine with the other modes")
-    cls = parse_class(args.cls, sampler.data) if args.cls is not None else None
-    out = output_path(args, Path(args.checkpoint).parent, sampler.data)
+    cls = parse_class(args.cls, trained.data) if args.cls is not None else None
+    out = output_path(args, Path(args.checkpoint).parent, trained.data)
     if args.n is None:  # a conditional grid: a row of 8 per class, as in training
-        by_class = every_class(sampler, args, cls)
-        args.n = 8 if args.interpolate or args.arithmetic else 8 * sampler.data.num_classes if by_class else 64
+        by_class = every_class(trained, args, cls)
+        args.n = 8 if args.interpolate or args.arithmetic else 8 * trained.data.num_classes if by_class else 64
 
     mode = latent_map if args.latent_map else arithmetic if args.arithmetic else \
-        interpolate if args.interpolate else draw
+        interpolate if args.interpolate else samples
     note = files.replaced_note(out)
-    mode(sampler, args, out, cls)
+    mode(trained, args, out, cls)
     print(f"Wrote {out}{note}")
 
 

@@ -13,20 +13,22 @@ Every epoch writes samples_epoch_NNN.png (the same fixed noise each time, so epo
 class per row when conditional), metrics.jsonl, curves.png and ckpt.pt into --out.
 """
 import argparse
-import copy
 
 import torch
 import torch.nn.functional as F
 
-from utils import cli, distributed, errors, hardware, loop, pictures
-from evaluation import metrics
-from utils.augment import augment, parse_policy, policy
-from data import balanced_labels, grid_labels, to_uint8
-from models import dcgan
-from models.dcgan import (D_NORMS, LABEL_INPUTS, LOSSES, VALUE_RANGE, LeCamAnchors, discriminator_loss, generator_loss,
-                          gradient_penalty, r1_penalty)
+from data import Dataset, balanced_labels, grid_labels
+from evaluation.probe import KID_PANEL, KIDProbe
+from models.dcgan import (D_NORMS, LABEL_INPUTS, LOSSES, VALUE_RANGE, discriminator_loss, ema_decay, ema_update,
+                          generator_loss, gradient_penalty, r1_penalty, recalibrate_batchnorm)
 from models.sync_batchnorm import convert_sync_batchnorm
-from utils.training import Run
+from system import distributed, errors, hardware
+from utils import cli, pictures, resume
+from utils.augment import augment, parse_policy, policy
+from system.errors import Interrupted
+from utils.log import Meter
+from utils.sampling import fixed_noise
+from utils.training import Run, learning_rate
 
 GRID = 64  # images in each sample grid, 8 x 8 (conditional: 8 of each class, a class per row)
 CALIBRATION = 4  # batches of noise that set the drawn generator's BatchNorm statistics
@@ -36,30 +38,16 @@ LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
                  "hinge": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
                  "wgan-gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, n_critic=5, r1=0.0, d_norm="layer")}
 # The settings of each recipe (those not typed on the command line). "paper" is the DCGAN of
-# Radford et al. as pytorch/examples trains it. "small-data", the default, shows D every image in
-# one of the 8 symmetries of the square, draws from a short EMA of G, and keeps D flat on the real
-# images with R1 on every 16th batch: without R1 D won and G collapsed in one run (an H200, epoch
-# 19) and nearly in another (a CPU, epoch 23); with it D(x) fell smoothly in every run, for about
-# 10 % more time (docs/results.md). R1 on every batch scored best after 25 epochs but doubled the
-# time of an epoch. Its batch of 32 gives G twice the steps of an epoch of 64: FID 31.2, 21.7 and
-# 16.3 after 5, 10 and 25 epochs against 47.5, 27.7 and 21.3, and basophils at half their real
-# share instead of a fifth, for 26 % more time per epoch on a CPU. Its D has no BatchNorm, so it
-# judges each image on its own, not by the statistics of an all-real or all-generated batch: FID
-# 31.0, 18.5 and 6.1 after 5, 10 and 25 epochs against 31.2, 21.7 and 16.3 with BatchNorm, and every
-# class at 0.74 of its real share or more; the whole recipe costs 10 to 11 % more time per epoch
-# than "paper" (docs/speed.md). The learning rate stays constant: decayed along a cosine
-# to 0 it left G narrower (FID 40.5 against 16.3 after 25 epochs).
+# Radford et al. as pytorch/examples trains it. "small-data", the default, is the DCGAN for a
+# training set of some 12,000 images: every image in one of the 8 symmetries of the square, an EMA
+# of G, lazy R1, a batch of 32 and D without BatchNorm, each measured against the paper's choice
+# over 25 epochs (docs/results.md, "The DCGAN recipes, side by side").
 RECIPES = {"paper": dict(batch_size=64, schedule="constant", ema=0.0, augment="none", lecam=0.0, r1=0.0, r1_every=1,
                          spectral_norm=False, d_norm="batch", g_labels="concat"),
            "small-data": dict(batch_size=32, schedule="constant", ema=0.99, augment="symmetry", lecam=0.0, r1=0.1, r1_every=16,
                               spectral_norm=False, d_norm="none", g_labels="batchnorm")}
-# A conditional run of small-data adds LeCam at Tseng et al.'s weight for the logistic loss: the
-# conditional D, stronger for its projection term, overpowered G after epoch 20 without LeCam at a
-# batch of 64, and with LeCam but without R1 at 32; with both, D(x) fell smoothly and the FID
-# reached 8.0 after 25 epochs, against 15.4 at a batch of 64 with LeCam alone. Without the
-# condition LeCam lowered recall (0.40 to 0.03 after 25 epochs), so it stays off there. Its D keeps
-# BatchNorm: without it the FID after 25 epochs fell from 8.0 to 4.3, but a classifier trained on
-# its samples scored worse on real cells (CAS balanced accuracy 0.823 against 0.895).
+# A conditional D, stronger for its projection term, overpowers G without LeCam, and its samples
+# teach a classifier more with BatchNorm kept in D (docs/results.md, "The conditional DCGAN").
 CONDITIONAL = {"paper": {}, "small-data": dict(lecam=0.01, d_norm="batch")}
 # What the second curves panel shows for each loss, and its reference line.
 D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
@@ -107,7 +95,8 @@ def build_parser():
                    help="--conditional: D also names the class of every real image (an auxiliary classifier, "
                         "Odena et al. 2017), and G's loss adds W times the cross-entropy of its images' asked-for "
                         "classes under it; 0 turns it off")
-    p.add_argument("--nz", type=cli.positive_int, default=100, help="size of the noise vector z")
+    p.add_argument("--latent-dim", "--nz", type=cli.positive_int, default=100, metavar="N",
+                   help="size of the noise vector z (--nz, as pytorch/examples names it, is the same flag)")
     p.add_argument("--ngf", type=cli.positive_int, default=64, help="generator width")
     p.add_argument("--ndf", type=cli.positive_int, default=64, help="discriminator width")
     p.add_argument("--sync-bn", action="store_true",
@@ -132,15 +121,17 @@ class GANTrainer:
     batch. Losses stay on the device in `meter`; nothing in a step waits for the device.
     """
 
-    def __init__(self, args, data, device: torch.device):
+    def __init__(self, args, networks: dict, device: torch.device):
+        """networks: models/dcgan.py build()'s, by their checkpoint names."""
         self.args = args
         fmt = hardware.memory_format(args.channels_last)
-        models = dcgan.build(vars(args), data)
-        if args.sync_bn:
-            models = map(convert_sync_batchnorm, models)
-        self.G, self.D = (m.to(device, memory_format=fmt) for m in models)
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if args.ema else None
-        self.lecam = LeCamAnchors().to(device) if args.lecam else None
+        self.networks = {name: (convert_sync_batchnorm(m) if args.sync_bn else m).to(device, memory_format=fmt)
+                         for name, m in networks.items()}
+        self.G, self.D = self.networks["G"], self.networks["D"]
+        self.G_ema = self.networks.get("G_ema")
+        if self.G_ema is not None:
+            self.G_ema.eval().requires_grad_(False)  # averaged, never trained
+        self.lecam = self.networks.get("lecam")
         self.policy = parse_policy(args.augment)
         betas = (args.beta1, args.beta2)
         self.opt_g, self.opt_d = hardware.adam(self.G.parameters(), args.lr, betas), hardware.adam(self.D.parameters(), args.lr, betas)
@@ -162,12 +153,12 @@ class GANTrainer:
         # Without --sync-bn each process's BatchNorm statistics come from its own share of the
         # batch; averaging them after every step keeps G, D and G's EMA identical everywhere.
         self.average_buffers = distributed.world_size() > 1 and not args.sync_bn
+        # what grids, KID and sample.py draw from
+        self.drawn = self.G_ema if self.G_ema is not None else self.G
 
     def state(self) -> tuple[dict, dict, dict]:
-        """Models, optimisers and scalers, as the checkpoint names them."""
-        models = {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {}),
-                  **({"lecam": self.lecam} if self.lecam is not None else {})}
-        return models, {"G": self.opt_g, "D": self.opt_d}, {"G": self.scaler_g, "D": self.scaler_d}
+        """Networks, optimisers and scalers, as the checkpoint names them."""
+        return self.networks, {"G": self.opt_g, "D": self.opt_d}, {"G": self.scaler_g, "D": self.scaler_d}
 
     def judge_both(self, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor | None):
         """D's logits for the real and the generated images (and, with --class-loss, the class
@@ -184,7 +175,7 @@ class GANTrainer:
         logits_real, names = out if with_names else (out, None)
         return logits_real, self.D_learn(fake, y), names
 
-    def step(self, real: torch.Tensor, y: torch.Tensor | None, batch_index: int, meter: loop.Meter) -> None:
+    def step(self, real: torch.Tensor, y: torch.Tensor | None, batch_index: int, meter: Meter) -> None:
         """batch_index counts batches from 1 over the whole run. D sees every image, real or
         generated, through --augment (each time with new random parameters)."""
         args = self.args
@@ -192,7 +183,7 @@ class GANTrainer:
         b = real.shape[0]  # this process's share of the batch
         with self.precision.autocast():
             with torch.set_grad_enabled(g_step):
-                fake = self.G_learn(distributed.batch_noise(torch.randn, b, args.nz, device=real.device), y)
+                fake = self.G_learn(distributed.batch_noise(torch.randn, b, args.latent_dim, device=real.device), y)
 
             # (1) Update D on every batch: real images against generated ones of the same labels
             real, fake_seen = augment(real, self.policy), augment(fake.detach(), self.policy)
@@ -238,19 +229,42 @@ class GANTrainer:
         if self.average_buffers:
             distributed.average_buffers(self.G, self.D)
         if g_step and self.G_ema is not None:
-            loop.ema_update(self.G_ema, self.G, loop.ema_decay(args.ema, batch_index // args.n_critic - 1))
+            ema_update(self.G_ema, self.G, ema_decay(args.ema, batch_index // args.n_critic - 1))
+
+
+    def end_of_epoch(self, calibration: list[tuple]) -> None:
+        """Before drawing: the BatchNorm statistics of each generator that may be drawn (the EMA,
+        and the raw G, which sample.py --no-ema draws) re-estimated on the fixed calibration noise."""
+        generators = [self.G] + ([self.G_ema] if self.G_ema is not None else [])
+        for generator in generators:
+            recalibrate_batchnorm(generator, calibration)
+        if self.average_buffers:
+            distributed.average_buffers(*generators)
 
 
 def calibration_batches(args, num_classes: int, device: torch.device) -> list[tuple]:
     """CALIBRATION batches of fixed noise (and balanced labels), the same every epoch, over which
     the drawn generator's BatchNorm statistics are re-estimated before it draws. Under torchrun
     each process takes its own share of each batch, as in training."""
-    z = loop.fixed_noise(CALIBRATION * args.batch_size, args.nz, args.seed + 2, device).split(args.batch_size)
+    z = fixed_noise(CALIBRATION * args.batch_size, args.latent_dim, args.seed + 2, device).split(args.batch_size)
     y = balanced_labels(CALIBRATION * args.batch_size, num_classes, device).split(args.batch_size) if args.conditional else None
     return [(distributed.own_rows(z[i]), None if y is None else distributed.own_rows(y[i])) for i in range(CALIBRATION)]
 
 
+def parse_args(argv=None) -> tuple[argparse.Namespace, dict | None]:
+    """The run's settings: the flags typed, with --resume the run's own (from its checkpoint,
+    returned too), and the recipe's and the loss's defaults for the rest."""
+    args, ckpt = resume.settings(build_parser(), argv, "gan")
+    fill_defaults(args)
+    check_settings(args, Dataset(args.dataset, args.size))
+    return args, ckpt
+
+
 def check_settings(args, data) -> None:
+    """Combinations of settings that cannot train on `data` (what medmnist.INFO says of it)."""
+    if args.conditional and data.multi_label:
+        raise errors.UserError(f"--conditional: {data.name} is multi-label ({data.num_classes} findings, "
+                               "several per image), so there is no one class to condition on; train without it")
     if args.loss == "wgan-gp" and args.d_norm == "batch":
         raise errors.UserError("--d-norm batch mixes the images of a batch, which WGAN-GP's gradient penalty "
                                "forbids (it needs each image's own gradient); use --d-norm layer or none")
@@ -260,53 +274,55 @@ def check_settings(args, data) -> None:
 
 
 def main(argv=None):
-    run = Run(build_parser(), argv, "gan", VALUE_RANGE, fill_defaults=fill_defaults, check=check_settings)
-    args, device, out = run.args, run.device, run.out
-    if args.n_critic > args.epochs * len(run.batches):
-        raise errors.UserError(f"--n-critic {args.n_critic} is more than the run's {args.epochs * len(run.batches)} "
-                               "steps, so G would never learn; lower --n-critic or train longer")
-    trainer = run.build(GANTrainer, args.nz)
-    G, D = trainer.G, trainer.D
-    drawn = trainer.G_ema if trainer.G_ema is not None else G  # what grids, KID and sample.py draw from
-    noise_labels = grid_labels(run.data.num_classes, GRID // 8, device) if args.conditional else None
-    noise = loop.fixed_noise(GRID if noise_labels is None else len(noise_labels), args.nz, args.seed, device)
-    calibration = calibration_batches(args, run.data.num_classes, device)
+    args, ckpt = parse_args(argv)
+    run = Run(args, "gan", ckpt, VALUE_RANGE)
+    steps = args.epochs * len(run.batches)
+    if args.n_critic > steps:  # the one setting checked against the data file's size
+        raise errors.UserError(f"--n-critic {args.n_critic} is more than the run's {steps} steps, so G would "
+                               "never learn; lower --n-critic or train longer")
+    device, out, classes = run.device, run.out, run.data.num_classes
+    trainer = GANTrainer(args, run.networks(), device)
+    probe = KIDProbe(args, run.data, args.latent_dim, device) if args.eval_every and distributed.is_main() else None
+    run.start(*trainer.state())
+    G, D, drawn = trainer.G, trainer.D, trainer.drawn
+    grid_y = grid_labels(classes, GRID // 8, device) if args.conditional else None
+    grid_z = fixed_noise(GRID if grid_y is None else len(grid_y), args.latent_dim, args.seed, device)
+    calibration = calibration_batches(args, classes, device)
     print(f"GAN on {run.data} ({args.recipe} recipe, {args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
           f"parameters; {len(run.batches.labels):,} training images, {len(run.batches)} steps per epoch on "
           f"{device}{distributed.processes_note(args.batch_size)}, {trainer.precision.name}")
 
-    for epoch in run.epochs():
-        G.train(), D.train()
-        for index, (real, y) in run.steps(epoch):
-            lr = loop.learning_rate(args.lr, args.schedule, index, args.epochs * len(run.batches))
-            for opt in (trainer.opt_g, trainer.opt_d):
-                opt.param_groups[0]["lr"] = lr
-            trainer.step(real, y if args.conditional else None, index, run.meter)
+    try:
+        for epoch in run.epochs():
+            G.train(), D.train()
+            for index, (real, y) in run.steps(epoch):
+                lr = learning_rate(args.lr, args.schedule, index, steps)
+                for opt in (trainer.opt_g, trainer.opt_d):
+                    opt.param_groups[0]["lr"] = lr
+                trainer.step(real, y if args.conditional else None, index, run.meter)
 
-        # End of epoch: BatchNorm statistics of each generator that may be drawn (the EMA, and
-        # the raw G, which sample.py --no-ema draws), metrics (and KID), a sample grid from the
-        # fixed noise, curves, checkpoint
-        generators = [G] + ([trainer.G_ema] if trainer.G_ema is not None else [])
-        for generator in generators:
-            loop.recalibrate_batchnorm(generator, calibration)
-        if trainer.average_buffers:
-            distributed.average_buffers(*generators)
-        record = {**run.epoch_record(epoch), "seconds": run.seconds()}
-        if distributed.is_main():
-            drawn.eval()
-            if run.probe is not None and run.probe.due(epoch + 1):
-                record.update(run.probe(lambda z, y: to_uint8(drawn(z, y), VALUE_RANGE)))
-            run.log.write(record)
-            with torch.no_grad():
-                pictures.save_grid(drawn(noise, noise_labels) * 0.5 + 0.5, out / f"samples_epoch_{epoch + 1:03d}.png",
-                                   row_labels=run.data.class_names if args.conditional else None)
-            keys, line = D_PANEL[args.loss]
-            pictures.plot_curves(run.log.records, out / "curves.png", [
-                ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line),
-                ("penalties", ["r1", "lecam"], None),
-                ("D's classes right (--class-loss)", ["d_named", "fake_named"], None), metrics.KID_PANEL])
-        run.save(epoch + 1)
+            # End of epoch: BatchNorm statistics of the generators that draw, metrics (and KID), a
+            # sample grid from the fixed noise, curves. Rank 0 alone evaluates, logs and draws.
+            trainer.end_of_epoch(calibration)
+            record = {**run.epoch_record(epoch), "seconds": run.seconds()}
+            if distributed.is_main():
+                drawn.eval()
+                if probe is not None and probe.due(epoch + 1):
+                    record.update(probe(drawn))
+                run.log.write(record)
+                with torch.no_grad():
+                    pictures.save_grid(drawn.generate(grid_z, grid_y), out / f"samples_epoch_{epoch + 1:03d}.png",
+                                       row_labels=run.data.class_names if args.conditional else None)
+                keys, line = D_PANEL[args.loss]
+                pictures.plot_curves(run.log.records, out / "curves.png", [
+                    ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line),
+                    ("penalties", ["r1", "lecam"], None),
+                    ("D's classes right (--class-loss)", ["d_named", "fake_named"], None), KID_PANEL])
+            run.save(epoch + 1)
+    except Interrupted as stop:  # Ctrl-C: the run so far, to continue with --resume
+        run.save(stop.epoch, stop.step)
+        raise
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 
 

@@ -21,14 +21,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import cli, distributed, errors, hardware, loop, pictures
-from evaluation import metrics, reconstruction
-from utils.augment import augment, parse_policy
-from data import Batches, dataset_of, grid_labels, to_uint8
+from data import Batches, Dataset, grid_labels, to_float
+from evaluation.probe import KID_PANEL, KIDProbe
+from evaluation.reconstruction import evaluate
 from models import vae
 from models.dcgan import discriminator_loss, generator_loss
 from models.vae import LIKELIHOODS, VALUE_RANGE
-from utils.training import Run
+from system import distributed, errors, hardware
+from utils import cli, pictures, resume
+from utils.augment import augment, parse_policy
+from system.errors import Interrupted
+from utils.log import Meter
+from utils.sampling import fixed_noise
+from utils.training import Run, learning_rate
 
 GRID = 64  # prior samples in each grid, 8 x 8 (by class: 8 of each, a class per row)
 CURVES = [("training loss, validation -ELBO (nats)", ["loss", "val_nelbo"], None),
@@ -37,25 +42,23 @@ CURVES = [("training loss, validation -ELBO (nats)", ["loss", "val_nelbo"], None
           ("validation PSNR (dB)", ["val_psnr"], None),
           ("patch discriminator (--adversarial)", ["d_x", "d_recon"], None),
           ("D's classes right (--class-loss)", ["d_named", "recon_named"], None),
-          metrics.KID_PANEL]
+          KID_PANEL]
 RECON = 32  # validation images in each reconstruction grid, each row over its reconstruction
 # The settings of each recipe (those not typed on the command line). "textbook" is the VAE of
 # pytorch/examples (Kingma & Welling's Bernoulli likelihood, batch 128, constant rate) on this
 # repo's encoder and decoder. "plain" is the VAE alone with the calibrated Gaussian likelihood and
 # the 8 symmetries of the square. "vae-gan", the default, adds a patch discriminator that judges
-# the reconstructions as cells of their class and names their class (weak terms: 0.0003 and
-# 0.001), a cosine schedule, resize upsampling, a residual block at each resolution of the decoder
-# and a batch of 16: after 25 epochs it reconstructs better than "plain" (26.26 against 26.13 dB
-# test PSNR) and samples far better (FID 19.3 against 73.5; every cell type at least 0.81 of its
-# real share, against 0.01), for 3.5 to 4 times the time per epoch (docs/results.md, speed.md).
+# and names the reconstructions, a cosine schedule, resize upsampling and a residual block per
+# resolution: it samples far better than "plain" at 3.5 to 4 times its time per epoch
+# (docs/results.md, "The VAE-GAN" and "The default recipe").
 RECIPES = {"textbook": dict(batch_size=128, likelihood="bernoulli", augment="none", schedule="constant",
                             upsample="transposed", res_blocks=0, adversarial=0.0, class_loss=0.0),
            "plain": dict(batch_size=32, likelihood="gaussian", augment="symmetry", schedule="constant",
                          upsample="transposed", res_blocks=0, adversarial=0.0, class_loss=0.0),
            "vae-gan": dict(batch_size=16, likelihood="gaussian", augment="symmetry", schedule="cosine",
                            upsample="resize", res_blocks=1, adversarial=0.0003, class_loss=0.001)}
-# A conditional VAE-GAN draws the class asked for more often with the stronger adversarial term
-# (class accuracy 0.95 at 0.001 with --class-loss 0.001, docs/results.md)
+# A conditional VAE-GAN draws the class asked for more often with a stronger adversarial term
+# (docs/results.md, "D names the class")
 CONDITIONAL = {"textbook": {}, "plain": {}, "vae-gan": dict(adversarial=0.001)}
 
 
@@ -82,7 +85,7 @@ def build_parser():
     p.add_argument("--beta", type=cli.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
     p.add_argument("--augment", choices=["symmetry", "none"], default=None,
                    help="show every training image (input and target alike) in one of the 8 rotations and "
-                        "flips of the square, drawn at random each time (augment.py), or as it is")
+                        "flips of the square, drawn at random each time (utils/augment.py), or as it is")
     p.add_argument("--res-blocks", type=cli.non_negative_int, default=None, metavar="N",
                    help="residual blocks (two 3x3 convolutions) at each resolution of the decoder")
     p.add_argument("--upsample", choices=vae.UPSAMPLES, default=None,
@@ -115,21 +118,19 @@ class VAETrainer:
     """The model, optimiser and precision of a run, and its step (shared with bench.py); with
     --adversarial also the patch discriminator, its optimiser and its step."""
 
-    def __init__(self, args, data, device: torch.device):
+    def __init__(self, args, networks: dict, device: torch.device):
+        """networks: models/vae.py build()'s, by their checkpoint names."""
         self.args = args
         fmt = hardware.memory_format(args.channels_last)
-        self.model = vae.build(vars(args), data).to(device, memory_format=fmt)
+        self.model = networks["vae"].to(device, memory_format=fmt)
         self.opt = hardware.adam(self.model.parameters(), args.lr)
         self.precision = hardware.Precision(args.precision, device)
         self.scaler = self.precision.scaler()
         self.net = hardware.compiled(distributed.ddp(self.model, device), args.compile)  # DDP under torchrun
         self.policy = parse_policy(args.augment)
         self.D = self.backward_inputs = None  # with a D, the VAE's backward pass leaves D's weights alone
-        if args.adversarial:  # the encoder's widths and one more, twice the last; DCGAN's Adam
-            extra = (2 * args.widths[-1],) if data.size >> len(args.widths) >= 2 else ()
-            D = vae.PatchDiscriminator(data.channels, (*args.widths, *extra), data.num_classes if args.critic_labels else 0,
-                                       data.num_classes if args.class_loss else 0)
-            self.D = D.to(device, memory_format=fmt)
+        if "critic" in networks:  # the DCGAN's Adam
+            self.D = networks["critic"].to(device, memory_format=fmt)
             self.opt_d = hardware.adam(self.D.parameters(), 2e-4, (0.5, 0.999))
             self.scaler_d = self.precision.scaler()
             # D learns through DDP; the VAE's step runs it plain, as train_gan.py's G step does
@@ -144,7 +145,7 @@ class VAETrainer:
         return ({"vae": self.model, "critic": self.D}, {"vae": self.opt, "critic": self.opt_d},
                 {"vae": self.scaler, "critic": self.scaler_d})
 
-    def step(self, x: torch.Tensor, labels: torch.Tensor | None, meter: loop.Meter) -> None:
+    def step(self, x: torch.Tensor, labels: torch.Tensor | None, meter: Meter) -> None:
         """x is this process's share of the batch, labels its classes (the condition of a
         conditional model, and what a --critic-labels D reads); the augmentation's draws, the
         posterior noise and the Gaussian likelihood's variance are those of the global batch."""
@@ -175,7 +176,7 @@ class VAETrainer:
         """D's patch logits of x, and its class logits (None without --class-loss)."""
         return D(x, classes, named=True) if self.args.class_loss else (D(x, classes), None)
 
-    def critic_step(self, x: torch.Tensor, recon: torch.Tensor, labels: torch.Tensor, meter: loop.Meter) -> None:
+    def critic_step(self, x: torch.Tensor, recon: torch.Tensor, labels: torch.Tensor, meter: Meter) -> None:
         """One step of the patch discriminator: every patch of x real, every patch of recon (of
         the same classes) not; with --class-loss its classifier also learns the classes of x."""
         classes = labels.repeat(2) if self.args.critic_labels else None
@@ -199,7 +200,7 @@ def fill_defaults(args) -> None:
     class loss is off without it or on a multi-label set; --critic-labels is on wherever there is a
     discriminator and one class per image."""
     recipe = {**RECIPES[args.recipe], **(CONDITIONAL[args.recipe] if args.conditional else {})}
-    multi_label = dataset_of(vars(args)).multi_label
+    multi_label = Dataset(args.dataset, args.size).multi_label
 
     def fill(key: str, value) -> None:
         if getattr(args, key) is None:
@@ -211,7 +212,20 @@ def fill_defaults(args) -> None:
     fill("critic_labels", bool(args.adversarial) and not multi_label)
 
 
+def parse_args(argv=None) -> tuple[argparse.Namespace, dict | None]:
+    """The run's settings: the flags typed, with --resume the run's own (from its checkpoint,
+    returned too), and the recipe's defaults for the rest."""
+    args, ckpt = resume.settings(build_parser(), argv, "vae")
+    fill_defaults(args)
+    check_settings(args, Dataset(args.dataset, args.size))
+    return args, ckpt
+
+
 def check_settings(args, data) -> None:
+    """Combinations of settings that cannot train on `data` (what medmnist.INFO says of it)."""
+    if args.conditional and data.multi_label:
+        raise errors.UserError(f"--conditional: {data.name} is multi-label ({data.num_classes} findings, "
+                               "several per image), so there is no one class to condition on; train without it")
     if args.class_loss and not args.adversarial:
         raise errors.UserError("--class-loss trains a classifier head of the patch discriminator; add --adversarial W "
                                "(0.001 measured best) or drop --class-loss")
@@ -230,27 +244,33 @@ def check_settings(args, data) -> None:
                                f"layers do not divide {data.size} pixels evenly; use at most {most} widths")
 
 
+@torch.no_grad()
+def fit_prior(model: vae.VAE, batches: Batches, chunk: int = 500) -> None:
+    """Fit the VAE's sampling densities to the encoder means and labels of the training split
+    (read in order from the batches' own copy of it)."""
+    model.eval()
+    mu = []
+    for i in range(0, len(batches.labels), chunk):
+        x, y = to_float(batches.images[i:i + chunk], VALUE_RANGE), batches.labels[i:i + chunk]
+        mu.append(model.encode(x, y if model.num_classes else None)[0])
+    model.fit_prior(torch.cat(mu), batches.labels)
+
+
 def main(argv=None):
-    run = Run(build_parser(), argv, "vae", VALUE_RANGE, splits=("train", "val"), fill_defaults=fill_defaults,
-              check=check_settings)
-    args, device, out, batches = run.args, run.device, run.out, run.batches
+    args, ckpt = parse_args(argv)
+    run = Run(args, "vae", ckpt, VALUE_RANGE, splits=("train", "val"))
+    device, out, batches = run.device, run.out, run.batches
     val = Batches(run.splits["val"], 256, device, VALUE_RANGE, shuffle=False,
                   channels_last=args.channels_last) if len(run.splits["val"]) else None
     if val is None:
         errors.warn("the data file has no validation images; the validation ELBO is not logged")
-    trainer = run.build(VAETrainer, args.latent_dim)
+    trainer = VAETrainer(args, run.networks(), device)
+    probe = KIDProbe(args, run.data, args.latent_dim, device) if args.eval_every and distributed.is_main() else None
+    run.start(*trainer.state())
     model, opt = trainer.model, trainer.opt
-
-    def draw(eps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """Decoded draws of the fitted class mixture at its default temperature, class y each (the
-        condition too, if any), as sample.py and evaluate.py draw them; of the one fitted Gaussian
-        for a multi-label set, which has no classes to draw by."""
-        density = "classes" if model.mixture else "gaussian"
-        z = model.prior_latents(eps * vae.TEMPERATURES[density], density, y)
-        return model.decode(z, y if args.conditional else None)
     # a class per row, of the mixture or the condition
-    noise_labels = grid_labels(model.mixture, GRID // 8, device) if model.mixture else None
-    noise = loop.fixed_noise(GRID if noise_labels is None else len(noise_labels), args.latent_dim, args.seed, device)
+    grid_y = grid_labels(model.mixture, GRID // 8, device) if model.mixture else None
+    grid_z = fixed_noise(GRID if grid_y is None else len(grid_y), args.latent_dim, args.seed, device)
     # the images of every reconstruction grid: rows of nrow validation images
     recon_images, recon_labels = next(iter((val if val is not None else batches).epoch(0)))
     nrow = min(8, len(recon_images))
@@ -260,34 +280,38 @@ def main(argv=None):
           f"training images, {len(batches)} steps per epoch on {device}{distributed.processes_note(args.batch_size)}, "
           f"{trainer.precision.name}")
 
-    for epoch in run.epochs():
-        model.train()
-        for index, (x, y) in run.steps(epoch):
-            opt.param_groups[0]["lr"] = loop.learning_rate(args.lr, args.schedule, index, args.epochs * len(batches))
-            trainer.step(x, y, run.meter)
+    try:
+        for epoch in run.epochs():
+            model.train()
+            for index, (x, y) in run.steps(epoch):
+                opt.param_groups[0]["lr"] = learning_rate(args.lr, args.schedule, index, args.epochs * len(batches))
+                trainer.step(x, y, run.meter)
 
-        # End of epoch: sampling Gaussian, validation ELBO, samples, reconstructions, curves,
-        # checkpoint. Rank 0 alone fits, evaluates and draws; the other processes never sample.
-        record = run.epoch_record(epoch)
-        if distributed.is_main():
-            reconstruction.fit_prior(model, batches)
-            if val is not None:
-                record.update(reconstruction.evaluate(model, val, args.seed))
-            model.eval()
-            if run.probe is not None and run.probe.due(epoch + 1):
-                record.update(run.probe(lambda eps, y: to_uint8(draw(eps, y), VALUE_RANGE)))
-            record["seconds"] = run.seconds()
-            run.log.write(record)
-            tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
-            with torch.no_grad():
-                pictures.save_grid(draw(noise, noise_labels), out / f"samples_epoch_{epoch + 1:03d}.png",
-                                   row_labels=run.data.class_names if model.mixture else None)
-                # rows of originals, each over its row of mean reconstructions
-                recon = model.decode(model.encode(recon_images, recon_labels)[0], recon_labels)
-                pairs = torch.stack([recon_images.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
-                pictures.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
-            pictures.plot_curves(run.log.records, out / "curves.png", CURVES)
-        run.save(epoch + 1)
+            # End of epoch: sampling densities, validation ELBO, samples, reconstructions, curves.
+            # Rank 0 alone fits, evaluates and draws; the other processes never sample.
+            record = run.epoch_record(epoch)
+            if distributed.is_main():
+                fit_prior(model, batches)
+                if val is not None:
+                    record.update(evaluate(model, val, args.seed))
+                model.eval()
+                if probe is not None and probe.due(epoch + 1):
+                    record.update(probe(model))
+                record["seconds"] = run.seconds()
+                run.log.write(record)
+                tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
+                with torch.no_grad():
+                    pictures.save_grid(model.generate(grid_z, grid_y), out / f"samples_epoch_{epoch + 1:03d}.png",
+                                       row_labels=run.data.class_names if model.mixture else None)
+                    # rows of originals, each over its row of mean reconstructions
+                    recon = model.decode(model.encode(recon_images, recon_labels)[0], recon_labels)
+                    pairs = torch.stack([recon_images.unflatten(0, (-1, nrow)), recon.unflatten(0, (-1, nrow))], 1)
+                    pictures.save_grid(pairs.flatten(0, 2), out / f"recon_epoch_{epoch + 1:03d}.png", nrow)
+                pictures.plot_curves(run.log.records, out / "curves.png", CURVES)
+            run.save(epoch + 1)
+    except Interrupted as stop:  # Ctrl-C: the run so far, to continue with --resume
+        run.save(stop.epoch, stop.step)
+        raise
     print(f"Done: {args.epochs} epochs in {out}/ (samples_epoch_{args.epochs:03d}.png, "
           f"recon_epoch_{args.epochs:03d}.png, curves.png, ckpt.pt)")
 

@@ -1,11 +1,10 @@
-"""The VAE beyond its training loss: the numbers of its reconstructions over a split (negative
-ELBO and its parts, MSE, PSNR, SSIM), which train_vae.py logs for validation and evaluate.py for
-the test split, and the sampling densities fitted to its training codes after each epoch."""
+"""The VAE's reconstructions over a split: negative ELBO and its parts, MSE, PSNR and SSIM, which
+train_vae.py logs for validation and evaluate.py for the test split."""
 import torch
 import torch.nn.functional as F
 
-from evaluation import metrics
-from data import Batches, to_float, to_uint8
+from data import Batches, to_uint8
+from evaluation.distances import psnr, ssim
 from models.vae import VALUE_RANGE, VAE
 
 
@@ -36,21 +35,10 @@ def evaluate(model: VAE, batches: Batches, seed: int, keep: list | None = None) 
             if keep is not None:
                 keep.append((to_uint8(recon, VALUE_RANGE).cpu(), labels.cpu()))
             sums["val_mse"] += F.mse_loss(recon, x, reduction="sum").item() / x[0].numel()
-            sums["val_ssim"] += metrics.ssim(recon, x).sum().item()
+            sums["val_ssim"] += ssim(recon, x).sum().item()
             n += b
     model.train()
     means = {k: v / n for k, v in sums.items()}
-    means["val_psnr"] = metrics.psnr(means["val_mse"])
+    means["val_psnr"] = psnr(means["val_mse"])
     return means
 
-
-@torch.no_grad()
-def fit_prior(model: VAE, batches: Batches, chunk: int = 500) -> None:
-    """Fit the VAE's sampling densities to the encoder means and labels of the training split
-    (read in order from the batches' own copy of it)."""
-    model.eval()
-    mu = []
-    for i in range(0, len(batches.labels), chunk):
-        x, y = to_float(batches.images[i:i + chunk], VALUE_RANGE), batches.labels[i:i + chunk]
-        mu.append(model.encode(x, y if model.num_classes else None)[0])
-    model.fit_prior(torch.cat(mu), batches.labels)

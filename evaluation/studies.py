@@ -10,8 +10,8 @@
                        against how close held-out real images come to them
 
 A generator here is any function `generate(labels (N,), seed) -> uint8 images (N, C, S, S)`:
-evaluate.py passes a checkpoint's sampler, the tests pass real images and noise. Every classifier
-is metrics.train_classifier with the feature network's recipe and takes the recipe's number of
+evaluate.py passes a checkpoint's drawing network, the tests pass real images and noise. Every classifier
+is features.train_classifier with the feature network's recipe and takes the recipe's number of
 steps on the full train split, whatever its own set's size, so that rows differ in data alone.
 """
 from typing import Callable
@@ -20,23 +20,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluation import metrics
 from data import Split, as_array, to_float
+from evaluation import features
+from evaluation.distances import pixel_noise
 
 Generate = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def recipe_steps(n_train: int) -> int:
     """The optimiser steps of the recipe on a train split of n_train images."""
-    return metrics.RECIPE["epochs"] * max(1, n_train // metrics.RECIPE["batch_size"])
+    return features.RECIPE["epochs"] * max(1, n_train // features.RECIPE["batch_size"])
 
 
 def fit(train: Split, test: Split, device: torch.device, seed: int, steps: int, desc: str,
         bar: tqdm | None = None) -> dict:
     """Train the recipe's classifier on `train` for `steps` steps; its scores on `test`."""
-    settings = {k: v for k, v in metrics.RECIPE.items() if k not in ("version", "seed")}
-    model = metrics.train_classifier(train, device, seed=seed, steps=steps, desc=desc, log_epochs=False, **settings)
-    scores = metrics.classification_scores(metrics.predict(model, test.images)[1], test.labels)
+    settings = {k: v for k, v in features.RECIPE.items() if k not in ("version", "seed")}
+    model = features.train_classifier(train, device, seed=seed, steps=steps, desc=desc, log_epochs=False, **settings)
+    scores = features.classification_scores(features.predict(model, test.images)[1], test.labels)
     if bar is not None:
         bar.update()
     return scores
@@ -84,10 +85,10 @@ def cas(generators: dict[str, Generate], train: Split, test: Split, device: torc
     if ceiling is None:
         real = fit(train, test, device, seed, steps, "CAS: real train split", bar)
     else:
-        real = metrics.classification_scores(metrics.predict(ceiling, test.images)[1], test.labels)
+        real = features.classification_scores(features.predict(ceiling, test.images)[1], test.labels)
     rows = [{"name": "real train split (ceiling)", "images": len(train), **real}]
     if floor:
-        noise = Split(as_array(metrics.pixel_noise(train.images, len(train), torch.Generator().manual_seed(seed))),
+        noise = Split(as_array(pixel_noise(train.images, len(train), torch.Generator().manual_seed(seed))),
                       train.labels, train.num_classes)
         rows.append({"name": "pixel noise, real labels (floor)", "images": len(train),
                      **fit(noise, test, device, seed, steps, "CAS: noise", bar)})

@@ -37,12 +37,3 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
-
-def random_symmetry(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each image under one of the 8 symmetries of the square (flips and 90 degree rotations),
-    uniformly: a cell on a slide has no up or left. Three independent coin flips (horizontal
-    flip, vertical flip, transpose) reach all 8. x: (B, C, H, W) with H == W."""
-    coins = torch.rand(3, x.shape[0], 1, 1, 1, generator=generator).to(x.device) < 0.5
-    x = torch.where(coins[0], x.flip(3), x)
-    x = torch.where(coins[1], x.flip(2), x)
-    return torch.where(coins[2], x.transpose(2, 3), x)

@@ -17,7 +17,12 @@ For small data (train_gan.py's --spectral-norm, --r1, --lecam): spectral normali
 weights (Miyato et al. 2018), the R1 penalty (Mescheder et al. 2018) and LeCam regularisation
 (Tseng et al. 2021). With classifier > 0 (train_gan.py's --class-loss) D also names each image's
 class, an auxiliary classifier (Odena et al. 2017) beside the projection.
+
+Drawing: grids and evaluations draw from an exponential moving average of G's weights (ema_update),
+whose BatchNorm statistics are re-estimated on a few batches of noise before it draws
+(recalibrate_batchnorm). Generator.generate is the drawing interface it shares with the VAE.
 """
+import copy
 import math
 
 import torch
@@ -92,7 +97,7 @@ class Generator(nn.Module):
         super().__init__()
         if labels not in LABEL_INPUTS:
             raise ValueError(f"labels must be one of {LABEL_INPUTS}, got {labels!r}")
-        self.nz, self.num_classes = nz, num_classes
+        self.latent_dim, self.num_classes = nz, num_classes
         self.concat = num_classes if labels == "concat" else 0  # one-hot entries appended to z
         start, n = _stack(image_size)
         width = ngf * 2 ** (n - 1)  # 512 for ngf=64 at 64x64
@@ -110,6 +115,20 @@ class Generator(nn.Module):
         layers += [nn.ConvTranspose2d(width, nc, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         self.apply(init_dcgan_weights)
+
+    @property
+    def draws_classes(self) -> bool:
+        """Whether generate() takes a class for each draw."""
+        return self.num_classes > 0
+
+    default_temperature = 1.0  # z is drawn from N(0, I) itself
+
+    def generate(self, noise: torch.Tensor, labels: torch.Tensor | None = None,
+                 temperature: float | None = None) -> torch.Tensor:
+        """Standard normal noise (B, latent_dim) [and classes (B,)] -> images (B, nc, S, S) in [0, 1].
+        temperature scales the noise (default 1): below 1, draws keep nearer z = 0."""
+        t = self.default_temperature if temperature is None else temperature
+        return self(noise * t, labels) * 0.5 + 0.5
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if self.concat:
@@ -239,14 +258,64 @@ class LeCamAnchors(nn.Module):
                 + F.relu(self.real - logits_fake.float()).pow(2).mean())
 
 
-def build(settings: dict, data) -> tuple[Generator, Discriminator]:
-    """The networks a run's settings (its config.json, a checkpoint's args) describe, for `data`
-    (a data.Dataset: its size, channels and classes, which condition them when the run was
-    --conditional)."""
+def build(settings: dict, data) -> dict[str, nn.Module]:
+    """The networks a run's settings (its config.json, a checkpoint's args) describe, by the names
+    its checkpoint gives them, for `data` (a data.Dataset: its size, channels and classes, which
+    condition them when the run was --conditional): G and D, G's moving average where --ema is on,
+    and LeCam's running means where --lecam is."""
     classes = data.num_classes if settings["conditional"] else 0
-    G = Generator(settings["nz"], settings["ngf"], data.channels, data.size, num_classes=classes,
+    G = Generator(settings["latent_dim"], settings["ngf"], data.channels, data.size, num_classes=classes,
                   labels=settings["g_labels"])
     D = Discriminator(settings["ndf"], data.channels, data.size, num_classes=classes,
                       norm=settings["d_norm"], spectral_norm=settings["spectral_norm"],
                       classifier=data.num_classes if settings["class_loss"] else 0)
-    return G, D
+    networks = {"G": G, "D": D}
+    if settings["ema"]:
+        networks["G_ema"] = copy.deepcopy(G).eval().requires_grad_(False)
+    if settings["lecam"]:
+        networks["lecam"] = LeCamAnchors()
+    return networks
+
+
+# ---------------------------------------------------------------------------------------------
+# The drawn generator: a moving average of G's weights, with BatchNorm statistics of its own
+
+
+def ema_decay(decay: float, updates: int) -> float:
+    """The decay for update number `updates` (0-based), warmed up as min(decay, (1 + t) / (10 + t))
+    (TensorFlow's ExponentialMovingAverage): early on the average follows the model instead of
+    keeping the random initial weights (0.999 ** 2000 still leaves 14 % of them)."""
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for the weights and the floating-point buffers
+    (BatchNorm running statistics); integer buffers (batch counters) are copied."""
+    pairs = list(zip(ema.state_dict().values(), model.state_dict().values()))
+    floats = [(e, m) for e, m in pairs if e.dtype.is_floating_point]
+    torch._foreach_lerp_([e for e, _ in floats], [m for _, m in floats], 1.0 - decay)  # one launch, not one per tensor
+    for e, m in pairs:
+        if not e.dtype.is_floating_point:
+            e.copy_(m)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(module: nn.Module, inputs) -> None:
+    """Set every BatchNorm's running statistics to their average over the batches `inputs`
+    (argument tuples), computed in training mode ("precise BatchNorm", Wu & Johnson 2021). A
+    generator drawn in eval mode then normalises as it did in training, after a few steps as well
+    as after many, and an averaged (EMA) generator gets statistics of its own weights instead of
+    the average of the raw generator's. Weights and random state are untouched."""
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:
+        return
+    momenta, was_training = [m.momentum for m in norms], module.training
+    module.train()
+    for k, args in enumerate(inputs, 1):
+        for m in norms:
+            m.momentum = 1.0 / k  # running <- running + (batch - running) / k: the mean over k batches
+        module(*args)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    module.train(was_training)

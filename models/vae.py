@@ -108,11 +108,10 @@ class PatchDiscriminator(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Embedding)):
                 nn.utils.parametrizations.spectral_norm(m)
         self.net = nn.Sequential(*layers)
-        # The spectrally normalised layers give small features, and a linear layer on them learns
-        # confident class logits only slowly: trained on the classes alone for 2 epochs, 0.61
-        # validation accuracy (basophils 0.06), against 0.87 (0.71) with the features normalised to
-        # zero mean and unit variance per image first. No spectral norm on the layer itself: its
-        # logits are a cross-entropy's.
+        # On the small features of spectrally normalised layers a linear head learns the classes,
+        # the rare ones most, far slower unless they are normalised per image first (forward;
+        # docs/results.md, "D names the class"). No spectral norm on the head: its logits are a
+        # cross-entropy's.
         self.classifier = nn.Linear(c, classifier) if classifier else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, named: bool = False):
@@ -194,6 +193,7 @@ class VAE(nn.Module):
         self.register_buffer("class_means", torch.zeros(mixture, latent_dim))
         self.register_buffer("class_scales", torch.eye(latent_dim).repeat(mixture, 1, 1))
         self.register_buffer("class_weights", torch.full((mixture,), 1 / max(mixture, 1)))
+        self.density = "classes" if mixture else "gaussian"  # what generate() draws z from, one of PRIORS
 
     def _one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y, self.num_classes).to(like.dtype)
@@ -223,6 +223,23 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, latent_dim) -> images (B, nc, S, S) in [0, 1]."""
         return torch.sigmoid(self.decode_logits(z, y))
+
+    @property
+    def draws_classes(self) -> bool:
+        """Whether generate() takes a class for each draw: a conditional model's, or the classes density's."""
+        return self.num_classes > 0 or self.density == "classes"
+
+    @property
+    def default_temperature(self) -> float:
+        return TEMPERATURES[self.density]
+
+    def generate(self, noise: torch.Tensor, labels: torch.Tensor | None = None,
+                 temperature: float | None = None) -> torch.Tensor:
+        """Standard normal noise (B, latent_dim) [and classes (B,)] -> images (B, nc, S, S) in [0, 1]:
+        the noise scaled by temperature (default: the density's, TEMPERATURES), carried into the
+        density named by self.density, decoded."""
+        temperature = self.default_temperature if temperature is None else temperature
+        return self.decode(self.prior_latents(noise * temperature, self.density, labels), labels)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, eps: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -304,13 +321,22 @@ class VAE(nn.Module):
         return parts
 
 
-def build(settings: dict, data) -> VAE:
-    """The VAE a run's settings (its config.json, a checkpoint's args) describe, for `data` (a
-    data.Dataset: its size and channels; its classes condition the model when the run was
-    --conditional, and give the fitted "classes" density its components unless the set is
-    multi-label)."""
+def build(settings: dict, data) -> dict[str, nn.Module]:
+    """The networks a run's settings (its config.json, a checkpoint's args) describe, by the names
+    its checkpoint gives them, for `data` (a data.Dataset: its size and channels; its classes
+    condition the model when the run was --conditional, and give the fitted "classes" density its
+    components unless the set is multi-label): the VAE, and with --adversarial its patch
+    discriminator (the encoder's widths and one more, twice the last, where the image is large
+    enough)."""
     classes = 0 if data.multi_label else data.num_classes
-    return VAE(settings["latent_dim"], tuple(settings["widths"]), data.channels, data.size,
-               num_classes=classes if settings["conditional"] else 0, likelihood=settings["likelihood"],
-               class_prior=settings["class_prior"], res_blocks=settings["res_blocks"], mixture=classes,
-               upsample=settings["upsample"])
+    widths = tuple(settings["widths"])
+    networks = {"vae": VAE(settings["latent_dim"], widths, data.channels, data.size,
+                           num_classes=classes if settings["conditional"] else 0, likelihood=settings["likelihood"],
+                           class_prior=settings["class_prior"], res_blocks=settings["res_blocks"], mixture=classes,
+                           upsample=settings["upsample"])}
+    if settings["adversarial"]:
+        extra = (2 * widths[-1],) if data.size >> len(widths) >= 2 else ()
+        networks["critic"] = PatchDiscriminator(data.channels, (*widths, *extra),
+                                                data.num_classes if settings["critic_labels"] else 0,
+                                                data.num_classes if settings["class_loss"] else 0)
+    return networks

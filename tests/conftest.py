@@ -135,9 +135,9 @@ def ckpts(data_root, tmp_path_factory):
 def feature_cache(tmp_path_factory):
     """A folder for the feature network, and a small recipe for it (in this process only):
     evaluate.py and --eval-every then train it once, in seconds, and reuse it."""
-    from evaluation import metrics
+    from evaluation import features
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(metrics, "RECIPE", {**metrics.RECIPE, "widths": [16, 32], "epochs": 4, "batch_size": 16, "lr": 1e-2})
+        mp.setattr(features, "RECIPE", {**features.RECIPE, "widths": [16, 32], "epochs": 4, "batch_size": 16, "lr": 1e-2})
         yield tmp_path_factory.mktemp("features")
 
 
@@ -158,11 +158,10 @@ def stopped_and_resumed(main, flags: list[str], tmp_path: Path, monkeypatch) -> 
     Ctrl-C, after step 3 of epoch 2 where an epoch has 4 steps) and resumed with only --resume and
     --out typed, every setting the same: this is what a resume must match when the learning rate
     follows --epochs. main: a training script's main()."""
-    from utils import checkpoint
-    from utils import loop
+    from utils import checkpoint, cli, log
     main([*flags, "--out", str(tmp_path / "straight")])
     steps = {"n": 0}
-    real_show = loop.show_progress
+    real_show = log.show_progress
 
     def stop_at_step_6(*args, **kwargs):
         steps["n"] += 1
@@ -170,9 +169,9 @@ def stopped_and_resumed(main, flags: list[str], tmp_path: Path, monkeypatch) -> 
             os.kill(os.getpid(), signal.SIGINT)
         return real_show(*args, **kwargs)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "show_progress", stop_at_step_6)
-        with pytest.raises(SystemExit) as e:
-            main([*flags, "--out", str(tmp_path / "resumed")])
+        patch.setattr(log, "show_progress", stop_at_step_6)
+        with pytest.raises(SystemExit) as e:  # main saves and raises Interrupted; run_main exits with 130
+            cli.run_main(lambda: main([*flags, "--out", str(tmp_path / "resumed")]))
     assert e.value.code == 130 and checkpoint.load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
     main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
     return tuple(checkpoint.load_checkpoint(tmp_path / run / "ckpt.pt") for run in ("straight", "resumed"))

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import data
-from utils import errors
+from system import errors
 from conftest import write_npz
-from utils.errors import UserError
+from system.errors import UserError
 
 BLOOD = data.Dataset()  # the default: BloodMNIST at 64
 

@@ -17,7 +17,7 @@ import sample
 import train_gan
 import train_vae
 from conftest import TINY_GAN, TINY_VAE, run_script, write_npz
-from utils.errors import UserError
+from system.errors import UserError
 from models.dcgan import Discriminator, Generator
 from models.vae import VAE
 
@@ -153,6 +153,6 @@ def test_resume_and_sampling_keep_the_runs_dataset(tmp_path, data_root):
 
 
 def test_default_run_folder_names_the_dataset(tmp_path, monkeypatch):
-    from utils import training
-    assert training.default_out("gan", data.Dataset()) == "outputs/gan"
-    assert training.default_out("vae", data.Dataset("pathmnist", 28)) == "outputs/vae_pathmnist_28"
+    from utils import resume
+    assert resume.default_out("gan", data.Dataset()) == "outputs/gan"
+    assert resume.default_out("vae", data.Dataset("pathmnist", 28)) == "outputs/vae_pathmnist_28"

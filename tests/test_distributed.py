@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from utils import checkpoint, distributed, loop
+from system import distributed
+
+from utils import checkpoint, log, training
 import train_gan
 from conftest import TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command
 from data import Batches, Dataset, load
@@ -180,12 +182,12 @@ def _train_a_few_steps(rank: int, port: int, data_root: str, out: str, flags: li
                                                 "--recipe", "small-data", *flags])
     train_gan.fill_defaults(args)
     device = distributed.init_distributed(args)
-    loop.set_seed(args.seed)
+    training.set_seed(args.seed)
     split = load(Dataset(), data_root, splits=("train",))["train"]
     batches = Batches(split, args.batch_size, device, dcgan.VALUE_RANGE, seed=args.seed,
                       channels_last=args.channels_last, rank=rank, world_size=2)
-    trainer = train_gan.GANTrainer(args, Dataset(), device)
-    meter = loop.Meter()
+    trainer = train_gan.GANTrainer(args, checkpoint.networks("gan", vars(args), Dataset()), device)
+    meter = log.Meter()
     for step, (real, y) in enumerate(batches.epoch(0), start=1):
         trainer.step(real, y if args.conditional else None, step, meter)
     models, optimizers, _ = trainer.state()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils import errors
+from system import errors
 import evaluate
-from evaluation import metrics
+from evaluation import features, report
 import train_gan
 import train_vae
 from conftest import TINY_GAN, TINY_VAE, run_script, write_npz
@@ -66,12 +66,12 @@ def test_recon_accuracy_of_a_perfect_autoencoder_is_the_classifiers_own(data_roo
 
         def decode_logits(self, z, y=None):
             return torch.logit(self.decode(z), eps=1e-6)
-    fnet, info = metrics.feature_network(Dataset(), data_root, torch.device("cpu"), str(feature_cache))
+    fnet, info = features.feature_network(Dataset(), data_root, torch.device("cpu"), str(feature_cache))
     test = load(Dataset(), data_root, splits=("test",))["test"]
-    sampler = SimpleNamespace(model=Identity(latent_dim=4, widths=(8,)), device=torch.device("cpu"))
-    out = evaluate.vae_measures(sampler, test, SimpleNamespace(batch_size=5, seed=0, split="test"), fnet)
+    trained = SimpleNamespace(model=Identity(latent_dim=4, widths=(8,)), device=torch.device("cpu"))
+    out = evaluate.vae_measures(trained, test, SimpleNamespace(batch_size=5, seed=0, split="test"), fnet)
     assert out["recon_class_accuracy"] == pytest.approx(info["test_accuracy"])
-    hit = metrics.predict(fnet, test.images)[1].argmax(1).numpy() == test.labels
+    hit = features.predict(fnet, test.images)[1].argmax(1).numpy() == test.labels
     assert out["recon_class_accuracy_per_class"] == [round(hit[test.labels == c].mean(), 4) if (test.labels == c).any()
                                                      else None for c in range(8)]
 
@@ -93,7 +93,7 @@ def test_each_checkpoint_of_a_run_keeps_its_own_eval_file(ckpts, data_root, feat
     paths = [run_dir / n for n in ("ckpt_epoch_005.pt", "ckpt.pt", "best.pt")]
     run(data_root, feature_cache, *paths, "--n", 24, "--no-reference", "--memorization")
     for path, suffix in zip(paths, ("_epoch_005", "", "_best")):
-        assert evaluate.beside(str(path), "eval.json") == run_dir / f"eval{suffix}.json"
+        assert report.beside(str(path), "eval.json") == run_dir / f"eval{suffix}.json"
         record = json.loads((run_dir / f"eval{suffix}.json").read_text())
         assert record["checkpoint"] == str(path)
         assert record["memorization"]["pairs_png"] == str(run_dir / f"memorization_pairs{suffix}.png")

@@ -11,10 +11,14 @@ import sys
 
 import numpy as np
 import pytest
+
+from data import md5
 import torch
 from PIL import Image
 
-from utils import checkpoint, cli, errors, files, pictures
+from system import errors, files
+
+from utils import checkpoint, cli, pictures
 import sample
 import train_gan
 import train_vae
@@ -81,7 +85,7 @@ def test_an_existing_output_is_replaced_only_with_overwrite(run, tmp_path):
 
 # 2. A run owns its folder
 
-HOLD = "import sys, time; sys.path.insert(0, sys.argv[1]); import files; files.lock_folder(sys.argv[2]); " \
+HOLD = "import sys, time; sys.path.insert(0, sys.argv[1]); from system import files; files.lock_folder(sys.argv[2]); " \
        "print('held', flush=True); time.sleep(120)"
 
 
@@ -248,10 +252,9 @@ def test_a_checkpoint_of_an_older_format_is_refused_in_one_line(run, tmp_path, k
 
 
 def test_a_feature_cache_that_is_not_ours_is_one_line(run, data_root, tmp_path):
-    from evaluation import metrics
     cache = tmp_path / "cache"
     cache.mkdir()
-    file = cache / f"classifier_bloodmnist_64_{metrics.md5(data_root / 'bloodmnist_64.npz')[:12]}.pt"
+    file = cache / f"classifier_bloodmnist_64_{md5(data_root / 'bloodmnist_64.npz')[:12]}.pt"
     torch.save([1, 2, 3], file)
     one_line_error(run_script("evaluate.py", run / "gan" / "ckpt.pt", "--feature-cache", cache), "delete it to retrain")
 

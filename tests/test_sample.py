@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 import data
-from utils import errors
+from system import errors
+from utils.checkpoint import load_trained
+from utils.sampling import class_draws, fixed_noise, use_density
 import sample
 from conftest import run_script
 
@@ -73,32 +75,41 @@ def test_ema_is_used_unless_no_ema(ckpts, tmp_path):
         assert not np.array_equal(a["train_images"], b["train_images"])
 
 
+def trained_model(path, prior):
+    """A checkpoint's drawing network, drawing from `prior` (a VAE's density; None: its default)."""
+    model = load_trained(path, torch.device("cpu")).model
+    use_density(model, prior)
+    return model
+
+
 @pytest.mark.parametrize("name, prior", [("gan", None), ("vae", "gaussian"), ("vae", "classes")])
 def test_temperature_scales_the_draws_about_the_density_mean(ckpts, name, prior):
-    from utils.sampling import Sampler
-    cpu = torch.device("cpu")
-    full, cooled = (Sampler(str(ckpts[name]), cpu, prior=prior, temperature=t) for t in (1.0, 0.5))
-    y = full.labels(12, seed=0)
-    z, z_half = full.latents(12, 0, y), cooled.latents(12, 0, y)
-    if name == "gan":
-        mean = torch.zeros_like(z)
-    elif prior == "gaussian":
-        mean = full.model.prior_mean.expand_as(z)
-    else:
-        mean = full.model.class_means[y]
-    assert torch.allclose(z_half - mean, 0.5 * (z - mean), atol=1e-5)
-    assert not torch.allclose(z_half, z)
+    """generate() at temperature 0.5 draws what the latent half-way between a draw at 1 and the
+    density's mean decodes to."""
+    model = trained_model(ckpts[name], prior)
+    y = class_draws(model, 12, seed=0)
+    eps = fixed_noise(12, model.latent_dim, 0, torch.device("cpu"))
+    with torch.no_grad():
+        if name == "gan":
+            z, mean, decode = eps, torch.zeros_like(eps), lambda z: model(z) * 0.5 + 0.5
+        else:
+            z = model.prior_latents(eps, prior, y)
+            mean = model.prior_mean.expand_as(z) if prior == "gaussian" else model.class_means[y]
+            decode = lambda z: model.decode(z, y)
+        half = model.generate(eps, y, temperature=0.5)
+        torch.testing.assert_close(half, decode(mean + 0.5 * (z - mean)), atol=1e-5, rtol=0)
+        assert not torch.allclose(half, model.generate(eps, y, temperature=1.0))
 
 
 @pytest.mark.parametrize("name, prior, expected", [("gan", None, 1.0), ("vae", "gaussian", 1.0), ("vae", "standard", 1.0),
                                                    ("vae", None, 1.2), ("vae", "classes", 1.2)])
 def test_default_temperature_is_raised_for_the_class_gaussians_only(ckpts, name, prior, expected):
-    from utils.sampling import Sampler
-    cpu = torch.device("cpu")
-    default, given = (Sampler(str(ckpts[name]), cpu, prior=prior, temperature=t) for t in (None, expected))
-    assert default.temperature == expected
-    y = default.labels(6, seed=0)
-    assert torch.equal(default.latents(6, 0, y), given.latents(6, 0, y))
+    model = trained_model(ckpts[name], prior)
+    assert model.default_temperature == expected
+    y = class_draws(model, 6, seed=0)
+    eps = fixed_noise(6, model.latent_dim, 0, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(model.generate(eps, y), model.generate(eps, y, temperature=expected))
 
 
 def test_interpolation_rows(ckpts, tmp_path):

@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import augment, checkpoint, errors, loop
+from system import errors
+
+from utils import augment, checkpoint, log
 import train_gan
 from conftest import TINY_GAN, gan_args, states_equal, straight_and_resumed
 from data import Dataset
@@ -193,16 +195,16 @@ def test_a_class_loss_step_against_a_hand_computation():
                                                 "--class-loss", "0.5", "--augment", "none", "--ema", "0", "--lecam", "0"])
     train_gan.fill_defaults(args)
     torch.manual_seed(1)
-    trainer = train_gan.GANTrainer(args, Dataset(), torch.device("cpu"))
+    trainer = train_gan.GANTrainer(args, checkpoint.networks("gan", vars(args), Dataset()), torch.device("cpu"))
     G, D = copy.deepcopy(trainer.G), copy.deepcopy(trainer.D)
     real, y = torch.rand(16, 3, 64, 64) * 2 - 1, torch.arange(16) % 8
-    meter = loop.Meter()
+    meter = log.Meter()
     torch.manual_seed(0)
     trainer.step(real, y, 1, meter)
     means = meter.means()
 
     torch.manual_seed(0)
-    fake = G(torch.randn(16, args.nz), y).detach()
+    fake = G(torch.randn(16, args.latent_dim), y).detach()
     with torch.no_grad():
         logits_real, named_real = D(real, y, named=True)
         logits_fake, named_fake = D(fake, y, named=True)
@@ -260,7 +262,7 @@ def test_d_norm_follows_the_recipe_and_the_loss_unless_given(flags, norm):
 @pytest.mark.parametrize("norm, module", [("batch", nn.BatchNorm2d), ("layer", nn.GroupNorm), ("none", None)])
 def test_d_norm_builds_that_discriminator_and_none_mixes_no_images(norm, module):
     args = gan_args(["--d-norm", norm, "--ndf", "8", "--ngf", "8", "--nz", "16"])
-    _, D = dcgan.build(vars(args), Dataset())
+    D = dcgan.build(vars(args), Dataset())["D"]
     norms = [m for m in D.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
     assert all(isinstance(m, module) for m in norms) and (len(norms) > 0) == (module is not None)
     if norm != "batch":  # each image's score is its own, whatever else is in the batch
@@ -273,14 +275,15 @@ def test_a_gan_checkpoint_from_before_d_norm_builds_its_discriminator():
     for loss, module in (("bce", nn.BatchNorm2d), ("wgan-gp", nn.GroupNorm)):
         settings = vars(gan_args(["--loss", loss, "--ndf", "8", "--ngf", "8", "--nz", "16"]))
         del settings["d_norm"]
-        _, D = dcgan.build(checkpoint.with_added_settings("gan", settings), Dataset())
+        D = dcgan.build(checkpoint.with_added_settings("gan", settings), Dataset())["D"]
         assert any(isinstance(m, module) for m in D.modules())
 
 
 @pytest.mark.parametrize("flags", [[], ["--conditional", "--d-norm", "none", "--class-loss", "0.1"],
                                    ["--loss", "wgan-gp"], ["--d-norm", "batch"]])
 def test_d_judges_real_and_generated_images_in_one_call_only_without_batchnorm(flags):
-    trainer = train_gan.GANTrainer(gan_args([*TINY_GAN, "--precision", "fp32", *flags]), Dataset(), torch.device("cpu"))
+    args = gan_args([*TINY_GAN, "--precision", "fp32", *flags])
+    trainer = train_gan.GANTrainer(args, checkpoint.networks("gan", vars(args), Dataset()), torch.device("cpu"))
     assert trainer.one_call == ("batch" not in flags)
     torch.manual_seed(0)
     real, fake, y = torch.randn(6, 3, 64, 64), torch.randn(6, 3, 64, 64), torch.randint(0, 8, (6,))

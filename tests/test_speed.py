@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from utils import checkpoint, hardware, loop
+from system import hardware
+
+from utils import checkpoint, log
 import train_gan
 import train_vae
 from conftest import TINY_GAN, TINY_VAE, run_script
@@ -79,7 +81,7 @@ def test_compiled_vae_trains_and_saves_plain_weights(data_root, tmp_path):
                     *TINY_VAE, "--out", str(tmp_path / "vae")])
     ckpt = checkpoint.load_checkpoint(tmp_path / "vae" / "ckpt.pt", "vae")
     assert not any(k.startswith("_orig_mod") for k in ckpt["models"]["vae"])  # loads into a plain VAE
-    vae.build(ckpt["args"], Dataset()).load_state_dict(ckpt["models"]["vae"])
+    vae.build(ckpt["args"], Dataset())["vae"].load_state_dict(ckpt["models"]["vae"])
 
 
 def test_generator_step_computes_no_discriminator_gradients():
@@ -113,7 +115,7 @@ def test_resume_keeps_this_machines_optimizer_flavour(tmp_path):
         {**g, "fused": True} for g in plain.state_dict()["param_groups"]]}},
         "meter": {"sums": {}, "counts": {}}, "rng": checkpoint.rng_state(torch.device("cpu")), "epoch": 1, "step": 0}
     fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
-    checkpoint.restore_training_state(saved, {"m": model}, {"m": fresh}, loop.Meter(), torch.device("cpu"))
+    checkpoint.restore_training_state(saved, {"m": model}, {"m": fresh}, log.Meter(), torch.device("cpu"))
     assert not fresh.param_groups[0]["fused"]
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import evaluate
-from evaluation import metrics, studies
+from evaluation import distances, features, studies
 from conftest import make_images, run_script
 from data import Split
 
@@ -29,7 +29,7 @@ def split(n: int, seed: int) -> Split:
 @pytest.fixture
 def recipe(monkeypatch):
     """Set the classifiers' recipe for one test."""
-    return lambda **settings: monkeypatch.setattr(metrics, "RECIPE", {**metrics.RECIPE, **settings})
+    return lambda **settings: monkeypatch.setattr(features, "RECIPE", {**features.RECIPE, **settings})
 
 
 def real_images_of(data: Split) -> studies.Generate:
@@ -42,7 +42,7 @@ def real_images_of(data: Split) -> studies.Generate:
 
 
 def noise_like(data: Split) -> studies.Generate:
-    return lambda labels, seed: metrics.pixel_noise(data.images, len(labels), torch.Generator().manual_seed(seed))
+    return lambda labels, seed: distances.pixel_noise(data.images, len(labels), torch.Generator().manual_seed(seed))
 
 
 def test_roc_auc_counts_pairs_with_ties_as_half():
@@ -52,7 +52,7 @@ def test_roc_auc_counts_pairs_with_ties_as_half():
         positive = torch.rand(40, generator=g) < 0.3
         pos, neg = scores[positive], scores[~positive]
         pairs = (pos[:, None] > neg[None]).double() + 0.5 * (pos[:, None] == neg[None]).double()
-        assert metrics.roc_auc(scores, positive) == pytest.approx(pairs.mean().item(), abs=1e-12)
+        assert features.roc_auc(scores, positive) == pytest.approx(pairs.mean().item(), abs=1e-12)
 
 
 def test_classification_scores_by_hand():
@@ -60,14 +60,14 @@ def test_classification_scores_by_hand():
     predicted = torch.tensor([0, 0, 1, 1, 2, 0])
     logits = torch.full((6, NUM_CLASSES), -5.0)
     logits[torch.arange(6), predicted] = 5.0
-    s = metrics.classification_scores(logits, labels)
+    s = features.classification_scores(logits, labels)
     assert s["accuracy"] == pytest.approx(4 / 6)
     assert s["recall"][:3] == pytest.approx([2 / 3, 1.0, 0.5]) and s["recall"][3:] == [None] * 5
     assert s["balanced_accuracy"] == pytest.approx((2 / 3 + 1 + 0.5) / 3)  # absent classes left out
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=int)
     np.add.at(confusion, (labels.numpy(), predicted.numpy()), 1)
     assert s["confusion"] == confusion.tolist() and s["confusion"][2][:3] == [1, 0, 1]
-    perfect = metrics.classification_scores(torch.nn.functional.one_hot(labels, NUM_CLASSES).double(), labels)
+    perfect = features.classification_scores(torch.nn.functional.one_hot(labels, NUM_CLASSES).double(), labels)
     assert perfect["accuracy"] == perfect["balanced_accuracy"] == perfect["auc"] == 1.0
 
 
@@ -100,7 +100,7 @@ def test_cas_reuses_a_given_ceiling_classifier(recipe):
     train, test = split(64, 0), split(32, 2)
     given = Classifier(widths=(8,)).eval()
     rows = studies.cas({}, train, test, CPU, ceiling=given)
-    expected = metrics.classification_scores(metrics.predict(given, test.images)[1], test.labels)
+    expected = features.classification_scores(features.predict(given, test.images)[1], test.labels)
     assert rows[0]["accuracy"] == expected["accuracy"] and rows[0]["auc"] == expected["auc"]
 
 
@@ -128,7 +128,7 @@ def test_memorization_ratio_is_zero_for_copies_and_about_one_for_held_out_images
     fnet = Classifier(widths=(8, 16)).eval()  # any fixed embedding will do for the ratio
     check = lambda generated: studies.memorization(
         {"generated": generated, "train": train, "heldout": heldout},
-        {who: metrics.predict(fnet, images)[0] for who, images in
+        {who: features.predict(fnet, images)[0] for who, images in
          (("generated", generated), ("train", train), ("heldout", heldout))}, CPU)
     copies = train[torch.randperm(96, generator=torch.Generator().manual_seed(0))]
     summary, pairs = check(copies)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import checkpoint, errors, loop
+from system import errors
+
+from utils import checkpoint, training
 import train_gan
 import train_vae
 from conftest import (TINY_GAN, TINY_VAE, interrupt_after_first_epoch, run_script, script_command, states_equal,
@@ -104,8 +106,8 @@ def test_the_learning_rate_schedules():
     """Constant keeps --lr; cosine starts at --lr, is halfway down halfway through and ends near 0,
     never rising on the way."""
     total = 100
-    assert [loop.learning_rate(2e-4, "constant", i, total) for i in (1, 50, 100)] == [2e-4] * 3
-    cosine = [loop.learning_rate(2e-4, "cosine", i, total) for i in range(1, total + 1)]
+    assert [training.learning_rate(2e-4, "constant", i, total) for i in (1, 50, 100)] == [2e-4] * 3
+    cosine = [training.learning_rate(2e-4, "cosine", i, total) for i in range(1, total + 1)]
     assert cosine[0] == 2e-4 and cosine[50] == pytest.approx(1e-4) and 0 < cosine[-1] < 1e-7
     assert all(a >= b for a, b in zip(cosine, cosine[1:]))
 

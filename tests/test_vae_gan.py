@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils import checkpoint, errors, loop
+from system import errors
+
+from utils import checkpoint, log
 import train_vae
 from conftest import (TINY_VAE, run_script, states_equal, stopped_and_resumed, straight_and_resumed, vae_args,
                       write_npz)
@@ -127,7 +129,7 @@ def test_class_loss_trains_the_classifier_on_real_images_and_asks_the_vae_for_na
     reconstructions'), and the VAE's loss gains the class_loss term from D's classifier."""
     args = vae_args(["--device", "cpu", *TINY_VAE, "--adversarial", "0.01", "--class-loss", "0.01", "--no-critic-labels"])
     torch.manual_seed(0)
-    trainer = train_vae.VAETrainer(args, Dataset("bloodmnist", 64), torch.device("cpu"))
+    trainer = train_vae.VAETrainer(args, checkpoint.networks("vae", vars(args), Dataset()), torch.device("cpu"))
     x, labels = torch.rand(16, 3, 64, 64), torch.arange(16) % 8
     recon = torch.rand(16, 3, 64, 64)
     with torch.no_grad():
@@ -135,11 +137,11 @@ def test_class_loss_trains_the_classifier_on_real_images_and_asks_the_vae_for_na
         real_against_fake = discriminator_loss("bce", patches[:16], patches[16:])
         by_hand = real_against_fake + F.cross_entropy(named[:16], labels)
         both = real_against_fake + F.cross_entropy(named, labels.repeat(2))
-    meter = loop.Meter()
+    meter = log.Meter()
     trainer.critic_step(x, recon, labels, meter)
     assert meter.means()["loss_d"] == pytest.approx(by_hand.item(), rel=1e-4)
     assert meter.means()["loss_d"] != pytest.approx(both.item(), rel=1e-3)  # the test can tell them apart
-    meter = loop.Meter()
+    meter = log.Meter()
     trainer.step(x, labels, meter)
     means = meter.means()
     assert {"d_named", "recon_named", "class_loss"} <= means.keys()
@@ -171,7 +173,7 @@ def test_each_network_learns_from_its_own_loss_only(monkeypatch):
     term from the updated D, whose weights that second backward pass leaves alone."""
     args = vae_args(["--device", "cpu", *TINY_VAE, "--adversarial", "0.01"])
     torch.manual_seed(0)
-    trainer = train_vae.VAETrainer(args, Dataset("bloodmnist", 64), torch.device("cpu"))
+    trainer = train_vae.VAETrainer(args, checkpoint.networks("vae", vars(args), Dataset()), torch.device("cpu"))
     critic_grads = []
     critic_step = trainer.critic_step
 
@@ -180,7 +182,7 @@ def test_each_network_learns_from_its_own_loss_only(monkeypatch):
         critic_grads.append([p.grad.clone() for p in trainer.D.parameters()])
     monkeypatch.setattr(trainer, "critic_step", recording)
     vae_before = [p.detach().clone() for p in trainer.model.parameters()]
-    meter = loop.Meter()
+    meter = log.Meter()
     trainer.step(torch.rand(16, 3, 64, 64), torch.arange(16) % 8, meter)  # D reads the classes
     # the VAE's backward pass added nothing to D's gradients from its own step
     assert all(torch.equal(p.grad, g) for p, g in zip(trainer.D.parameters(), critic_grads[0]))

@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import checkpoint, loop
+from utils import checkpoint, log
 import train_gan
 import train_vae
+from models import dcgan
 from data import Dataset
 from conftest import TINY_GAN, TINY_VAE, states_equal, straight_and_resumed, vae_args
 from models.dcgan import Discriminator, Generator, discriminator_loss, generator_loss, gradient_penalty
@@ -107,18 +108,18 @@ def test_ema_arithmetic_includes_batchnorm_buffers():
         for t in net.state_dict().values():
             t.fill_(value)
     model[1].num_batches_tracked.fill_(7)
-    loop.ema_update(ema, model, decay=0.9)
+    dcgan.ema_update(ema, model, decay=0.9)
     for name, t in ema.state_dict().items():
         expected = 7 if name.endswith("num_batches_tracked") else 0.1  # 0.9 * 0 + 0.1 * 1
         torch.testing.assert_close(t.double(), torch.full_like(t, expected, dtype=torch.double), msg=name)
-    loop.ema_update(ema, model, decay=0.9)
+    dcgan.ema_update(ema, model, decay=0.9)
     torch.testing.assert_close(ema[0].weight, torch.full((2, 2), 0.19))  # 0.9 * 0.1 + 0.1 * 1
 
 
 def test_ema_decay_warms_up():
-    assert loop.ema_decay(0.999, 0) == pytest.approx(0.1)
-    assert loop.ema_decay(0.999, 90) == pytest.approx(0.91)
-    assert loop.ema_decay(0.999, 10**6) == 0.999
+    assert dcgan.ema_decay(0.999, 0) == pytest.approx(0.1)
+    assert dcgan.ema_decay(0.999, 90) == pytest.approx(0.91)
+    assert dcgan.ema_decay(0.999, 10**6) == 0.999
 
 
 def test_wgan_gp_run_uses_its_defaults_and_logs_its_estimates(data_root, tmp_path):
@@ -160,14 +161,14 @@ def test_vae_symmetries_feed_the_step_turned_and_mirrored_images(monkeypatch):
     seen, x = {}, torch.rand(64, 3, 64, 64)
     for policy in ("symmetry", "none"):
         args = vae_args([*TINY_VAE, "--precision", "fp32", "--no-channels-last", "--augment", policy])
-        trainer = train_vae.VAETrainer(args, Dataset(), torch.device("cpu"))
+        trainer = train_vae.VAETrainer(args, checkpoint.networks("vae", vars(args), Dataset()), torch.device("cpu"))
 
         def record(x, logits, *rest, policy=policy, **kwargs):  # the images the loss is given
             seen[policy] = x
             zero = logits.float().sum() * 0
             return {"loss": zero, "recon": zero, "kl": zero}
         monkeypatch.setattr(trainer.model, "loss", record)
-        trainer.step(x, None, loop.Meter())
+        trainer.step(x, None, log.Meter())
     views = lambda img: [torch.rot90(m, k, (1, 2)) for m in (img, img.flip(2)) for k in range(4)]
     assert torch.equal(seen["none"], x)
     moved = 0

@@ -21,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from utils import distributed
+from system import distributed
 
 
 def parse_policy(text: str) -> tuple[str, ...]:

@@ -1,14 +1,25 @@
-"""The checkpoint file: the one dict that resumes a run exactly (save_training_state,
-restore_training_state), loading and checking one (load_checkpoint), and the metrics log beside it."""
+"""The checkpoint file, its one owner: the dict that resumes a run exactly (save_training_state,
+restore_training_state), reading and checking one (load_checkpoint, which also fills in the
+settings older files lack), and the networks it holds, built for training, sampling and scoring
+alike (networks, load_trained).
+
+A checkpoint is {"format", "kind", "args", "epoch", "step", "models", "optimizers", "scalers",
+"meter", "rng"}; "models" holds the state of each network by the name models/dcgan.py and
+models/vae.py give it in build(): G, D, G_ema, lecam for a GAN, vae and critic for a VAE.
+"""
 import argparse
 import contextlib
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from utils import distributed, errors, files, loop
+from data import Dataset
+from models import dcgan, vae
+from system import distributed, errors, files
+from utils.log import Meter
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -23,10 +34,14 @@ FORMATS = {"gan": 2, "vae": 3}
 KINDS = tuple(FORMATS)
 # Settings that a kind's checkpoints written before them lack, with the value their runs trained
 # with (or the function of the run's other settings that gives it); load_checkpoint fills them in,
-# so resuming and sampling both see what the weights are. Before --d-norm, D had BatchNorm, or
-# layer norm under WGAN-GP.
-ADDED_SETTINGS = {"gan": {"class_loss": 0.0, "d_norm": lambda s: "layer" if s.get("loss") == "wgan-gp" else "batch"}, "vae": {"critic_labels": False, "upsample": "transposed", "class_loss": 0.0,
-                                                     "recipe": "plain"}}
+# so resuming, sampling and scoring all see what the weights are, and nothing else guesses. Runs
+# before --dataset trained on BloodMNIST at 64 from data/, on the whole training split; before
+# --d-norm, D had BatchNorm, or layer norm under WGAN-GP; the GAN's latent size was called nz.
+BEFORE = {"dataset": "bloodmnist", "size": 64, "data_root": "data", "subset": None}
+ADDED_SETTINGS = {"gan": {**BEFORE, "class_loss": 0.0, "latent_dim": lambda s: s.get("nz"),
+                          "d_norm": lambda s: "layer" if s.get("loss") == "wgan-gp" else "batch"},
+                  "vae": {**BEFORE, "critic_labels": False, "upsample": "transposed", "class_loss": 0.0,
+                          "recipe": "plain"}}
 
 
 # What every checkpoint holds, and what resuming a training run needs besides.
@@ -73,32 +88,8 @@ def with_added_settings(kind: str, saved: dict) -> dict:
     return {**added, **saved}
 
 
-class MetricsLog:
-    """One JSON line per epoch in `path`. On resume, lines past the checkpoint's epoch (written
-    after its last save) are dropped, so the log always matches the weights; so is a damaged line
-    (a crash or a full disk while logging), with a warning: the log never blocks the checkpoint."""
-
-    def __init__(self, path: Path, keep_epochs: int = 0):
-        self.path = path
-        self.records = []
-        if keep_epochs and path.is_file():
-            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-                try:
-                    record = json.loads(line)
-                    if record["epoch"] <= keep_epochs:
-                        self.records.append(record)
-                except (ValueError, TypeError, KeyError):
-                    errors.warn(f"{path}: line {number} is damaged and is dropped")
-        files.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def save_training_state(path: Path, kind: str, args: argparse.Namespace, epoch: int, step: int,
-                        models: dict, optimizers: dict, meter: "loop.Meter", device: torch.device,
+                        models: dict, optimizers: dict, meter: Meter, device: torch.device,
                         scalers: dict | None = None) -> None:
     """One dict that resumes a run exactly: the networks, their optimisers (and fp16 gradient
     scalers), where the run stands (`epoch` finished epochs and `step` steps into the next), its
@@ -130,7 +121,7 @@ def from_checkpoint(path: Path | None):
                                "written by another version?") from None
 
 
-def restore_training_state(ckpt: dict, models: dict, optimizers: dict, meter: "loop.Meter",
+def restore_training_state(ckpt: dict, models: dict, optimizers: dict, meter: Meter,
                            device: torch.device, scalers: dict | None = None) -> tuple[int, int]:
     """Load what save_training_state wrote into live objects (inside from_checkpoint); returns
     (epoch, step)."""
@@ -166,3 +157,47 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
     elif device.type == "mps" and "mps" in state:
         torch.mps.set_rng_state(state["mps"])
+
+
+BUILD = {"gan": dcgan.build, "vae": vae.build}
+
+
+def networks(kind: str, settings: dict, data: Dataset) -> dict[str, nn.Module]:
+    """Every network of a run of `kind` with these settings, new, by its checkpoint name."""
+    return BUILD[kind](settings, data)
+
+
+@dataclass(eq=False)
+class Trained:
+    """A checkpoint's drawing network, in eval mode on its device (the GAN's G, or the EMA of G
+    where the run kept one and use_ema asks for it; the VAE), and the run that trained it."""
+    path: Path
+    kind: str
+    settings: dict  # the run's, as load_checkpoint fills them
+    epochs: int  # finished epochs, which may be fewer than settings["epochs"]
+    data: Dataset
+    model: nn.Module
+    has_ema: bool  # the run kept an EMA of G
+    ema: bool  # and model is it
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.settings["conditional"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def load_trained(path: str | os.PathLike, device: torch.device, use_ema: bool = True) -> Trained:
+    """The drawing network of the checkpoint at `path`, rebuilt from the settings it holds."""
+    ckpt = load_checkpoint(path, map_location=device)
+    data = Dataset(ckpt["args"]["dataset"], ckpt["args"]["size"])
+    with from_checkpoint(Path(path)):
+        nets = networks(ckpt["kind"], ckpt["args"], data)
+        has_ema = "G_ema" in ckpt["models"]
+        name = "G_ema" if use_ema and has_ema else "G" if "G" in nets else "vae"
+        model = nets[name]
+        model.load_state_dict(ckpt["models"][name])
+    return Trained(Path(path), ckpt["kind"], ckpt["args"], ckpt["epoch"], data, model.to(device).eval(),
+                   has_ema, name == "G_ema")

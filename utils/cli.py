@@ -7,13 +7,14 @@ import time
 
 import torch
 
-from utils import distributed, errors, files, hardware
+from system import distributed, errors, files, hardware
 
 
 def run_main(main) -> None:
     """Call main(); a UserError becomes `error: ...` on stderr and exit status 1, and so does an
     operating-system error on a file (a read-only folder, a full disk): both name what to fix, and
-    a traceback would only hide that. Under torchrun every process meets the same error, and the
+    a traceback would only hide that. A training run stopped by Ctrl-C (Interrupted, once main has
+    saved it) exits with status 130. Under torchrun every process meets the same error, and the
     first process of each machine reports it."""
     try:
         main()
@@ -25,6 +26,11 @@ def run_main(main) -> None:
             time.sleep(30)
         print(f"error: {e if isinstance(e, errors.UserError) else describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
+    except errors.Interrupted as stop:  # Ctrl-C in a training loop: the script has saved the run
+        distributed.barrier()  # no process exits (and gets its siblings killed by torchrun) before the file is written
+        if distributed.is_main():
+            print(stop, file=sys.stderr)
+        sys.exit(130)  # the shell's convention for a run ended by Ctrl-C
     except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside it
         if distributed.local_rank() == 0:
             print("\ninterrupted: every file is written whole or not at all, so nothing is left "

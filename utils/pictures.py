@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from utils import files
+from system import files
 
 
 def save_figure(path: Path, write) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from utils import errors
+from system import errors
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -5,7 +5,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from utils import errors
+from system import errors
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from utils import errors, hardware
+from system import errors, hardware
 
 
 def processes_note(batch_size: int) -> str:
