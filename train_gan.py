@@ -232,7 +232,7 @@ class GANTrainer:
             ema_update(self.G_ema, self.G, ema_decay(args.ema, batch_index // args.n_critic - 1))
 
 
-    def end_of_epoch(self, calibration: list[tuple]) -> None:
+    def recalibrate(self, calibration: list[tuple]) -> None:
         """Before drawing: the BatchNorm statistics of each generator that may be drawn (the EMA,
         and the raw G, which sample.py --no-ema draws) re-estimated on the fixed calibration noise."""
         generators = [self.G] + ([self.G_ema] if self.G_ema is not None else [])
@@ -304,7 +304,7 @@ def main(argv=None):
 
             # End of epoch: BatchNorm statistics of the generators that draw, metrics (and KID), a
             # sample grid from the fixed noise, curves. Rank 0 alone evaluates, logs and draws.
-            trainer.end_of_epoch(calibration)
+            trainer.recalibrate(calibration)
             record = {**run.epoch_record(epoch), "seconds": run.seconds()}
             if distributed.is_main():
                 drawn.eval()

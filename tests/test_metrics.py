@@ -90,6 +90,19 @@ def test_random_symmetry_reaches_all_eight_symmetries():
     assert len(seen) == 8
 
 
+def test_random_symmetry_is_its_three_coins_as_flips_and_a_transpose():
+    """Each image turned as its coins say: columns flipped, rows flipped, transposed, each or not
+    (the classifier's augmentation, through utils/augment.py's one symmetry function)."""
+    x = torch.randn(64, 3, 8, 8)
+    coins = torch.rand(3, 64, generator=torch.Generator().manual_seed(5)) < 0.5
+    want = []
+    for img, (c0, c1, c2) in zip(x, coins.T.tolist()):
+        img = img.flip(2) if c0 else img
+        img = img.flip(1) if c1 else img
+        want.append(img.transpose(1, 2) if c2 else img)
+    assert torch.equal(random_symmetry(x, torch.Generator().manual_seed(5)), torch.stack(want))
+
+
 def test_classifier_shapes():
     model = Classifier(widths=(8, 16, 16))
     x = torch.randn(5, 3, 64, 64)

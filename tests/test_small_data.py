@@ -271,6 +271,15 @@ def test_d_norm_builds_that_discriminator_and_none_mixes_no_images(norm, module)
         torch.testing.assert_close(D(x)[:2], D(x[:2]))
 
 
+def test_a_gan_checkpoint_from_before_latent_dim_draws_with_its_nz(tmp_path):
+    """The GAN's latent size was saved as nz: such a checkpoint loads, draws and keeps its size."""
+    settings = vars(gan_args(["--ndf", "8", "--ngf", "8", "--latent-dim", "16"]))
+    settings["nz"] = settings.pop("latent_dim")
+    networks = dcgan.build(checkpoint.with_added_settings("gan", settings), Dataset())
+    assert networks["G"].latent_dim == 16
+    assert gan_args(["--nz", "24"]).latent_dim == 24  # pytorch/examples' flag is the same setting
+
+
 def test_a_gan_checkpoint_from_before_d_norm_builds_its_discriminator():
     for loss, module in (("bce", nn.BatchNorm2d), ("wgan-gp", nn.GroupNorm)):
         settings = vars(gan_args(["--loss", loss, "--ndf", "8", "--ngf", "8", "--nz", "16"]))
