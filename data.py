@@ -32,6 +32,15 @@ DATASETS = ("bloodmnist", "breastmnist", "chestmnist", "dermamnist", "octmnist",
             "organcmnist", "organsmnist", "pathmnist", "pneumoniamnist", "retinamnist", "tissuemnist")
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
+# Which turns of the square leave an image of each dataset a possible image of it, as the
+# augmentation that shows every training image turned (utils/augment.py) names them: all 8
+# ("symmetry") where nothing in the image has an up or a side, left-right mirrors alone ("flip")
+# where it has an up but either side could be either, none where both matter. Reasons per
+# dataset: docs/datasets.md, "Which images have an up".
+SYMMETRIES = {"bloodmnist": "symmetry", "pathmnist": "symmetry", "tissuemnist": "symmetry", "dermamnist": "symmetry",
+              "breastmnist": "flip", "octmnist": "flip", "retinamnist": "flip",
+              "chestmnist": "none", "pneumoniamnist": "none",
+              "organamnist": "none", "organcmnist": "none", "organsmnist": "none"}
 
 
 @functools.cache
@@ -88,6 +97,21 @@ class Dataset:
         """Short names in label order ("immature granulocytes(myelocytes, ...)" is cut)."""
         labels = self.info["label"]
         return [labels[str(i)].split("(")[0].strip() for i in range(self.num_classes)]
+
+    @property
+    def symmetries(self) -> str:
+        """The augmentation that keeps this dataset's images possible: "symmetry", "flip" or "none"."""
+        return SYMMETRIES[self.name]
+
+    def check_augmentation(self, operations: tuple[str, ...]) -> None:
+        """Warn where an augmentation (utils/augment.py's operations) turns this dataset's images in
+        a way its images never are."""
+        allowed = {"symmetry": {"symmetry", "flip"}, "flip": {"flip"}, "none": set()}[self.symmetries]
+        turned = [op for op in operations if op in ("symmetry", "flip") and op not in allowed]
+        if turned:
+            what = "an up" if self.symmetries == "flip" else "an up and a side"
+            warn(f"--augment {turned[0]}: {self.name} images have {what}, so the model learns them turned "
+                 f"too and may draw them so; this dataset's own is --augment {self.symmetries} (docs/datasets.md)")
 
     @property
     def image_shape(self) -> tuple[int, ...]:

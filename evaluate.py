@@ -328,11 +328,12 @@ def run_studies(models: list[Trained], rows: list[dict], records: dict, splits: 
           f"{studies.recipe_steps(len(splits['train'])):,} steps each")
     out = {}
     with tqdm(total=total, desc=f"{'utility' if args.utility else 'cas'}: classifiers", dynamic_ncols=True) as bar:
-        out["cas"] = studies.cas(generators, splits["train"], held, device, args.seed, fnet, bar, args.cas_sizes, floor)
+        out["cas"] = studies.cas(generators, splits["train"], held, device, args.seed, fnet, bar, args.cas_sizes, floor,
+                                 models[0].data.symmetries)
         report.print_cas(out["cas"], models[0].data.class_names, args.split)
         if args.utility:
             out["augmentation"] = studies.augmentation(generators, splits["train"], held, device, *runs,
-                                                       args.synthetic_ratio, bar)
+                                                       args.synthetic_ratio, bar, models[0].data.symmetries)
     if args.utility:
         report.print_augmentation(out["augmentation"], args.split)
     for trained, name in zip(models, names):

@@ -39,12 +39,12 @@ LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
                  "wgan-gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, n_critic=5, r1=0.0, d_norm="layer")}
 # The settings of each recipe (those not typed on the command line). "paper" is the DCGAN of
 # Radford et al. as pytorch/examples trains it. "small-data", the default, is the DCGAN for a
-# training set of some 12,000 images: every image in one of the 8 symmetries of the square, an EMA
-# of G, lazy R1, a batch of 32 and D without BatchNorm, each measured against the paper's choice
-# over 25 epochs (docs/results.md, "The DCGAN recipes, side by side").
+# training set of some 12,000 images: every image turned as the dataset allows ("dataset":
+# data.SYMMETRIES), an EMA of G, lazy R1, a batch of 32 and D without BatchNorm, each measured
+# against the paper's choice over 25 epochs (docs/results.md, "The DCGAN recipes, side by side").
 RECIPES = {"paper": dict(batch_size=64, schedule="constant", ema=0.0, augment="none", lecam=0.0, r1=0.0, r1_every=1,
                          spectral_norm=False, d_norm="batch", g_labels="concat"),
-           "small-data": dict(batch_size=32, schedule="constant", ema=0.99, augment="symmetry", lecam=0.0, r1=0.1, r1_every=16,
+           "small-data": dict(batch_size=32, schedule="constant", ema=0.99, augment="dataset", lecam=0.0, r1=0.1, r1_every=16,
                               spectral_norm=False, d_norm="none", g_labels="batchnorm")}
 # A conditional D, stronger for its projection term, overpowers G without LeCam, and its samples
 # teach a classifier more with BatchNorm kept in D (docs/results.md, "The conditional DCGAN").
@@ -74,7 +74,8 @@ def build_parser():
                         "evaluation (the raw G is kept too); 0 turns it off")
     p.add_argument("--augment", type=policy, default=None, metavar="OPS",
                    help="differentiable augmentation of every image D sees, real and generated: any of "
-                        "symmetry,translation,color,cutout, or all, or none")
+                        "symmetry,flip,translation,color,cutout, or all, or none (default: the recipe's; "
+                        "small-data turns images as the dataset allows, docs/datasets.md)")
     p.add_argument("--lecam", type=cli.non_negative_float, default=None, metavar="WEIGHT",
                    help="weight of LeCam regularisation of D (Tseng et al. 2021); 0 turns it off")
     p.add_argument("--r1", type=cli.non_negative_float, default=None, metavar="GAMMA",
@@ -111,7 +112,7 @@ def fill_defaults(args) -> None:
     conditional = CONDITIONAL[args.recipe] if args.conditional else {}
     for key, value in {**RECIPES[args.recipe], **conditional, **LOSS_DEFAULTS[args.loss]}.items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, Dataset(args.dataset, args.size).symmetries if value == "dataset" else value)
 
 
 class GANTrainer:
@@ -271,6 +272,7 @@ def check_settings(args, data) -> None:
     if args.class_loss and not args.conditional:
         raise errors.UserError("--class-loss asks G for the class of each image, which only a --conditional run "
                                "has; add --conditional or drop --class-loss")
+    data.check_augmentation(parse_policy(args.augment))
 
 
 def main(argv=None):

@@ -53,9 +53,9 @@ RECON = 32  # validation images in each reconstruction grid, each row over its r
 # (docs/results.md, "The VAE-GAN" and "The default recipe").
 RECIPES = {"textbook": dict(batch_size=128, likelihood="bernoulli", augment="none", schedule="constant",
                             upsample="transposed", res_blocks=0, adversarial=0.0, class_loss=0.0),
-           "plain": dict(batch_size=32, likelihood="gaussian", augment="symmetry", schedule="constant",
+           "plain": dict(batch_size=32, likelihood="gaussian", augment="dataset", schedule="constant",
                          upsample="transposed", res_blocks=0, adversarial=0.0, class_loss=0.0),
-           "vae-gan": dict(batch_size=16, likelihood="gaussian", augment="symmetry", schedule="cosine",
+           "vae-gan": dict(batch_size=16, likelihood="gaussian", augment="dataset", schedule="cosine",
                            upsample="resize", res_blocks=1, adversarial=0.0003, class_loss=0.001)}
 # A conditional VAE-GAN draws the class asked for more often with a stronger adversarial term
 # (docs/results.md, "D names the class")
@@ -83,9 +83,11 @@ def build_parser():
                    help="p(x|z): Gaussian with the batch's best variance (sharper reconstructions), "
                         "or Bernoulli per pixel as in Kingma & Welling")
     p.add_argument("--beta", type=cli.non_negative_float, default=1.0, help="weight of the KL term (1 = the ELBO)")
-    p.add_argument("--augment", choices=["symmetry", "none"], default=None,
+    p.add_argument("--augment", choices=["symmetry", "flip", "none"], default=None,
                    help="show every training image (input and target alike) in one of the 8 rotations and "
-                        "flips of the square, drawn at random each time (utils/augment.py), or as it is")
+                        "flips of the square, or mirrored left to right half the time, drawn at random each "
+                        "time (utils/augment.py), or as it is (default: the recipe's; plain and vae-gan turn "
+                        "images as the dataset allows, docs/datasets.md)")
     p.add_argument("--res-blocks", type=cli.non_negative_int, default=None, metavar="N",
                    help="residual blocks (two 3x3 convolutions) at each resolution of the decoder")
     p.add_argument("--upsample", choices=vae.UPSAMPLES, default=None,
@@ -151,7 +153,7 @@ class VAETrainer:
         posterior noise and the Gaussian likelihood's variance are those of the global batch."""
         y = labels if self.args.conditional else None
         classes = labels if self.args.critic_labels else None
-        x = augment(x, self.policy)  # the 8 symmetries of a cell: new training images, not noise
+        x = augment(x, self.policy)  # turned as the dataset allows: new training images, not noise
         eps = distributed.batch_noise(torch.randn, x.shape[0], self.model.latent_dim, device=x.device)
         with self.precision.autocast():
             logits, mu, logvar = self.net(x, y, eps)
@@ -200,7 +202,10 @@ def fill_defaults(args) -> None:
     class loss is off without it or on a multi-label set; --critic-labels is on wherever there is a
     discriminator and one class per image."""
     recipe = {**RECIPES[args.recipe], **(CONDITIONAL[args.recipe] if args.conditional else {})}
-    multi_label = Dataset(args.dataset, args.size).multi_label
+    data = Dataset(args.dataset, args.size)
+    if recipe["augment"] == "dataset":  # the symmetries this dataset's images have
+        recipe["augment"] = data.symmetries
+    multi_label = data.multi_label
 
     def fill(key: str, value) -> None:
         if getattr(args, key) is None:
@@ -238,6 +243,7 @@ def check_settings(args, data) -> None:
     if args.adversarial and args.likelihood != "gaussian":
         raise errors.UserError(f"--adversarial is weighed by the Gaussian likelihood's variance; drop "
                                f"--likelihood {args.likelihood} or --adversarial")
+    data.check_augmentation(parse_policy(args.augment))
     if data.size % 2 ** len(args.widths):
         most = max(n for n in range(len(args.widths)) if data.size % 2 ** n == 0)
         raise errors.UserError(f"--widths {','.join(map(str, args.widths))}: {len(args.widths)} stride-2 "

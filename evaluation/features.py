@@ -19,7 +19,7 @@ from tqdm import tqdm
 from data import Batches, Dataset, Split, as_tensor, load, locate, md5, to_float
 from models.classifier import Classifier
 from system import errors, files
-from utils.augment import symmetry
+from utils.augment import turn
 from utils.log import Meter, format_stats
 from utils.training import set_seed
 
@@ -29,27 +29,30 @@ RECIPE = {"version": 1, "widths": [32, 64, 128, 256, 256], "epochs": 15, "batch_
           "lr": 2e-3, "weight_decay": 5e-4, "seed": 0}
 
 
-
 # The symmetry (utils/augment.py numbering) reached by flipping columns, flipping rows and
 # transposing, each or not, for the coins (c0, c1, c2) as the number 4 c0 + 2 c1 + c2.
 COIN_SYMMETRIES = torch.tensor([0, 7, 6, 3, 4, 1, 2, 5])
 
 
-def random_symmetry(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image under one of the 8 symmetries of the square, uniformly, from three coins per
-    image drawn from `generator` (a classifier's own stream, apart from the run's): a cell on a
-    slide has no up or left. x: (B, C, H, W) with H == W."""
+def random_symmetry(x: torch.Tensor, generator: torch.Generator, symmetries: str = "symmetry") -> torch.Tensor:
+    """Each image under a random symmetry of the square that the dataset allows (data.SYMMETRIES:
+    one of all 8 uniformly, a left-right mirror half the time, or none), from three coins per
+    image drawn from `generator` (a classifier's own stream, apart from the run's). x: (B, C, H, W)
+    with H == W."""
     coins = (torch.rand(3, x.shape[0], generator=generator) < 0.5).long()
-    k = COIN_SYMMETRIES[coins[0] * 4 + coins[1] * 2 + coins[2]]
-    return symmetry(x, ((k + 0.5) / 8)[:, None].to(x.device))
+    if symmetries == "none":
+        return x
+    k = COIN_SYMMETRIES[coins[0] * 4 + coins[1] * 2 + coins[2]] if symmetries == "symmetry" else 4 * coins[0]
+    return turn(x, k.to(x.device))
 
 
 def train_classifier(train: Split, device: torch.device, epochs: int, batch_size: int, lr: float,
                      weight_decay: float, seed: int, widths=RECIPE["widths"], val: Split | None = None,
-                     desc: str = "classifier", steps: int | None = None, log_epochs: bool = True) -> Classifier:
+                     desc: str = "classifier", steps: int | None = None, log_epochs: bool = True,
+                     symmetries: str = "symmetry") -> Classifier:
     """Cross-entropy (per label for a multi-label set) with AdamW and a one-cycle schedule; each
-    image under a random symmetry of the square (flips, 90 degree rotations) every time it is
-    seen. `steps`, when given, replaces `epochs`: that many optimiser steps whatever the set's
+    image under a random symmetry of the square that the dataset allows (`symmetries`, as
+    data.SYMMETRIES names them) every time it is seen. `steps`, when given, replaces `epochs`: that many optimiser steps whatever the set's
     size (the utility study compares sets of different sizes at equal compute). One progress bar
     over all steps; with log_epochs, a line per epoch."""
     set_seed(seed)
@@ -65,7 +68,7 @@ def train_classifier(train: Split, device: torch.device, epochs: int, batch_size
     while step < total:
         meter = Meter()
         for x, y in batches.epoch(epoch):
-            logits = model(random_symmetry(x, flips))
+            logits = model(random_symmetry(x, flips, symmetries))
             if train.multi_label:
                 loss, hit = F.binary_cross_entropy_with_logits(logits, y.float()), (logits > 0) == y.bool()
             else:
@@ -178,7 +181,9 @@ def feature_network(data: Dataset, data_root: str, device: torch.device, cache: 
             raise errors.UserError(f"{file} is not readable ({type(e).__name__}); delete it to retrain") from None
         if not isinstance(saved, dict) or not {"model", "info"} <= saved.keys():
             raise errors.UserError(f"{file} is not a feature network of this repo; delete it to retrain")
-        if saved.get("recipe") == recipe and saved.get("data_md5") == digest:
+        # networks cached before the augmentation followed the dataset turned every image
+        if saved.get("recipe") == recipe and saved.get("data_md5") == digest \
+                and saved.get("symmetries", "symmetry") == data.symmetries:
             model = Classifier(data.num_classes, data.channels, tuple(recipe["widths"]))
             try:
                 model.load_state_dict(saved["model"])
@@ -191,14 +196,16 @@ def feature_network(data: Dataset, data_root: str, device: torch.device, cache: 
     splits = load(data, data_root)
     settings = {k: v for k, v in recipe.items() if k != "version"}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a training run's RNG stays as it was
-        model = train_classifier(splits["train"], device, val=splits["val"], desc="feature network", **settings)
-    info = {"file": str(file), "data_md5": digest, "recipe": recipe,
+        model = train_classifier(splits["train"], device, val=splits["val"], desc="feature network",
+                                 symmetries=data.symmetries, **settings)
+    info = {"file": str(file), "data_md5": digest, "recipe": recipe, "symmetries": data.symmetries,
             "val_accuracy": accuracy(model, splits["val"]) if len(splits["val"]) else None,
             "test_accuracy": accuracy(model, splits["test"]) if len(splits["test"]) else None}
     print(f"Feature network: test accuracy {percent(info['test_accuracy'])}, "
           f"val accuracy {percent(info['val_accuracy'])}")
     file.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_write(file) as tmp:
-        torch.save({"model": model.state_dict(), "recipe": recipe, "data_md5": digest, "info": info}, tmp)
+        torch.save({"model": model.state_dict(), "recipe": recipe, "symmetries": data.symmetries, "data_md5": digest,
+                    "info": info}, tmp)
     files.atomic_write_text(file.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
     return model.to(memory_format=torch.channels_last), info  # the faster layout for the feature pass

@@ -33,10 +33,12 @@ def recipe_steps(n_train: int) -> int:
 
 
 def fit(train: Split, test: Split, device: torch.device, seed: int, steps: int, desc: str,
-        bar: tqdm | None = None) -> dict:
-    """Train the recipe's classifier on `train` for `steps` steps; its scores on `test`."""
+        bar: tqdm | None = None, symmetries: str = "symmetry") -> dict:
+    """Train the recipe's classifier on `train` for `steps` steps, each image turned as the
+    dataset allows (`symmetries`, data.SYMMETRIES); its scores on `test`."""
     settings = {k: v for k, v in features.RECIPE.items() if k not in ("version", "seed")}
-    model = features.train_classifier(train, device, seed=seed, steps=steps, desc=desc, log_epochs=False, **settings)
+    model = features.train_classifier(train, device, seed=seed, steps=steps, desc=desc, log_epochs=False,
+                                      symmetries=symmetries, **settings)
     scores = features.classification_scores(features.predict(model, test.images)[1], test.labels)
     if bar is not None:
         bar.update()
@@ -74,7 +76,7 @@ def join(a: Split, b: Split) -> Split:
 
 def cas(generators: dict[str, Generate], train: Split, test: Split, device: torch.device, seed: int = 0,
         ceiling: torch.nn.Module | None = None, bar: tqdm | None = None, sizes=(1.0,),
-        floor: bool = True) -> list[dict]:
+        floor: bool = True, symmetries: str = "symmetry") -> list[dict]:
     """Rows of test scores for classifiers trained on: the real train split (the ceiling; pass
     `ceiling` when that classifier exists already, as the feature network does), noise images
     with the real labels (the floor, unless floor is False), and, per generator and size, a
@@ -83,7 +85,7 @@ def cas(generators: dict[str, Generate], train: Split, test: Split, device: torc
     number of steps). A row's "generator" names its generator, "size" its multiple."""
     steps = recipe_steps(len(train))
     if ceiling is None:
-        real = fit(train, test, device, seed, steps, "CAS: real train split", bar)
+        real = fit(train, test, device, seed, steps, "CAS: real train split", bar, symmetries)
     else:
         real = features.classification_scores(features.predict(ceiling, test.images)[1], test.labels)
     rows = [{"name": "real train split (ceiling)", "images": len(train), **real}]
@@ -91,13 +93,13 @@ def cas(generators: dict[str, Generate], train: Split, test: Split, device: torc
         noise = Split(as_array(pixel_noise(train.images, len(train), torch.Generator().manual_seed(seed))),
                       train.labels, train.num_classes)
         rows.append({"name": "pixel noise, real labels (floor)", "images": len(train),
-                     **fit(noise, test, device, seed, steps, "CAS: noise", bar)})
+                     **fit(noise, test, device, seed, steps, "CAS: noise", bar, symmetries)})
     for name, generate in generators.items():
         for size in sizes:
             row_name = name if size == 1 else f"{name}, {size:g}x real"
             synthetic = draw(generate, balanced_counts(round(size * len(train)), train.num_classes), seed, device)
             rows.append({"name": row_name, "generator": name, "size": size, "images": len(synthetic),
-                         **fit(synthetic, test, device, seed, steps, f"CAS: {row_name}", bar)})
+                         **fit(synthetic, test, device, seed, steps, f"CAS: {row_name}", bar, symmetries)})
     return rows
 
 
@@ -107,7 +109,7 @@ def cas(generators: dict[str, Generate], train: Split, test: Split, device: torc
 
 def augmentation(generators: dict[str, Generate], train: Split, test: Split, device: torch.device,
                  fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), ratio: float = 1.0,
-                 bar: tqdm | None = None) -> list[dict]:
+                 bar: tqdm | None = None, symmetries: str = "symmetry") -> list[dict]:
     """For each fraction and seed: a stratified real subset alone, and with round(ratio * n_c)
     synthetic images of each class c added per generator. One row per (fraction, training set)
     with the per-seed test scores, their mean and std (over seeds, n - 1), and for the
@@ -123,7 +125,7 @@ def augmentation(generators: dict[str, Generate], train: Split, test: Split, dev
                 counts = np.round(ratio * np.bincount(real.labels, minlength=real.num_classes)).astype(int)
                 data = real if generate is None else join(real, draw(generate, counts, seed, device))
                 n_real, n_synthetic = len(real), len(data) - len(real)
-                runs.append(fit(data, test, device, seed, steps, f"{fraction:.0%} {name}, seed {seed}", bar))
+                runs.append(fit(data, test, device, seed, steps, f"{fraction:.0%} {name}, seed {seed}", bar, symmetries))
             row = {"fraction": fraction, "training_set": name, "real_images": n_real,
                    "synthetic_images": n_synthetic, "seeds": list(seeds)}
             for key in ("accuracy", "balanced_accuracy", "auc"):

@@ -141,3 +141,14 @@ def test_classifier_learns_the_tiny_classes(tmp_path):
     _, info = features.feature_network(Dataset(), str(root), torch.device("cpu"), str(tmp_path / "cache"),
                                       {**TINY_RECIPE, "epochs": 8})
     assert info["test_accuracy"] > 0.6
+
+
+def test_random_symmetry_keeps_what_the_dataset_allows():
+    """A dataset with an up is mirrored left to right at most (and half the time), one with a side
+    too is never turned."""
+    x = torch.arange(16.0).view(1, 1, 4, 4).expand(400, 1, 4, 4)
+    mirrored = random_symmetry(x, torch.Generator().manual_seed(0), "flip")
+    assert {tuple(img.flatten().tolist()) for img in mirrored} == {tuple(x[0].flatten().tolist()),
+                                                                   tuple(x[0].flip(2).flatten().tolist())}
+    assert 150 < (mirrored != x).flatten(1).any(1).sum() < 250
+    assert torch.equal(random_symmetry(x, torch.Generator().manual_seed(0), "none"), x)

@@ -15,7 +15,7 @@ from system import errors
 
 from utils import augment, checkpoint, log
 import train_gan
-from conftest import TINY_GAN, gan_args, states_equal, straight_and_resumed
+from conftest import TINY_GAN, gan_args, states_equal, straight_and_resumed, vae_args
 from data import Dataset
 from models import dcgan
 from models.dcgan import Discriminator, Generator, LeCamAnchors, r1_penalty
@@ -381,3 +381,33 @@ def test_resume_is_exact_with_every_small_data_flag(data_root, tmp_path):
     assert a["models"]["lecam"]["real"] != 0
     record = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()][-1]
     assert record["r1"] > 0 and record["lecam"] >= 0 and record["class_loss"] > 0 and 0 <= record["d_named"] <= 1
+
+
+def test_flip_mirrors_left_to_right_where_u_is_at_least_one_half():
+    x = images(8)
+    u = torch.tensor([0.0, 0.2, 0.49, 0.5, 0.7, 0.99, 0.1, 0.6])[:, None]
+    out = augment.flip(x, u)
+    for i in range(8):
+        assert torch.equal(out[i], x[i].flip(2) if u[i] >= 0.5 else x[i])
+
+
+def test_every_dataset_has_its_symmetries_and_the_recipes_follow_them(capsys):
+    """Cells and tissue turn every way, OCT scans, fundus photographs and breast ultrasound only
+    mirror, chest X-rays and CT slices keep their up and side; the default recipes of both scripts
+    take the dataset's, the paper's none, and a typed --augment wins with a warning where it
+    turns images that never are."""
+    from data import DATASETS, SYMMETRIES
+    assert set(SYMMETRIES) == set(DATASETS) and set(SYMMETRIES.values()) == {"symmetry", "flip", "none"}
+    for name, size, want in (("bloodmnist", 64, "symmetry"), ("octmnist", 28, "flip"), ("pneumoniamnist", 28, "none")):
+        flags = ["--dataset", name, "--size", str(size)]
+        assert gan_args(flags).augment == want and vae_args(flags).augment == want
+        assert gan_args([*flags, "--recipe", "paper"]).augment == "none"
+    import train_gan
+    capsys.readouterr()
+    pneumonia = Dataset("pneumoniamnist", 28)
+    train_gan.check_settings(gan_args(["--dataset", "pneumoniamnist", "--size", "28", "--augment", "translation"]), pneumonia)
+    assert capsys.readouterr().err == ""
+    train_gan.check_settings(gan_args(["--dataset", "pneumoniamnist", "--size", "28", "--augment", "flip,color"]), pneumonia)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--augment flip: pneumoniamnist images have an up and a side" in err[0] \
+        and "--augment none" in err[0]

@@ -7,6 +7,7 @@ make it), and in both of D's and G's steps, so the operations must be differenti
 gradient passes through them. Each operation keeps a cell a cell of the same type:
 
     symmetry     one of the 8 rotations and flips of the square (a blood cell has no up or left)
+    flip         a left-right mirror, half the time (an OCT scan has an up, but either side)
     translation  a shift by up to 1/8 of the image, the gap filled with zeros (mid-grey)
     color        brightness, saturation and contrast, each scaled at random (Zhao et al.'s ranges)
     cutout       a square of half the image's side set to zero, at a random place
@@ -25,10 +26,10 @@ from system import distributed
 
 
 def parse_policy(text: str) -> tuple[str, ...]:
-    """'translation,color' -> ('translation', 'color'); 'none' or '' -> (); 'all' -> OPERATIONS."""
+    """'translation,color' -> ('translation', 'color'); 'none' or '' -> (); 'all' -> ALL."""
     if text in ("", "none"):
         return ()
-    names = tuple(OPERATIONS) if text == "all" else tuple(t.strip() for t in text.split(","))
+    names = ALL if text == "all" else tuple(t.strip() for t in text.split(","))
     unknown = [n for n in names if n not in OPERATIONS]
     if unknown:
         raise ValueError(f"unknown augmentation {unknown[0]!r}; choose from {', '.join(OPERATIONS)}, "
@@ -67,14 +68,23 @@ def draws(policy: tuple[str, ...]) -> int:
 
 
 def symmetry(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Image i turned by k quarter turns and, for k >= 4, mirrored, with k = floor(8 u_i).
-    Images are square (H == W), as every MedMNIST image is.
+    """Image i under symmetry k = floor(8 u_i), one of the 8 uniformly."""
+    return turn(x, (u[:, 0] * 8).long().clamp(0, 7))
+
+
+def flip(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Image i mirrored left to right where u_i >= 1/2 (symmetry 4), else as it is."""
+    return turn(x, 4 * (u[:, 0] * 2).long().clamp(0, 1))
+
+
+def turn(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Image i under symmetry k_i (0..7) of the square, as symmetry_sources numbers them. Images
+    are square (H == W), as every MedMNIST image is.
 
     Each symmetry only moves pixels, so it is one gather of each image's pixels from the places
     symmetry_sources(k) names: one operation on the device, in whichever memory format x is,
     with no step that waits to learn which image takes which turn."""
     n, c, h, w = x.shape
-    k = (u[:, 0] * 8).long().clamp(0, 7)
     sources = symmetry_sources(h, x.device)[k]  # (B, H*W)
     if x.is_contiguous(memory_format=torch.channels_last):  # pixels (B, H*W, C), a view
         moved = x.permute(0, 2, 3, 1).reshape(n, h * w, c).gather(1, sources[:, :, None].expand(-1, -1, c))
@@ -137,4 +147,6 @@ def cutout(x: torch.Tensor, u: torch.Tensor, ratio: float = 0.5) -> torch.Tensor
 
 
 # Each operation, and the uniform numbers it takes per image
-OPERATIONS = {"symmetry": (symmetry, 1), "translation": (translation, 2), "color": (color, 3), "cutout": (cutout, 2)}
+OPERATIONS = {"symmetry": (symmetry, 1), "flip": (flip, 1), "translation": (translation, 2), "color": (color, 3),
+              "cutout": (cutout, 2)}
+ALL = ("symmetry", "translation", "color", "cutout")  # --augment all (flip is a part of symmetry)
