@@ -16,6 +16,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from data import Dataset, balanced_labels, grid_labels
 from evaluation.probe import KID_PANEL, KIDProbe
@@ -52,6 +53,13 @@ CONDITIONAL = {"paper": {}, "small-data": dict(lecam=0.01, d_norm="batch")}
 # What the second curves panel shows for each loss, and its reference line.
 D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
            "wgan-gp": (["wasserstein", "gp"], None)}
+# When D is out of balance with G: its mean score of real images minus that of generated ones
+# (probabilities for bce, logits for hinge), below which it tells them apart no better than
+# chance and above which it has overpowered G, for BALANCE_EPOCHS epochs in a row. A D without
+# BatchNorm stays near 0.5 on both and still teaches G (D(x) 0.53 to 0.59 in the default's best
+# runs, docs/datasets.md), so "chance" is a gap of a few hundredths, not a D below 0.6.
+BALANCE = {"bce": ("d_x", "d_g_z", 0.02, 0.8), "hinge": ("d_real", "d_fake", 0.08, 3.0)}
+BALANCE_EPOCHS = 3
 
 
 def build_parser():
@@ -243,6 +251,27 @@ class GANTrainer:
             distributed.average_buffers(*generators)
 
 
+def balance(records: list[dict], loss: str) -> tuple[str, str] | None:
+    """("chance" or "overpowered", a line that says so and what to try) when D has been out of
+    balance with G in each of the last BALANCE_EPOCHS epochs of `records`; None otherwise."""
+    if loss not in BALANCE or len(records) < BALANCE_EPOCHS:
+        return None
+    real, fake, chance, over = BALANCE[loss]
+    last = records[-BALANCE_EPOCHS:]
+    if any(real not in r for r in last):
+        return None
+    gaps = [r[real] - r[fake] for r in last]
+    scores = f"{real} {last[-1][real]:.2f}, {fake} {last[-1][fake]:.2f}"
+    if all(gap < chance for gap in gaps):
+        return "chance", (f"D has told real from generated images no better than chance for {BALANCE_EPOCHS} "
+                          f"epochs ({scores}), and may have stopped teaching G; if the grids stall, try "
+                          "--recipe paper")
+    if all(gap > over for gap in gaps):
+        return "overpowered", (f"D has overpowered G for {BALANCE_EPOCHS} epochs ({scores}), and G may collapse; "
+                               "--keep-every 5 keeps epochs to sample from, or try --r1 1 or --lecam 0.01")
+    return None
+
+
 def calibration_batches(args, num_classes: int, device: torch.device) -> list[tuple]:
     """CALIBRATION batches of fixed noise (and balanced labels), the same every epoch, over which
     the drawn generator's BatchNorm statistics are re-estimated before it draws. Under torchrun
@@ -290,6 +319,7 @@ def main(argv=None):
     grid_y = grid_labels(classes, GRID // 8, device) if args.conditional else None
     grid_z = fixed_noise(GRID if grid_y is None else len(grid_y), args.latent_dim, args.seed, device)
     calibration = calibration_batches(args, classes, device)
+    said = None  # the balance of D and G the run last reported
     print(f"GAN on {run.data} ({args.recipe} recipe, {args.loss}{', conditional' if args.conditional else ''}): G "
           f"{sum(p.numel() for p in G.parameters()):,} and D {sum(p.numel() for p in D.parameters()):,} "
           f"parameters; {len(run.batches.labels):,} training images, {len(run.batches)} steps per epoch on "
@@ -312,6 +342,12 @@ def main(argv=None):
                 drawn.eval()
                 if probe is not None and probe.due(epoch + 1):
                     record.update(probe(drawn))
+                state, line = balance([*run.log.records, record], args.loss) or (None, None)
+                if state is not None:
+                    record["balance"] = state
+                if state != said:  # said once when it starts, and again if it changes
+                    tqdm.write(f"warning: {line}" if line else "D and G are in balance again")
+                    said = state
                 run.log.write(record)
                 with torch.no_grad():
                     pictures.save_grid(drawn.generate(grid_z, grid_y), out / f"samples_epoch_{epoch + 1:03d}.png",
