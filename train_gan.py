@@ -56,8 +56,8 @@ D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
 # When D is out of balance with G: its mean score of real images minus that of generated ones
 # (probabilities for bce, logits for hinge), below which it tells them apart no better than
 # chance and above which it has overpowered G, for BALANCE_EPOCHS epochs in a row. A D without
-# BatchNorm stays near 0.5 on both and still teaches G (D(x) 0.53 to 0.59 in the default's best
-# runs, docs/datasets.md), so "chance" is a gap of a few hundredths, not a D below 0.6.
+# normalisation scores both near 0.5 and still teaches G (docs/datasets.md, "Quality at other
+# sizes"), so "chance" is a gap of a few hundredths.
 BALANCE = {"bce": ("d_x", "d_g_z", 0.02, 0.8), "hinge": ("d_real", "d_fake", 0.08, 3.0)}
 BALANCE_EPOCHS = 3
 
