@@ -27,7 +27,7 @@ from system import distributed, errors, hardware
 from utils import cli, pictures, resume
 from utils.augment import augment, parse_policy, policy
 from system.errors import Interrupted
-from utils.log import Meter
+from utils.log import Meter, balance
 from utils.sampling import fixed_noise
 from utils.training import Run, learning_rate
 
@@ -53,13 +53,12 @@ CONDITIONAL = {"paper": {}, "small-data": dict(lecam=0.01, d_norm="batch")}
 # What the second curves panel shows for each loss, and its reference line.
 D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
            "wgan-gp": (["wasserstein", "gp"], None)}
-# When D is out of balance with G: its mean score of real images minus that of generated ones
-# (probabilities for bce, logits for hinge), below which it tells them apart no better than
-# chance and above which it has overpowered G, for BALANCE_EPOCHS epochs in a row. A D without
-# normalisation scores both near 0.5 and still teaches G (docs/datasets.md, "Quality at other
-# sizes"), so "chance" is a gap of a few hundredths.
+# When D is out of balance with G (log.balance): the logged means of its scores of real and of
+# generated images (probabilities for bce, logits for hinge), and the gaps between them below
+# which it tells them apart no better than chance and above which it has overpowered G. A D
+# without normalisation scores both near 0.5 and still teaches G (docs/datasets.md, "Quality at
+# other sizes"), so "chance" is a gap of a few hundredths.
 BALANCE = {"bce": ("d_x", "d_g_z", 0.02, 0.8), "hinge": ("d_real", "d_fake", 0.08, 3.0)}
-BALANCE_EPOCHS = 3
 
 
 def build_parser():
@@ -251,27 +250,6 @@ class GANTrainer:
             distributed.average_buffers(*generators)
 
 
-def balance(records: list[dict], loss: str) -> tuple[str, str] | None:
-    """("chance" or "overpowered", a line that says so and what to try) when D has been out of
-    balance with G in each of the last BALANCE_EPOCHS epochs of `records`; None otherwise."""
-    if loss not in BALANCE or len(records) < BALANCE_EPOCHS:
-        return None
-    real, fake, chance, over = BALANCE[loss]
-    last = records[-BALANCE_EPOCHS:]
-    if any(real not in r for r in last):
-        return None
-    gaps = [r[real] - r[fake] for r in last]
-    scores = f"{real} {last[-1][real]:.2f}, {fake} {last[-1][fake]:.2f}"
-    if all(gap < chance for gap in gaps):
-        return "chance", (f"D has told real from generated images no better than chance for {BALANCE_EPOCHS} "
-                          f"epochs ({scores}), and may have stopped teaching G; if the grids stall, try "
-                          "--recipe paper")
-    if all(gap > over for gap in gaps):
-        return "overpowered", (f"D has overpowered G for {BALANCE_EPOCHS} epochs ({scores}), and G may collapse; "
-                               "--keep-every 5 keeps epochs to sample from, or try --r1 1 or --lecam 0.01")
-    return None
-
-
 def calibration_batches(args, num_classes: int, device: torch.device) -> list[tuple]:
     """CALIBRATION batches of fixed noise (and balanced labels), the same every epoch, over which
     the drawn generator's BatchNorm statistics are re-estimated before it draws. Under torchrun
@@ -342,7 +320,8 @@ def main(argv=None):
                 drawn.eval()
                 if probe is not None and probe.due(epoch + 1):
                     record.update(probe(drawn))
-                state, line = balance([*run.log.records, record], args.loss) or (None, None)
+                state, line = (args.loss in BALANCE and balance([*run.log.records, record], *BALANCE[args.loss])
+                               or (None, None))
                 if state is not None:
                     record["balance"] = state
                 if state != said:  # said once when it starts, and again if it changes

@@ -416,15 +416,16 @@ def test_every_dataset_has_its_symmetries_and_the_recipes_follow_them(capsys):
 def test_a_d_out_of_balance_for_three_epochs_is_named_with_what_to_try():
     """D near chance, or far ahead of G, in each of the last three epochs: the run says which, and
     what to try; two such epochs, or one in balance among them, say nothing."""
-    import train_gan
+    from train_gan import BALANCE
+    from utils.log import balance
     near = [{"d_x": 0.505, "d_g_z": 0.495}] * 3
     ahead = [{"d_x": 0.95, "d_g_z": 0.04}] * 3
-    state, line = train_gan.balance(near, "bce")
+    state, line = balance(near, *BALANCE["bce"])
     assert state == "chance" and "--recipe paper" in line and "d_x 0.51, d_g_z 0.49" in line
-    assert train_gan.balance([{"d_x": 0.55, "d_g_z": 0.45}] * 3, "bce") is None  # the default's own, teaching G
-    state, line = train_gan.balance(ahead, "bce")
+    assert balance([{"d_x": 0.55, "d_g_z": 0.45}] * 3, *BALANCE["bce"]) is None  # the default's own, teaching G
+    state, line = balance(ahead, *BALANCE["bce"])
     assert state == "overpowered" and "--keep-every" in line
-    assert train_gan.balance(near[:2], "bce") is None
-    assert train_gan.balance([near[0], {"d_x": 0.75, "d_g_z": 0.3}, near[0]], "bce") is None
-    assert train_gan.balance([{"d_real": 0.05, "d_fake": 0.0}] * 3, "hinge")[0] == "chance"
-    assert train_gan.balance([{"wasserstein": 1.0, "gp": 0.1}] * 3, "wgan-gp") is None
+    assert balance(near[:2], *BALANCE["bce"]) is None
+    assert balance([near[0], {"d_x": 0.75, "d_g_z": 0.3}, near[0]], *BALANCE["bce"]) is None
+    assert balance([{"d_real": 0.05, "d_fake": 0.0}] * 3, *BALANCE["hinge"])[0] == "chance"
+    assert "wgan-gp" not in BALANCE  # a critic's scores have no chance level

@@ -78,6 +78,29 @@ def check_finite(means: dict[str, float], epoch: int, step: int, ckpt_path: Path
                                f"training diverged; {kept}. Try a lower --lr or another --seed")
 
 
+BALANCE_EPOCHS = 3  # epochs in a row that a discriminator must be out of balance before a run says so
+
+
+def balance(records: list[dict], real: str, fake: str, chance: float, over: float) -> tuple[str, str] | None:
+    """("chance" or "overpowered", a line that says so and what to try) when a GAN's D has been
+    out of balance with G in each of the last BALANCE_EPOCHS epochs of `records`: its mean score
+    of real images (the key `real`) minus that of generated ones (`fake`) below `chance`, or above
+    `over`; None otherwise."""
+    last = records[-BALANCE_EPOCHS:]
+    if len(last) < BALANCE_EPOCHS or any(real not in r for r in last):
+        return None
+    gaps = [r[real] - r[fake] for r in last]
+    scores = f"{real} {last[-1][real]:.2f}, {fake} {last[-1][fake]:.2f}"
+    if all(gap < chance for gap in gaps):
+        return "chance", (f"D has told real from generated images no better than chance for {BALANCE_EPOCHS} "
+                          f"epochs ({scores}), and may have stopped teaching G; if the grids stall, try "
+                          "--recipe paper")
+    if all(gap > over for gap in gaps):
+        return "overpowered", (f"D has overpowered G for {BALANCE_EPOCHS} epochs ({scores}), and G may collapse; "
+                               "--keep-every 5 keeps epochs to sample from, or try --r1 1 or --lecam 0.01")
+    return None
+
+
 class MetricsLog:
     """One JSON line per epoch in `path`. On resume, lines past the checkpoint's epoch (written
     after its last save) are dropped, so the log always matches the weights; so is a damaged line
