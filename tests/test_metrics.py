@@ -1,4 +1,4 @@
-"""metrics.py against references and hand-made cases: FID (scipy's sqrtm, the self-distance, its
+"""evaluation/features.py and distances.py against references and hand-made cases: FID (scipy's sqrtm, the self-distance, its
 growth with noise), KID (unbiased: about 0 between two draws of one distribution), precision and
 recall on points whose answer is known, SSIM (scikit-image), class shares, and the feature
 network's cache (reused for the same file and recipe, retrained for another)."""
