@@ -320,8 +320,8 @@ def main(argv=None):
                 drawn.eval()
                 if probe is not None and probe.due(epoch + 1):
                     record.update(probe(drawn))
-                state, line = (args.loss in BALANCE and balance([*run.log.records, record], *BALANCE[args.loss])
-                               or (None, None))
+                verdict = balance([*run.log.records, record], *BALANCE[args.loss]) if args.loss in BALANCE else None
+                state, line = verdict or (None, None)
                 if state is not None:
                     record["balance"] = state
                 if state != said:  # said once when it starts, and again if it changes

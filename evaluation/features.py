@@ -39,9 +39,9 @@ def random_symmetry(x: torch.Tensor, generator: torch.Generator, symmetries: str
     one of all 8 uniformly, a left-right mirror half the time, or none), from three coins per
     image drawn from `generator` (a classifier's own stream, apart from the run's). x: (B, C, H, W)
     with H == W."""
-    coins = (torch.rand(3, x.shape[0], generator=generator) < 0.5).long()
     if symmetries == "none":
         return x
+    coins = (torch.rand(3, x.shape[0], generator=generator) < 0.5).long()
     k = COIN_SYMMETRIES[coins[0] * 4 + coins[1] * 2 + coins[2]] if symmetries == "symmetry" else 4 * coins[0]
     return turn(x, k.to(x.device))
 
