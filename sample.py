@@ -4,6 +4,7 @@ interpolations and, for the VAE, latent arithmetic and a map of the latent space
     python sample.py outputs/gan/ckpt.pt                        # 64 samples -> outputs/gan/samples.png
     python sample.py outputs/cgan/ckpt.pt --class neutrophil    # one cell type (conditional runs)
     python sample.py outputs/cgan/ckpt.pt --n 8000 --npz synthetic.npz   # a MedMNIST-format dataset
+    python sample.py outputs/cgan/ckpt.pt --medmnist synthetic/           # a drop-in for the real dataset
     python sample.py outputs/gan/ckpt.pt --interpolate          # rows that walk between latent points
     python sample.py outputs/vae/ckpt.pt --arithmetic lymphocyte neutrophil
     python sample.py outputs/vae/ckpt.pt --latent-map           # PCA and t-SNE of mu, by class
@@ -13,13 +14,15 @@ The dataset and size (train_*.py --dataset, --size) come from the checkpoint too
 The model's settings come from the checkpoint; nothing needs repeating. Runs with --ema draw from
 the averaged generator unless --no-ema is given.
 """
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import SPLITS, Batches, Dataset, as_array, balanced_labels, grid_labels, load
+from data import SPLITS, Batches, Dataset, as_array, balanced_labels, grid_labels, load, locate, md5
+from evaluation.features import feature_network, predict
 from models.vae import PRIORS, TEMPERATURES, VAE
 from system import errors, files, hardware
 from utils import cli, pictures
@@ -42,6 +45,13 @@ def parse_args(argv=None):
                         "--interpolate / --arithmetic (default 8)")
     p.add_argument("--npz", metavar="FILE", default=None,
                    help="write the N images as a MedMNIST-format npz (train split) instead of a grid")
+    p.add_argument("--medmnist", metavar="DIR", default=None,
+                   help="write DIR/<the dataset's MedMNIST file name>: a synthetic train split (N: the official "
+                        "count, in the real classes' shares) and the real val and test splits, which medmnist's "
+                        "own dataset classes and any MedMNIST pipeline load as the real dataset")
+    p.add_argument("--feature-cache", default="outputs/features", metavar="DIR",
+                   help="--medmnist on a model that draws no classes: where evaluate.py's classifier, which "
+                        "names the classes of its samples, is cached")
     p.add_argument("--class", dest="cls", metavar="NAME|ID", default=None,
                    help="draw only this cell type: conditional runs, and VAEs from their class mixture "
                         "(default: every class; a row each for conditional runs)")
@@ -95,20 +105,80 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return a * z0[:, None] + b * z1[:, None]
 
 
-def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor, source: str) -> None:
+def write_npz(path: Path, images: torch.Tensor, labels: torch.Tensor | np.ndarray, source: str,
+              about: dict, real: dict[str, np.ndarray] | None = None) -> None:
     """uint8 images (N, C, S, S) and labels (N,) or (N, L) -> MedMNIST layout: train_images uint8
-    (N, S, S, 3) or (N, S, S) in grey, train_labels (N, 1) or (N, L); val and test present and
-    empty, so the file loads with data.py and with code written for MedMNIST. `source` (the
-    checkpoint) is kept under SYNTHETIC_MARK."""
-    labels = labels.cpu().numpy().astype(np.uint8).reshape(len(labels), -1)
+    (N, S, S, 3) or (N, S, S) in grey, train_labels (N, 1) or (N, L); val and test as `real` holds
+    them (the arrays of a real file), else present and empty, so the file loads with data.py and
+    with code written for MedMNIST. `source` (the checkpoint) is kept under SYNTHETIC_MARK, and
+    `about` (what each split is, the checkpoint's MD5) as JSON under "synthetic_about"."""
+    labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    labels = labels.astype(np.uint8).reshape(len(labels), -1)
     arrays = {"train_images": as_array(images), "train_labels": labels,
-              files.SYNTHETIC_MARK: np.array(source)}  # so that --overwrite may replace it, and no dataset
+              files.SYNTHETIC_MARK: np.array(source),  # so that --overwrite may replace it, and no dataset
+              "synthetic_about": np.array(json.dumps(about))}
     for split in ("val", "test"):
-        arrays[f"{split}_images"] = np.zeros((0, *arrays["train_images"].shape[1:]), np.uint8)
-        arrays[f"{split}_labels"] = np.zeros((0, labels.shape[1]), np.uint8)
+        empty = (np.zeros((0, *arrays["train_images"].shape[1:]), np.uint8), np.zeros((0, labels.shape[1]), np.uint8))
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = \
+            (real[f"{split}_images"], real[f"{split}_labels"]) if real else empty
     path.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_write(path) as tmp, open(tmp, "wb") as f:  # a file: numpy adds no .npz
         np.savez_compressed(f, **arrays)
+
+
+def about_checkpoint(args, trained: Trained) -> dict:
+    """What the train split of an export is: its checkpoint by path, epoch and MD5, and the draws."""
+    return {"train": "synthetic", "checkpoint": str(args.checkpoint), "checkpoint_md5": md5(Path(args.checkpoint)),
+            "epochs": trained.epochs, "ema": trained.ema, "seed": args.seed, "temperature": args.temperature,
+            "prior": getattr(trained.model, "density", None)}
+
+
+def class_counts(labels: np.ndarray, classes: int, n: int) -> np.ndarray:
+    """n split over the classes in the shares of `labels` (N,), by largest remainder: the counts
+    sum to n exactly, and each is within one of n times its share."""
+    exact = np.bincount(labels, minlength=classes) / len(labels) * n
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(counts - exact)[:n - counts.sum()]] += 1
+    return counts
+
+
+def drop_in(trained: Trained, args, out: Path, cls: int | None) -> None:
+    """The dataset this model imitates, in MedMNIST's own file: a synthetic train split in the real
+    training shares (drawn by class where the model can, else named by evaluate.py's classifier of
+    the real data), and the val and test splits of the user's real file, copied."""
+    data, n = trained.data, args.n
+    official = data.info["n_samples"]
+    real_path = locate(data, args.data_root)
+    splits = load(data, args.data_root)
+    odd = [f"{s} {len(splits[s]):,}" for s in ("val", "test") if len(splits[s]) != official[s]]
+    if odd:
+        errors.warn(f"{real_path} holds {' and '.join(odd)} images where MedMNIST's record says val "
+                    f"{official['val']:,} and test {official['test']:,}: copied as they are, but medmnist's dataset "
+                    "classes refuse len() on a split whose count differs from the record")
+    if n != official["train"]:
+        errors.warn(f"--n {n:,}: medmnist's dataset classes refuse len() on a train split of other than the "
+                    f"official {official['train']:,} images (indexing still works); leave --n out for a drop-in")
+    noise = fixed_noise(n, trained.model.latent_dim, args.seed, trained.device)
+    about = about_checkpoint(args, trained)
+    if trained.model.draws_classes:  # exact real shares, in a seeded order
+        counts = class_counts(splits["train"].labels, data.num_classes, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 5))
+        y = torch.repeat_interleave(torch.arange(data.num_classes), torch.as_tensor(counts))[order]
+        images = draw(trained.model, noise, y.to(trained.device), args.temperature, args.batch_size, uint8=True,
+                      desc="drawing")
+        labels, about["labels"] = y.numpy(), "the classes asked for, in the real training split's shares"
+    else:
+        images = draw(trained.model, noise, None, args.temperature, args.batch_size, uint8=True, desc="drawing")
+        classifier, info = feature_network(data, args.data_root, trained.device, args.feature_cache)
+        logits = predict(classifier, images, desc="naming classes")[1]
+        labels = (logits > 0).numpy() if data.multi_label else logits.argmax(1).numpy()
+        about["labels"] = (f"named by evaluate.py's classifier of the real data ({info['file']}, test accuracy "
+                           f"{info['test_accuracy']}), since this model draws no classes")
+    with np.load(real_path) as f:
+        real = {k: f[k] for k in ("val_images", "val_labels", "test_images", "test_labels")}
+    about.update(val="real", test="real", real_file=str(real_path), real_md5=md5(real_path))
+    write_npz(out, images, labels, str(args.checkpoint), about, real)
+    print(f"Train split: {n:,} synthetic images ({about['labels']}); val and test: copied from {real_path}")
 
 
 @torch.no_grad()
@@ -136,7 +206,7 @@ def labels_for(trained: Trained, n: int, cls: int | None, seed: int, by_row: boo
 
 def every_class(trained: Trained, args, cls: int | None) -> bool:
     """A grid of a conditional model's classes, all of them: drawn a row per class where N allows."""
-    return trained.conditional and cls is None and not args.npz
+    return trained.conditional and cls is None and not args.npz and not args.medmnist
 
 
 def samples(trained: Trained, args, out: Path, cls: int | None) -> None:
@@ -150,7 +220,7 @@ def samples(trained: Trained, args, out: Path, cls: int | None) -> None:
         if y is None:
             errors.warn("this model draws no classes; train_labels are all 0 (placeholders)")
             y = torch.zeros(args.n, classes if trained.data.multi_label else 1, dtype=torch.long)
-        write_npz(out, images, y, source=str(args.checkpoint))
+        write_npz(out, images, y, str(args.checkpoint), about_checkpoint(args, trained))
         return
     nrow, row_labels = int(math.ceil(math.sqrt(args.n))), None
     if by_row:
@@ -229,6 +299,9 @@ def output_path(args, folder: Path, data: Dataset) -> Path:
     only with --overwrite), else the mode's own name beside the checkpoint, replaced each time."""
     if args.npz:
         return files.check_output(args.npz, "--npz", (".npz",), args.overwrite, inputs=(args.checkpoint,))
+    if args.medmnist:  # the real file's own name: never the real file itself
+        return files.check_output(Path(args.medmnist) / data.filename, "--medmnist", (".npz",), args.overwrite,
+                                  inputs=(args.checkpoint, locate(data, args.data_root)))
     if args.out:
         return files.check_output(args.out, "--out", pictures.PICTURES, args.overwrite, inputs=(args.checkpoint,))
     if args.arithmetic:
@@ -256,16 +329,21 @@ def main(argv=None):
     if args.arithmetic and trained.conditional:
         raise errors.UserError("--arithmetic needs an unconditional VAE: a conditional one keeps the "
                                "class out of z (decode with --class instead)")
-    if args.npz and (args.interpolate or args.arithmetic or args.latent_map):
-        raise errors.UserError("--npz writes drawn samples; it does not combine with the other modes")
+    writes = "--npz" if args.npz else "--medmnist" if args.medmnist else None
+    if writes and (args.interpolate or args.arithmetic or args.latent_map or (args.npz and args.medmnist)):
+        raise errors.UserError(f"{writes} writes drawn samples; it does not combine with the other modes")
+    if args.medmnist and args.cls is not None:
+        raise errors.UserError("--medmnist writes every class in its real share; --class draws one (use --npz)")
     cls = parse_class(args.cls, trained.data) if args.cls is not None else None
     out = output_path(args, Path(args.checkpoint).parent, trained.data)
     if args.n is None:  # a conditional grid: a row of 8 per class, as in training
         by_class = every_class(trained, args, cls)
         args.n = 8 if args.interpolate or args.arithmetic else 8 * trained.data.num_classes if by_class else 64
+        if args.medmnist:
+            args.n = trained.data.info["n_samples"]["train"]
 
     mode = latent_map if args.latent_map else arithmetic if args.arithmetic else \
-        interpolate if args.interpolate else samples
+        interpolate if args.interpolate else drop_in if args.medmnist else samples
     note = files.replaced_note(out)
     mode(trained, args, out, cls)
     print(f"Wrote {out}{note}")
