@@ -150,7 +150,18 @@ class Split:
         return 1 if self.images.ndim == 3 else self.images.shape[-1]
 
 
+_digests = {}  # (path, size, mtime) -> MD5: a file read once per process, however often it is asked for
+
+
 def md5(path: Path) -> str:
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _digests:
+        _digests[key] = _md5(path)
+    return _digests[key]
+
+
+def _md5(path: Path) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import Batches, as_tensor, load, md5
+from data import Batches, as_tensor, load, locate, md5
 from evaluation import distances, features, report, studies
 from evaluation.reconstruction import evaluate
 from models.vae import PRIORS, TEMPERATURES, VALUE_RANGE, VAE
@@ -256,7 +256,7 @@ def score_checkpoint(trained: Trained, name: str, labels, real: dict, held, fnet
     noise = fixed_noise(args.n, trained.model.latent_dim, args.seed, trained.device)
     images = draw(trained.model, noise, labels, args.temperature, args.batch_size, uint8=True, desc=f"{name}: generating")
     feats, logits = features.predict(fnet, images, args.batch_size, desc="features")
-    row = {"name": name, "checkpoint": str(trained.path), "kind": trained.kind, "conditional": trained.conditional,
+    row = {"name": name, "checkpoint": str(trained.path), "checkpoint_md5": md5(trained.path), "kind": trained.kind, "conditional": trained.conditional,
            "epochs": trained.epochs, "ema": trained.ema, "prior": getattr(trained.model, "density", None),
            "temperature": temperature(trained, args), "split": args.split, **score(feats, logits, real, args, labels)}
     if isinstance(trained.model, VAE):
@@ -277,6 +277,7 @@ def main(argv=None):
     if len(held) < 4:
         raise errors.UserError(f"the {args.split} split of {args.data_root} has {len(held)} images; "
                                "scoring needs at least 4")
+    real_file = [t.real_data(locate(data, args.data_root, download=False)) for t in models][0]
     fnet, info = features.feature_network(data, args.data_root, device, args.feature_cache)
     held_feats = features.predict(fnet, held.images, args.batch_size, desc=f"{args.split} split")[0]
     real = {"features": held_feats, "shares": distances.class_shares(held.labels, data.num_classes),
@@ -292,7 +293,7 @@ def main(argv=None):
         name = row_name(trained, args, rows)
         row, images, feats = score_checkpoint(trained, name, labels, real, held, fnet, args)
         rows.append(row)
-        records[trained] = {"feature_network": info, "seed": args.seed, "checkpoint_md5": md5(trained.path), **row}
+        records[trained] = {"feature_network": info, "seed": args.seed, "real_data": real_file, **row}
         if args.memorization:
             memorization_rows.append(memorization(name, trained, images, feats, splits, real, fnet, args, train_features))
             records[trained]["memorization"] = memorization_rows[-1]
@@ -300,7 +301,7 @@ def main(argv=None):
         rows += references(splits, real, fnet, args)
     print()
     report.print_table(rows, real["shares"], data.class_names, data.multi_label, args.split)
-    out = {"dataset": data.name, "size": data.size, "feature_network": info, "n": args.n, "seed": args.seed,
+    out = {"dataset": data.name, "size": data.size, "real_data": real_file, "feature_network": info, "n": args.n, "seed": args.seed,
            "split": args.split, f"{args.split}_shares": real["shares"].tolist(), "results": rows}
     if args.memorization:
         report.print_memorization(memorization_rows, args.split)

@@ -148,8 +148,9 @@ def drop_in(trained: Trained, args, out: Path, cls: int | None) -> None:
     the real data), and the val and test splits of the user's real file, copied."""
     data, n = trained.data, args.n
     official = data.info["n_samples"]
-    real_path = locate(data, args.data_root)
     splits = load(data, args.data_root)
+    real_path = locate(data, args.data_root)
+    trained.real_data(real_path)
     odd = [f"{s} {len(splits[s]):,}" for s in ("val", "test") if len(splits[s]) != official[s]]
     if odd:
         errors.warn(f"{real_path} holds {' and '.join(odd)} images where MedMNIST's record says val "
@@ -185,6 +186,7 @@ def drop_in(trained: Trained, args, out: Path, cls: int | None) -> None:
 def encode_split(trained: Trained, args, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The VAE's mu over one split: (mu (N, D), labels (N,) or (N, L), images (N, C, S, S) uint8)."""
     data = load(trained.data, args.data_root, splits=(split,))[split]
+    trained.real_data(locate(trained.data, args.data_root))
     if len(data) < 2:
         raise errors.UserError(f"the {split} split of {args.data_root} has {len(data)} images, too few to "
                                "compare; choose another --split")

@@ -106,7 +106,9 @@ def build_parser():
     p.add_argument("--latent-dim", "--nz", type=cli.positive_int, default=100, metavar="N",
                    help="size of the noise vector z (--nz, as pytorch/examples names it, is the same flag)")
     p.add_argument("--ngf", type=cli.positive_int, default=64, help="generator width")
-    p.add_argument("--ndf", type=cli.positive_int, default=64, help="discriminator width")
+    p.add_argument("--ndf", type=cli.positive_int, default=None,
+                   help="discriminator width (default: 64; 128 for a D without normalisation at 28 pixels, whose "
+                        "two stride-2 layers otherwise tell real from generated images no better than chance)")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, take BatchNorm statistics over the global batch of all processes, "
                         "as one process would; without it each process normalises its own share "
@@ -120,6 +122,8 @@ def fill_defaults(args) -> None:
     for key, value in {**RECIPES[args.recipe], **conditional, **LOSS_DEFAULTS[args.loss]}.items():
         if getattr(args, key) is None:
             setattr(args, key, Dataset(args.dataset, args.size).symmetries if value == "dataset" else value)
+    if args.ndf is None:  # at 28 pixels D has 2 stride-2 layers (4 at 64): docs/datasets.md, "Quality at other sizes"
+        args.ndf = 128 if args.size == 28 and args.d_norm == "none" else 64
 
 
 class GANTrainer:

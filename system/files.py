@@ -11,13 +11,29 @@ from system import errors
 @contextlib.contextmanager
 def atomic_write(path: Path):
     """Yields a temporary path beside `path` to write; when the block succeeds it replaces `path`
-    in one rename, when it fails it is removed. Readers never see a half-written file."""
+    in one rename, when it fails it is removed. Readers never see a half-written file. A write the
+    machine refuses (a full disk, a file-size limit) becomes one UserError that names the file
+    and says that its previous version, if any, is as it was."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not is_write_error(e):
+            raise
+        reason = e.strerror.lower() if isinstance(e, OSError) and e.strerror else "the write failed"
+        kept = f"the previous {path.name} is as it was" if path.exists() else f"no {path.name} was written"
+        raise errors.UserError(f"could not write {path} ({reason}; a full disk or a file-size limit?); {kept}. "
+                               "Free some space and run the command again (a training run: with --resume)") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def is_write_error(e: RuntimeError) -> bool:
+    """torch.save reports a refused write as a RuntimeError of its zip writer ("file write failed",
+    "unexpected pos ...", "basic_ios::clear: iostream error") rather than as an OSError."""
+    return any(s in str(e) for s in ("write failed", "unexpected pos", "PytorchStreamWriter", "iostream error"))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data import Dataset
+from data import Dataset, md5
 from models import dcgan, vae
 from system import distributed, errors, files
 from utils.log import Meter
@@ -37,7 +37,7 @@ KINDS = tuple(FORMATS)
 # so resuming, sampling and scoring all see what the weights are, and nothing else guesses. Runs
 # before --dataset trained on BloodMNIST at 64 from data/, on the whole training split; before
 # --d-norm, D had BatchNorm, or layer norm under WGAN-GP; the GAN's latent size was called nz.
-BEFORE = {"dataset": "bloodmnist", "size": 64, "data_root": "data", "subset": None}
+BEFORE = {"dataset": "bloodmnist", "size": 64, "data_root": "data", "subset": None, "data_md5": None}
 ADDED_SETTINGS = {"gan": {**BEFORE, "class_loss": 0.0, "latent_dim": lambda s: s.get("nz"),
                           "d_norm": lambda s: "layer" if s.get("loss") == "wgan-gp" else "batch"},
                   "vae": {**BEFORE, "critic_labels": False, "upsample": "transposed", "class_loss": 0.0,
@@ -187,6 +187,15 @@ class Trained:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def real_data(self, path: Path) -> dict:
+        """The real data file a command compares this model with, by path and MD5 (for the JSON it
+        writes), with a warning where it is not the file the model trained on."""
+        digest, trained_on = md5(path), self.settings.get("data_md5")
+        if trained_on and digest != trained_on:
+            errors.warn(f"{path} (MD5 {digest}) is not the data {self.path} trained on (MD5 {trained_on}): "
+                        "its real images are compared with a model of other data")
+        return {"file": str(path), "md5": digest}
 
 
 def load_trained(path: str | os.PathLike, device: torch.device, use_ema: bool = True) -> Trained:

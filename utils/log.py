@@ -120,6 +120,13 @@ class MetricsLog:
         files.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
+        """Appends one line; a refused write is one line of error, and a torn last line is dropped
+        on resume (above)."""
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise errors.UserError(f"could not write {self.path} ({(e.strerror or 'the write failed').lower()}; a "
+                                   "full disk or a file-size limit?); the checkpoint of the last epoch is as it was. "
+                                   "Free some space and continue with --resume") from None

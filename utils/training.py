@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from data import Batches, Dataset, load
-from system import distributed, files, hardware
+from data import Batches, Dataset, load, locate, md5
+from system import distributed, errors, files, hardware
 from utils import checkpoint, log, resume
 from system.errors import Interrupted
 
@@ -43,6 +43,18 @@ def learning_rate(base: float, schedule: str, index: int, total: int) -> float:
     if schedule == "constant":
         return base
     return base * 0.5 * (1 + math.cos(math.pi * (index - 1) / total))
+
+
+def same_data(data: Dataset, data_root: str, ckpt: dict | None) -> str:
+    """The MD5 of the data file a run reads, which config.json and the checkpoint record; a resumed
+    run refuses a file with other contents than the one it trained on (the same file moved is fine)."""
+    path = locate(data, data_root, download=False)
+    digest = md5(path)
+    trained_on = ckpt["args"].get("data_md5") if ckpt else None
+    if trained_on and trained_on != digest:
+        raise errors.UserError(f"--resume: {path} has MD5 {digest}, but this run trained on a file with MD5 "
+                               f"{trained_on}; point --data-root at the file it trained on, or start a new run")
+    return digest
 
 
 class Run:
@@ -62,6 +74,7 @@ class Run:
             self.splits = load(self.data, args.data_root, splits=splits, subset=args.subset,
                                download=distributed.is_main())
         args.subset = args.subset and len(self.splits["train"])  # the number used, for config.json
+        args.data_md5 = same_data(self.data, args.data_root, ckpt)
         self.batches = Batches(self.splits["train"], args.batch_size, self.device, value_range, seed=args.seed,
                                channels_last=args.channels_last, rank=distributed.rank(),
                                world_size=distributed.world_size())
