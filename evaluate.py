@@ -9,7 +9,10 @@ here on the checkpoint's dataset and size (evaluation/features.py; once per data
 FID, KID (mean and std over subsets), precision and recall (k = 3), the generated images' class
 shares under the classifier against the real ones (for the multi-label chestmnist, the share of
 images showing each finding), and for conditional models how often the
-classifier finds the class that was asked for. VAEs also get test-split negative ELBO,
+classifier finds the class that was asked for. Beside them a measure that needs no training:
+the sliced Wasserstein distance between the images' 7x7 patches and the real ones' at each scale
+of a Laplacian pyramid (SWD, finest first: texture, then layout and colour; evaluation/patches.py),
+which sees what a classifier of the classes may not (stain, light, background). VAEs also get test-split negative ELBO,
 reconstruction MSE, PSNR and SSIM, and how often the classifier finds each test image's class in
 its reconstruction (recon acc: can the decoder draw the class at all?). Two reference rows place
 the numbers: real training images (the best a model can do) and noise with the training images'
@@ -47,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from data import Batches, as_tensor, load, locate, md5
-from evaluation import distances, features, report, studies
+from evaluation import distances, features, patches, report, studies
 from evaluation.reconstruction import evaluate
 from models.vae import PRIORS, TEMPERATURES, VALUE_RANGE, VAE
 from system import errors, files, hardware
@@ -73,6 +76,9 @@ def parse_args(argv=None):
                    help="the real images everything is scored against: the test split (for results), or the "
                         "validation split (for choosing settings; writes eval_val.json)")
     p.add_argument("--no-reference", action="store_true", help="skip the real-data and noise reference rows")
+    p.add_argument("--misses", action="store_true",
+                   help="draw misses_test.png beside each checkpoint: the real images furthest from every "
+                        "sample in features (what recall misses), each above the sample nearest to it")
     p.add_argument("--kid-subsets", type=cli.positive_int, default=100, metavar="N",
                    help="subsets KID is averaged over")
     p.add_argument("--kid-subset-size", type=cli.int_at_least(2), default=1000, metavar="N",
@@ -110,9 +116,11 @@ def rounded(rates: list[float | None]) -> list[float | None]:
     return [None if r is None else round(r, 4) for r in rates]
 
 
-def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested: torch.Tensor | None = None) -> dict:
-    """Feature-space measures of images, given as features.predict's features and logits,
-    against the real split in `real` (its features and class shares)."""
+def score(images: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor, real: dict, args,
+          requested: torch.Tensor | None = None) -> dict:
+    """Measures of uint8 images, with features.predict's features and logits of them, against the
+    real split in `real` (its features, class shares and patches): in the feature space, and the
+    training-free SWD of their patches per scale (evaluation/patches.py)."""
     multi_label = real["multi_label"]
     predicted = (logits > 0).long() if multi_label else logits.argmax(1)
     n = min(len(feats), len(real["features"]))  # precision/recall want equal set sizes
@@ -121,12 +129,14 @@ def score(feats: torch.Tensor, logits: torch.Tensor, real: dict, args, requested
     shares = distances.class_shares(predicted, logits.shape[1])
     present = real["shares"] > 0  # a class missing from the real split has no ratio
     out = {"n": len(feats), "fid": distances.fid(feats, real["features"]), "kid": kid, "kid_std": kid_std,
-           "precision": precision, "recall": recall, "class_shares": shares.round(4).tolist(),
+           "precision": precision, "recall": recall, "swd": [round(v, 3) for v in real["patches"].swd(images.cpu())],
+           "class_shares": shares.round(4).tolist(),
            # how far the class make-up is from the real split's: total variation (for findings, which
            # are not shares of one whole, the mean absolute difference), and the worst share ratio
            "class_tv": float(np.abs(shares - real["shares"]).mean() if multi_label
                              else 0.5 * np.abs(shares - real["shares"]).sum()),
            "min_share_ratio": float((shares[present] / real["shares"][present]).min())}
+    out["swd_mean"] = round(float(np.mean(out["swd"])), 3)
     if requested is not None:  # conditional: does the classifier see the class that was asked for?
         requested = requested.cpu()
         hit = predicted == requested
@@ -166,7 +176,7 @@ def references(splits: dict, real: dict, fnet, args) -> list[dict]:
     rows = []
     for name, images in (("real train images", real_train), ("pixel noise", noise)):
         feats, logits = features.predict(fnet, images, args.batch_size, desc="features")
-        rows.append({"name": f"ref: {name}", **score(feats, logits, real, args)})
+        rows.append({"name": f"ref: {name}", **score(images, feats, logits, real, args)})
     return rows
 
 
@@ -197,25 +207,6 @@ def generator(trained: Trained, name: str, args) -> studies.Generate:
         return draw(trained.model, noise, labels, args.temperature, args.batch_size, uint8=True,
                     desc=f"{name}: generating")
     return generate
-
-
-def memorization(name: str, trained: Trained, images: torch.Tensor, feats: torch.Tensor,
-                 splits: dict, real: dict, fnet, args, train_features: dict) -> dict:
-    """studies.memorization against the images this checkpoint was trained on (the first
-    --subset of the train split, if it was trained on a subset; their features are computed
-    once per subset), and the pairs picture. The scored split (--split) is the held-out set."""
-    subset = trained.settings["subset"]
-    train, heldout = as_tensor(splits["train"].images[:subset]), as_tensor(splits[args.split].images)
-    if subset not in train_features:
-        train_features[subset] = features.predict(fnet, train, args.batch_size, desc="features: training images")[0]
-    summary, pairs = studies.memorization(
-        {"generated": images, "train": train, "heldout": heldout},
-        {"generated": feats, "train": train_features[subset], "heldout": real["features"]}, images.device)
-    picture, labels = studies.pairs_picture(images, train, heldout, pairs)
-    out = report.beside(trained.path, "memorization_pairs.png" if args.split == "test" else f"memorization_pairs_{args.split}.png")
-    pictures.save_grid(picture, out, nrow=len(picture) // len(labels), row_labels=labels)
-    return {"name": name, "checkpoint": str(trained.path), "n_generated": len(images), "n_heldout": len(heldout),
-            "train_images": len(train), **summary, "pairs_png": str(out)}
 
 
 def load_all(args, device: torch.device) -> list[Trained]:
@@ -258,9 +249,14 @@ def score_checkpoint(trained: Trained, name: str, labels, real: dict, held, fnet
     feats, logits = features.predict(fnet, images, args.batch_size, desc="features")
     row = {"name": name, "checkpoint": str(trained.path), "checkpoint_md5": md5(trained.path), "kind": trained.kind, "conditional": trained.conditional,
            "epochs": trained.epochs, "ema": trained.ema, "prior": getattr(trained.model, "density", None),
-           "temperature": temperature(trained, args), "split": args.split, **score(feats, logits, real, args, labels)}
+           "temperature": temperature(trained, args), "split": args.split, **score(images, feats, logits, real, args, labels)}
     if isinstance(trained.model, VAE):
         row.update(vae_measures(trained, held, args, fnet))
+    if args.misses:  # the real images no sample comes near, each above the sample nearest to it
+        margins, nearest = distances.recall_misses(real["features"], feats[:len(real["features"])])
+        picture, labels = studies.misses_picture(real["images"], images, margins, nearest)
+        row["misses_png"] = str(report.beside(trained.path, f"misses_{args.split}.png"))
+        pictures.save_grid(picture, Path(row["misses_png"]), nrow=len(picture) // len(labels), row_labels=labels)
     row["seconds"] = round(time.time() - t0, 1)
     print(f"{name}: FID {row['fid']:.2f}, KID {row['kid']:.2e} ({row['seconds']} s)")
     return row, images, feats
@@ -281,7 +277,8 @@ def main(argv=None):
     fnet, info = features.feature_network(data, args.data_root, device, args.feature_cache)
     held_feats = features.predict(fnet, held.images, args.batch_size, desc=f"{args.split} split")[0]
     real = {"features": held_feats, "shares": distances.class_shares(held.labels, data.num_classes),
-            "multi_label": data.multi_label}
+            "multi_label": data.multi_label, "images": as_tensor(held.images)}
+    real["patches"] = patches.Reference(real["images"], args.seed)
     train_shares = distances.class_shares(splits["train"].labels, data.num_classes)
     print(f"Feature network: {info['file']} (test accuracy {features.percent(info['test_accuracy'])}); "
           f"scored against {len(held):,} {args.split} images; {args.n:,} generated images per checkpoint")
@@ -295,7 +292,8 @@ def main(argv=None):
         rows.append(row)
         records[trained] = {"feature_network": info, "seed": args.seed, "real_data": real_file, **row}
         if args.memorization:
-            memorization_rows.append(memorization(name, trained, images, feats, splits, real, fnet, args, train_features))
+            memorization_rows.append(studies.memorization_row(name, trained, images, feats, splits, real, fnet, args,
+                                                                   train_features))
             records[trained]["memorization"] = memorization_rows[-1]
     if not args.no_reference:
         rows += references(splits, real, fnet, args)

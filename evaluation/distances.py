@@ -76,6 +76,19 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     return precision, recall
 
 
+def recall_misses(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each real point: how far it lies outside the fake manifold of precision_recall (its
+    distance to a fake point less that point's k-NN radius, at the fake point where this is least;
+    > 0: a miss of recall), and that fake point's index."""
+    radii = _knn_radii(fake, k)
+    margins, nearest = [], []
+    for i in range(0, len(real), chunk):
+        m = (torch.cdist(real[i:i + chunk], fake) - radii).min(1)
+        margins.append(m.values)
+        nearest.append(m.indices)
+    return torch.cat(margins), torch.cat(nearest)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixel measures for reconstructions, images float in [0, 1], (B, C, H, W)
 

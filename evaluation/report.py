@@ -21,12 +21,12 @@ def print_aligned(table: list[list[str]], left: int = 1, write=print) -> None:
 def print_table(rows: list[dict], real_shares: np.ndarray, class_names: list[str], multi_label: bool,
                 split: str = "test") -> None:
     cols = [("FID", "fid", "{:.2f}"), ("KID", "kid", None), ("prec", "precision", "{:.3f}"),
-            ("recall", "recall", "{:.3f}"), ("class TV", "class_tv", "{:.3f}"), ("min share", "min_share_ratio", "{:.2f}"),
+            ("recall", "recall", "{:.3f}"), ("SWD fine..coarse", "swd", None), ("class TV", "class_tv", "{:.3f}"), ("min share", "min_share_ratio", "{:.2f}"),
             ("cls acc", "class_accuracy", "{:.3f}"), ("recon acc", "recon_class_accuracy", "{:.3f}"),
             ("PSNR", f"{split}_psnr", "{:.2f}"), ("SSIM", f"{split}_ssim", "{:.3f}"), ("-ELBO", f"{split}_nelbo", "{:.1f}")]
     cols = [c for c in cols if any(c[1] in r for r in rows)]
-    cell = lambda r, key, fmt: ("-" if key not in r else f"{r['kid']:.3f} ± {r['kid_std']:.3f}"
-                                if key == "kid" else fmt.format(r[key]))
+    cell = lambda r, key, fmt: ("-" if key not in r else f"{r['kid']:.3f} ± {r['kid_std']:.3f}" if key == "kid"
+                                else " ".join(f"{v:.1f}" for v in r[key]) if key == "swd" else fmt.format(r[key]))
     print_aligned([["model"] + [c[0] for c in cols]] + [[r["name"]] + [cell(r, k, f) for _, k, f in cols] for r in rows])
     print("\n" + ("Share of images showing each finding" if multi_label else "Class shares")
           + f" under the classifier ({split} split: true labels)")

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import Split, as_array, to_float
-from evaluation import features
+from data import Split, as_array, as_tensor, to_float
+from evaluation import features, report
+from utils import pictures
 from evaluation.distances import pixel_noise
 
 Generate = Callable[[torch.Tensor, int], torch.Tensor]
@@ -209,3 +210,37 @@ def pairs_picture(generated: torch.Tensor, train: torch.Tensor, heldout: torch.T
             rows += [images[chosen].cpu(), train[index[chosen]].cpu()]
             labels += [label, "nearest train"]
     return torch.cat(rows).float() / 255, labels
+
+
+def misses_picture(real: torch.Tensor, samples: torch.Tensor, margins: torch.Tensor, nearest: torch.Tensor,
+                   k: int = 8, blocks: int = 3) -> tuple[torch.Tensor, list[str]]:
+    """The real images furthest outside the samples' manifold (recall's misses), k a row, each
+    above the sample nearest to it in features: images in [0, 1] for a grid of k columns, and
+    its row labels."""
+    order = margins.argsort(descending=True)[:blocks * k]
+    rows, labels = [], []
+    for b in range(len(order) // k):
+        chosen = order[b * k:(b + 1) * k].cpu()
+        rows += [real[chosen].cpu(), samples[nearest[chosen].cpu()].cpu()]
+        labels += ["real, missed", "nearest sample"]
+    return torch.cat(rows).float() / 255, labels
+
+
+def memorization_row(name: str, trained, images: torch.Tensor, feats: torch.Tensor,
+                     splits: dict, real: dict, fnet, args, train_features: dict) -> dict:
+    """evaluate.py --memorization for one checkpoint (utils.checkpoint.Trained): memorization()
+    against the images it was trained on (the first --subset of the train split, if it was
+    trained on a subset; their features are computed once per subset), and the pairs picture.
+    The scored split (--split) is the held-out set."""
+    subset = trained.settings["subset"]
+    train, heldout = as_tensor(splits["train"].images[:subset]), as_tensor(splits[args.split].images)
+    if subset not in train_features:
+        train_features[subset] = features.predict(fnet, train, args.batch_size, desc="features: training images")[0]
+    summary, pairs = memorization(
+        {"generated": images, "train": train, "heldout": heldout},
+        {"generated": feats, "train": train_features[subset], "heldout": real["features"]}, images.device)
+    picture, labels = pairs_picture(images, train, heldout, pairs)
+    out = report.beside(trained.path, "memorization_pairs.png" if args.split == "test" else f"memorization_pairs_{args.split}.png")
+    pictures.save_grid(picture, out, nrow=len(picture) // len(labels), row_labels=labels)
+    return {"name": name, "checkpoint": str(trained.path), "n_generated": len(images), "n_heldout": len(heldout),
+            "train_images": len(train), **summary, "pairs_png": str(out)}

@@ -3,6 +3,7 @@ choice, conditional class accuracy, VAE measures; a perfect autoencoder's recon 
 --eval-every in both training scripts, and the one-line refusals."""
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -45,8 +46,11 @@ def test_every_kind_of_checkpoint_is_scored(ckpts, data_root, feature_cache, tmp
         assert {"test_nelbo", "test_mse", "test_psnr", "test_ssim", "recon_class_accuracy"} <= set(rows[name])
         assert len(rows[name]["recon_class_accuracy_per_class"]) == 8
         assert "test_psnr" not in rows["gan"]
-    # the real images sit far closer to the test split than noise does
+    # the real images sit far closer to the test split than noise does, in features and in patches
     assert rows["ref: real train images"]["fid"] < rows["ref: pixel noise"]["fid"]
+    for name, row in rows.items():
+        assert len(row["swd"]) == 3 and row["swd_mean"] == pytest.approx(sum(row["swd"]) / 3, abs=1e-3)
+    assert all(a < b for a, b in zip(rows["ref: real train images"]["swd"], rows["ref: pixel noise"]["swd"]))
     assert results["feature_network"]["test_accuracy"] is not None
     beside = json.loads((ckpts["gan"].parent / "eval.json").read_text())
     assert beside["fid"] == rows["gan"]["fid"]
@@ -199,3 +203,15 @@ def test_eval_every_logs_kid(module, tiny, data_root, feature_cache, tmp_path):
     assert ["kid" in r for r in records] == [False, True, True]  # every 2nd epoch and the last
     assert all(r["kid_std"] >= 0 for r in records[1:])
     assert (out / "curves.png").is_file()
+
+
+def test_misses_shows_the_real_images_recall_misses(ckpts, data_root, feature_cache, tmp_path):
+    from evaluation import distances
+    run(data_root, feature_cache, ckpts["gan"], "--n", 40, "--misses", "--no-reference")
+    record = json.loads((ckpts["gan"].parent / "eval.json").read_text())
+    assert Path(record["misses_png"]).is_file() and Path(record["misses_png"]).name == "misses_test.png"
+    # a margin above 0 is a miss: as many as recall says, for the same sets
+    real, fake = torch.randn(60, 5), torch.randn(60, 5) + 1.5
+    margins, nearest = distances.recall_misses(real, fake)
+    assert (margins <= 0).double().mean().item() == pytest.approx(distances.precision_recall(real, fake)[1])
+    assert torch.equal(nearest, torch.cdist(real, fake).sub(distances._knn_radii(fake, 3)).argmin(1))
