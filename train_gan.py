@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import Dataset, balanced_labels, grid_labels
-from evaluation.probe import KID_PANEL, KIDProbe
+from evaluation.probe import PANELS, KIDProbe
 from models.dcgan import (D_NORMS, LABEL_INPUTS, LOSSES, VALUE_RANGE, discriminator_loss, ema_decay, ema_update,
                           generator_loss, gradient_penalty, r1_penalty, recalibrate_batchnorm)
 from models.sync_batchnorm import convert_sync_batchnorm
@@ -339,7 +339,7 @@ def main(argv=None):
                 pictures.plot_curves(run.log.records, out / "curves.png", [
                     ("losses", ["loss_d", "loss_g"], None), ("discriminator", keys, line),
                     ("penalties", ["r1", "lecam"], None),
-                    ("D's classes right (--class-loss)", ["d_named", "fake_named"], None), KID_PANEL])
+                    ("D's classes right (--class-loss)", ["d_named", "fake_named"], None), *PANELS])
             run.save(epoch + 1)
     except Interrupted as stop:  # Ctrl-C: the run so far, to continue with --resume
         run.save(stop.epoch, stop.step)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import Batches, Dataset, grid_labels, to_float
-from evaluation.probe import KID_PANEL, KIDProbe
+from evaluation.probe import PANELS, KIDProbe
 from evaluation.reconstruction import evaluate
 from models import vae
 from models.dcgan import discriminator_loss, generator_loss
@@ -42,7 +42,7 @@ CURVES = [("training loss, validation -ELBO (nats)", ["loss", "val_nelbo"], None
           ("validation PSNR (dB)", ["val_psnr"], None),
           ("patch discriminator (--adversarial)", ["d_x", "d_recon"], None),
           ("D's classes right (--class-loss)", ["d_named", "recon_named"], None),
-          KID_PANEL]
+          *PANELS]
 RECON = 32  # validation images in each reconstruction grid, each row over its reconstruction
 # The settings of each recipe (those not typed on the command line). "textbook" is the VAE of
 # pytorch/examples (Kingma & Welling's Bernoulli likelihood, batch 128, constant rate) on this
@@ -305,7 +305,7 @@ def main(argv=None):
                     record.update(probe(model))
                 record["seconds"] = run.seconds()
                 run.log.write(record)
-                tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items()))
+                tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in record.items() if not isinstance(v, list)))
                 with torch.no_grad():
                     pictures.save_grid(model.generate(grid_z, grid_y), out / f"samples_epoch_{epoch + 1:03d}.png",
                                        row_labels=run.data.class_names if model.mixture else None)

@@ -1,17 +1,20 @@
-"""The cheap KID that --eval-every logs during training, against the test split."""
+"""The cheap scores that --eval-every logs during training, against the test split: KID, and the
+SWD of patches per scale (evaluation/patches.py), which needs no network."""
 import torch
 
-from data import Dataset, load
+from data import Dataset, as_tensor, load
 from evaluation.distances import class_shares, kid, proportional_labels
 from evaluation.features import feature_network, predict
+from evaluation.patches import Reference
 from system import errors
 from utils.sampling import draw, fixed_noise
 
-KID_PANEL = ("KID against the test split", ["kid"], 0.0)  # for pictures.plot_curves
+PANELS = [("KID against the test split", ["kid"], 0.0),  # for pictures.plot_curves
+          ("SWD against the test split, mean of scales", ["swd_mean"], 0.0)]
 
 
 class KIDProbe:
-    """KID of a generator's samples against the test split, for --eval-every in the training
+    """KID and SWD of a generator's samples against the test split, for --eval-every in the training
     scripts. The feature network and the test features are computed once; each call draws
     --eval-n images from fixed latents (the same every time, without touching the run's RNG)."""
 
@@ -23,6 +26,7 @@ class KIDProbe:
                                    f"has {len(splits['test'])}")
         self.model, _ = feature_network(data, args.data_root, device, args.feature_cache)
         self.real = predict(self.model, splits["test"].images)[0]
+        self.patches = Reference(as_tensor(splits["test"].images), args.seed)
         self.z = fixed_noise(args.eval_n, latent_dim, args.seed + 1, device)
         # labels in the training shares: what conditional models and the VAE's class mixture draw
         # (a multi-label set has neither)
@@ -34,7 +38,9 @@ class KIDProbe:
         return epoch % self.every == 0 or epoch == self.epochs
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        """KID of the drawing network `model` (a GAN's G, a VAE): {"kid": mean, "kid_std": std over subsets}."""
+        """KID of the drawing network `model` (a GAN's G, a VAE), its mean and std over subsets, and
+        the SWD per scale and its mean."""
         images = draw(model, self.z, self.y, batch_size=250, uint8=True)
         mean, std = kid(predict(self.model, images)[0], self.real, subsets=50)
-        return {"kid": mean, "kid_std": std}
+        swd = [round(v, 3) for v in self.patches.swd(images.cpu())]
+        return {"kid": mean, "kid_std": std, "swd": swd, "swd_mean": round(sum(swd) / len(swd), 3)}

@@ -195,13 +195,14 @@ def test_bad_checkpoint_is_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("module,tiny", [(train_gan, TINY_GAN), (train_vae, TINY_VAE)])
-def test_eval_every_logs_kid(module, tiny, data_root, feature_cache, tmp_path):
+def test_eval_every_logs_kid_and_swd(module, tiny, data_root, feature_cache, tmp_path):
     out = tmp_path / "run"
     module.main(["--data-root", str(data_root), "--device", "cpu", "--epochs", "3", *tiny, "--eval-every", "2",
                  "--eval-n", "24", "--feature-cache", str(feature_cache), "--out", str(out)])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ["kid" in r for r in records] == [False, True, True]  # every 2nd epoch and the last
     assert all(r["kid_std"] >= 0 for r in records[1:])
+    assert all(len(r["swd"]) == 3 and r["swd_mean"] > 0 for r in records[1:])
     assert (out / "curves.png").is_file()
 
 

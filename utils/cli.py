@@ -154,9 +154,10 @@ def add_common_args(p: argparse.ArgumentParser, kind: str, epochs: int, lr: floa
                    help="condition the model on the class (the cell type of BloodMNIST); grids then show one "
                         "class per row. Not for the multi-label chestmnist")
     p.add_argument("--eval-every", type=non_negative_int, default=0, metavar="K",
-                   help="every K epochs and after the last, log the KID of --eval-n samples against the "
-                        "test split (evaluate.py's feature network; trained once if not cached); 0: off")
-    p.add_argument("--eval-n", type=int_at_least(2), default=2000, metavar="N", help="samples per --eval-every KID")
+                   help="every K epochs and after the last, log the KID (in evaluate.py's feature network; "
+                        "trained once if not cached) and the SWD of patches of --eval-n samples against the test "
+                        "split; 0: off")
+    p.add_argument("--eval-n", type=int_at_least(2), default=2000, metavar="N", help="samples per --eval-every score")
     p.add_argument("--feature-cache", default="outputs/features", metavar="DIR",
                    help="where evaluate.py's feature network is cached")
     add_speed_args(p)
