@@ -136,11 +136,13 @@ def test_a_run_killed_at_random_moments_ends_as_one_that_never_stopped(data_root
     out, rng, kills = tmp_path / "soak", random.Random(0), 0
     for attempt in range(12):
         resume = ["--resume"] if (out / "ckpt.pt").exists() else []
+        config = out / "config.json"  # rewritten once the run has loaded everything and claimed --out
+        before = config.stat().st_mtime_ns if config.exists() else None
         proc = subprocess.Popen(**script_command("train_gan.py", *flags, "--out", out, *resume),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        started = time.time()  # the first epoch begins once the script has imported torch and loaded its data
-        while not (out / "config.json").exists() or (out / "config.json").stat().st_mtime < started - 1:
-            if proc.poll() is not None or time.time() > started + 60:
+        deadline = time.time() + 60
+        while (config.stat().st_mtime_ns if config.exists() else None) == before:
+            if proc.poll() is not None or time.time() > deadline:
                 break
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 2.0))
@@ -149,9 +151,11 @@ def test_a_run_killed_at_random_moments_ends_as_one_that_never_stopped(data_root
             kills += 1
         _, err = proc.communicate(timeout=120)
         assert "Traceback" not in err, err[-2000:]
-        if proc.returncode == 0:
+        # 130: Ctrl-C saved the run; -9: killed; -2: Ctrl-C after the run had ended, while Python exits
+        assert proc.returncode in (0, 130, -signal.SIGKILL, -signal.SIGINT), err[-2000:]
+        if (out / "ckpt.pt").exists() and torch.load(out / "ckpt.pt", weights_only=False)["epoch"] == 8:
             break
-    assert proc.returncode == 0 and kills >= 3
+    assert kills >= 3
     a, b = (torch.load(p / "ckpt.pt", weights_only=False) for p in (out, tmp_path / "straight"))
     assert a["epoch"] == 8 and states_equal(a, b)
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
