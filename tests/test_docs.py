@@ -27,7 +27,11 @@ COMMAND = re.compile(r"(?:python|torchrun[^`\n]*?)\s+(\w+\.py)((?:[ \t]+(?:\\\n[
 
 
 def commands(text: str):
-    """(script, argv) for every command in the text, lines continued with a backslash joined."""
+    """(script, argv) for every command in the text, lines continued with a backslash joined, and
+    so are the lines of a code span that prose wraps (outside fenced blocks)."""
+    parts = re.split(r"(```.*?```)", text, flags=re.S)
+    text = "".join(p if p.startswith("```") else re.sub(r"`[^`]+`", lambda m: m.group(0).replace("\n", " "), p)
+                   for p in parts)
     for m in COMMAND.finditer(text):
         if m.group(1) in PARSE:
             yield m.group(1), shlex.split(re.sub(r"\\\n[ \t]*", " ", m.group(2)))
@@ -49,7 +53,7 @@ def test_the_pages_hold_commands_of_every_script():
 
 
 def test_the_pattern_finds_flags_and_stops_at_the_end_of_a_command():
-    text = ("run `python train_gan.py --epochs 2 --out outputs/x` then\n"
+    text = ("run `python train_gan.py --epochs 2\n--out outputs/x` then\n"
             "python sample.py outputs/x/ckpt.pt --n 8  # a grid\n"
             "torchrun --nproc_per_node 2 train_vae.py --batch-size 64 \\\n    --epochs 1 > log.txt\n")
     assert list(commands(text)) == [("train_gan.py", ["--epochs", "2", "--out", "outputs/x"]),
