@@ -1,6 +1,7 @@
 """Files that are never lost: atomic writes, outputs checked before any work (never a checkpoint
 or a dataset, an existing file only with --overwrite), and the lock by which a run owns its folder."""
 import contextlib
+import errno
 import os
 import zipfile
 from pathlib import Path
@@ -20,7 +21,7 @@ def atomic_write(path: Path):
         yield tmp
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not is_write_error(e):
+        if not is_write_error(e):  # a network error while downloading, a bug: not the disk's
             raise
         reason = e.strerror.lower() if isinstance(e, OSError) and e.strerror else "the write failed"
         kept = f"the previous {path.name} is as it was" if path.exists() else f"no {path.name} was written"
@@ -30,9 +31,12 @@ def atomic_write(path: Path):
         tmp.unlink(missing_ok=True)
 
 
-def is_write_error(e: RuntimeError) -> bool:
-    """torch.save reports a refused write as a RuntimeError of its zip writer ("file write failed",
-    "unexpected pos ...", "basic_ios::clear: iostream error") rather than as an OSError."""
+def is_write_error(e: Exception) -> bool:
+    """A write the machine refused: a full disk, a quota or a file-size limit (OSError), or as
+    torch.save reports one, a RuntimeError of its zip writer ("file write failed", "unexpected pos
+    ...", "basic_ios::clear: iostream error")."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
     return any(s in str(e) for s in ("write failed", "unexpected pos", "PytorchStreamWriter", "iostream error"))
 
 
