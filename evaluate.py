@@ -273,7 +273,8 @@ def main(argv=None):
     if len(held) < 4:
         raise errors.UserError(f"the {args.split} split of {args.data_root} has {len(held)} images; "
                                "scoring needs at least 4")
-    real_file = [t.real_data(locate(data, args.data_root, download=False)) for t in models][0]
+    real_path = locate(data, args.data_root, download=False)
+    real_file = [t.real_data(real_path) for t in models][0]  # each says if it trained on other data
     fnet, info = features.feature_network(data, args.data_root, device, args.feature_cache)
     held_feats = features.predict(fnet, held.images, args.batch_size, desc=f"{args.split} split")[0]
     real = {"features": held_feats, "shares": distances.class_shares(held.labels, data.num_classes),

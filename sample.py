@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from data import SPLITS, Batches, Dataset, as_array, balanced_labels, grid_labels, load, locate, md5
+from evaluation.distances import class_shares, proportional_labels
 from evaluation.features import feature_network, predict
 from models.vae import PRIORS, TEMPERATURES, VAE
 from system import errors, files, hardware
@@ -133,15 +134,6 @@ def about_checkpoint(args, trained: Trained) -> dict:
             "prior": getattr(trained.model, "density", None)}
 
 
-def class_counts(labels: np.ndarray, classes: int, n: int) -> np.ndarray:
-    """n split over the classes in the shares of `labels` (N,), by largest remainder: the counts
-    sum to n exactly, and each is within one of n times its share."""
-    exact = np.bincount(labels, minlength=classes) / len(labels) * n
-    counts = np.floor(exact).astype(int)
-    counts[np.argsort(counts - exact)[:n - counts.sum()]] += 1
-    return counts
-
-
 def drop_in(trained: Trained, args, out: Path, cls: int | None) -> None:
     """The dataset this model imitates, in MedMNIST's own file: a synthetic train split in the real
     training shares (drawn by class where the model can, else named by evaluate.py's classifier of
@@ -162,9 +154,7 @@ def drop_in(trained: Trained, args, out: Path, cls: int | None) -> None:
     noise = fixed_noise(n, trained.model.latent_dim, args.seed, trained.device)
     about = about_checkpoint(args, trained)
     if trained.model.draws_classes:  # exact real shares, in a seeded order
-        counts = class_counts(splits["train"].labels, data.num_classes, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 5))
-        y = torch.repeat_interleave(torch.arange(data.num_classes), torch.as_tensor(counts))[order]
+        y = proportional_labels(n, class_shares(splits["train"].labels, data.num_classes), args.seed + 5)
         images = draw(trained.model, noise, y.to(trained.device), args.temperature, args.batch_size, uint8=True,
                       desc="drawing")
         labels, about["labels"] = y.numpy(), "the classes asked for, in the real training split's shares"

@@ -12,7 +12,7 @@ import data
 import sample
 import train_gan
 import train_vae
-from evaluation import features
+from evaluation import distances, features
 from conftest import TINY_GAN, TINY_VAE, write_npz
 from system import errors
 
@@ -83,9 +83,9 @@ def test_a_multi_label_drop_in(tmp_path, feature_cache):
 
 
 def test_class_counts_are_exact_and_in_the_real_shares():
-    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
-    assert sample.class_counts(labels, 4, 7).tolist() == [4, 2, 1, 0]
-    assert sample.class_counts(labels, 3, 11959).sum() == 11959
+    shares = distances.class_shares(np.array([0] * 50 + [1] * 30 + [2] * 20), 4)
+    assert np.bincount(distances.proportional_labels(7, shares), minlength=4).tolist() == [4, 2, 1, 0]
+    assert len(distances.proportional_labels(11959, shares)) == 11959
 
 
 def test_the_real_file_is_never_replaced(ckpts, data_root):
