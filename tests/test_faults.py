@@ -8,6 +8,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import data
-from conftest import TINY_GAN, gan_args, run_script, script_command, states_equal, write_npz
+from conftest import ROOT, TINY_GAN, gan_args, run_script, script_command, states_equal, write_npz
 
 GAN = [*TINY_GAN, "--ema", "0.9"]
 
@@ -81,6 +82,16 @@ def test_a_full_disk_while_exporting_or_scoring_is_one_line(one_epoch, data_root
     one_line_error(run_limited("evaluate.py", 8192, run / "ckpt.pt", "--n", "16", "--no-reference",
                                "--feature-cache", tmp_path / "features"))
     assert not (run / "eval.json").exists() and not list((tmp_path / "features").glob("*.pt"))
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path):
+    """metrics.jsonl grows by appending a line: a refused append is the same one line (a torn
+    last line is dropped on --resume, tests/test_nothing_lost.py)."""
+    code = ("import sys; from pathlib import Path; from utils import cli; from utils.log import MetricsLog; "
+            "log = MetricsLog(Path(sys.argv[1])); cli.run_main(lambda: log.write({'epoch': 1, 'note': 'x' * 5000}))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "metrics.jsonl")], cwd=ROOT, text=True,
+                            capture_output=True, timeout=120, preexec_fn=limited(1000))
+    one_line_error(result)
 
 
 def test_resume_refuses_data_with_other_contents_and_accepts_the_same_file_moved(data_root, tmp_path):
