@@ -129,14 +129,13 @@ def score(images: torch.Tensor, feats: torch.Tensor, logits: torch.Tensor, real:
     shares = distances.class_shares(predicted, logits.shape[1])
     present = real["shares"] > 0  # a class missing from the real split has no ratio
     out = {"n": len(feats), "fid": distances.fid(feats, real["features"]), "kid": kid, "kid_std": kid_std,
-           "precision": precision, "recall": recall, "swd": [round(v, 3) for v in real["patches"].swd(images.cpu())],
+           "precision": precision, "recall": recall, **real["patches"].scores(images.cpu()),
            "class_shares": shares.round(4).tolist(),
            # how far the class make-up is from the real split's: total variation (for findings, which
            # are not shares of one whole, the mean absolute difference), and the worst share ratio
            "class_tv": float(np.abs(shares - real["shares"]).mean() if multi_label
                              else 0.5 * np.abs(shares - real["shares"]).sum()),
            "min_share_ratio": float((shares[present] / real["shares"][present]).min())}
-    out["swd_mean"] = round(float(np.mean(out["swd"])), 3)
     if requested is not None:  # conditional: does the classifier see the class that was asked for?
         requested = requested.cpu()
         hit = predicted == requested

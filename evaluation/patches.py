@@ -111,6 +111,11 @@ class Reference:
         d = (d - mean) / std
         return torch.cat([quantiles(d @ dirs, QUANTILES) for dirs in self.directions[scale].split(64, dim=1)], 1)
 
+    def scores(self, images: torch.Tensor) -> dict:
+        """{"swd": SWD x1000 per scale, finest first, "swd_mean": their mean}, rounded for a log."""
+        swd = [round(v, 3) for v in self.swd(images)]
+        return {"swd": swd, "swd_mean": round(sum(swd) / len(swd), 3)}
+
     def swd(self, images: torch.Tensor) -> list[float]:
         """SWD x1000 per scale, finest first, of uint8 images (N, C, S, S) against the reference."""
         return [1000 * (self._quantiles(d, s) - self.quantiles[s]).abs().mean().item()

@@ -42,5 +42,4 @@ class KIDProbe:
         the SWD per scale and its mean."""
         images = draw(model, self.z, self.y, batch_size=250, uint8=True)
         mean, std = kid(predict(self.model, images)[0], self.real, subsets=50)
-        swd = [round(v, 3) for v in self.patches.swd(images.cpu())]
-        return {"kid": mean, "kid_std": std, "swd": swd, "swd_mean": round(sum(swd) / len(swd), 3)}
+        return {"kid": mean, "kid_std": std, **self.patches.scores(images.cpu())}

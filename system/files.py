@@ -23,12 +23,18 @@ def atomic_write(path: Path):
     except (OSError, RuntimeError) as e:
         if not is_write_error(e):  # a network error while downloading, a bug: not the disk's
             raise
-        reason = e.strerror.lower() if isinstance(e, OSError) and e.strerror else "the write failed"
         kept = f"the previous {path.name} is as it was" if path.exists() else f"no {path.name} was written"
-        raise errors.UserError(f"could not write {path} ({reason}; a full disk or a file-size limit?); {kept}. "
-                               "Free some space and run the command again (a training run: with --resume)") from None
+        raise refused(path, e, kept) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def refused(path: Path, e: Exception, kept: str) -> errors.UserError:
+    """The one line for a write the machine refused (is_write_error): the file, why, what is still
+    whole (`kept`) and what to do."""
+    reason = e.strerror.lower() if isinstance(e, OSError) and e.strerror else "the write failed"
+    return errors.UserError(f"could not write {path} ({reason}; a full disk or a file-size limit?); {kept}. "
+                            "Free some space and run the command again (a training run: with --resume)")
 
 
 def is_write_error(e: Exception) -> bool:

@@ -127,6 +127,6 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise errors.UserError(f"could not write {self.path} ({(e.strerror or 'the write failed').lower()}; a "
-                                   "full disk or a file-size limit?); the checkpoint of the last epoch is as it was. "
-                                   "Free some space and continue with --resume") from None
+            if not files.is_write_error(e):
+                raise
+            raise files.refused(self.path, e, "the checkpoint of the last epoch is as it was") from None
