@@ -34,19 +34,21 @@ from utils.training import Run, learning_rate
 GRID = 64  # images in each sample grid, 8 x 8 (conditional: 8 of each class, a class per row)
 CALIBRATION = 4  # batches of noise that set the drawn generator's BatchNorm statistics
 # Per loss: learning rate, Adam betas, D steps per G step; WGAN-GP (Gulrajani et al. 2017, Alg. 1)
-# also turns R1 off, since its gradient penalty already keeps D in check.
+# also turns R1 off, since its gradient penalty already keeps D in check, and D's group
+# statistic off, since the penalty needs each image's gradient to be its own.
 LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
                  "hinge": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
-                 "wgan-gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, n_critic=5, r1=0.0, d_norm="layer")}
+                 "wgan-gp": dict(lr=1e-4, beta1=0.0, beta2=0.9, n_critic=5, r1=0.0, d_norm="layer",
+                             mbstd=0)}
 # The settings of each recipe (those not typed on the command line). "paper" is the DCGAN of
 # Radford et al. as pytorch/examples trains it. "small-data", the default, is the DCGAN for a
 # training set of some 12,000 images: every image turned as the dataset allows ("dataset":
 # data.SYMMETRIES), an EMA of G, lazy R1, a batch of 32 and D without BatchNorm, each measured
 # against the paper's choice over 25 epochs (docs/results.md, "The DCGAN recipes, side by side").
 RECIPES = {"paper": dict(batch_size=64, schedule="constant", ema=0.0, augment="none", lecam=0.0, r1=0.0, r1_every=1,
-                         spectral_norm=False, d_norm="batch", g_labels="concat"),
+                         spectral_norm=False, d_norm="batch", g_labels="concat", mbstd=0),
            "small-data": dict(batch_size=32, schedule="constant", ema=0.99, augment="dataset", lecam=0.0, r1=0.1, r1_every=16,
-                              spectral_norm=False, d_norm="none", g_labels="batchnorm")}
+                              spectral_norm=False, d_norm="none", g_labels="batchnorm", mbstd=0)}
 # A conditional D, stronger for its projection term, overpowers G without LeCam, and its samples
 # teach a classifier more with BatchNorm kept in D (docs/results.md, "The conditional DCGAN").
 CONDITIONAL = {"paper": {}, "small-data": dict(lecam=0.01, d_norm="batch")}
@@ -96,6 +98,10 @@ def build_parser():
     p.add_argument("--d-norm", choices=D_NORMS, default=None,
                    help="what normalises D's hidden layers: BatchNorm over the batch (the DCGAN's), layer norm "
                         "per image, or none (WGAN-GP: layer by default, and never batch, which its penalty forbids)")
+    p.add_argument("--mbstd", type=cli.non_negative_int, default=None, metavar="GROUP",
+                   help="D's last layer also reads the spread of its features over each group of GROUP images "
+                        "(minibatch standard deviation, Karras et al. 2018), so it can tell that G draws too few "
+                        "kinds of image; 0 turns it off")
     p.add_argument("--g-labels", choices=LABEL_INPUTS, default=None,
                    help="--conditional: G reads one-hot labels with z (concat), or through a class-conditional "
                         "BatchNorm in every layer (batchnorm)")
@@ -180,7 +186,7 @@ class GANTrainer:
         # to name G's own artefacts, and G to draw them
         with_names = self.args.class_loss > 0
         if self.one_call:
-            out = self.D_learn(torch.cat([real, fake]), None if y is None else torch.cat([y, y]), named=with_names)
+            out = self.D_learn(torch.cat([real, fake]), None if y is None else torch.cat([y, y]), named=with_names, sets=2)
             logits, names = out if with_names else (out, None)
             return *logits.chunk(2), None if names is None else names[:len(real)]
         out = self.D_learn(real, y, named=with_names)
@@ -280,6 +286,9 @@ def check_settings(args, data) -> None:
     if args.loss == "wgan-gp" and args.d_norm == "batch":
         raise errors.UserError("--d-norm batch mixes the images of a batch, which WGAN-GP's gradient penalty "
                                "forbids (it needs each image's own gradient); use --d-norm layer or none")
+    if args.loss == "wgan-gp" and args.mbstd:
+        raise errors.UserError(f"--mbstd {args.mbstd} mixes the images of a group, which WGAN-GP's gradient penalty "
+                               "forbids (it needs each image's own gradient); use --mbstd 0")
     if args.class_loss and not args.conditional:
         raise errors.UserError("--class-loss asks G for the class of each image, which only a --conditional run "
                                "has; add --conditional or drop --class-loss")

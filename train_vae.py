@@ -52,11 +52,12 @@ RECON = 32  # validation images in each reconstruction grid, each row over its r
 # resolution: it samples far better than "plain" at 3.5 to 4 times its time per epoch
 # (docs/results.md, "The VAE-GAN" and "The default recipe").
 RECIPES = {"textbook": dict(batch_size=128, likelihood="bernoulli", augment="none", schedule="constant",
-                            upsample="transposed", res_blocks=0, adversarial=0.0, class_loss=0.0),
+                            upsample="transposed", res_blocks=0, adversarial=0.0, class_loss=0.0, critic_blur=False),
            "plain": dict(batch_size=32, likelihood="gaussian", augment="dataset", schedule="constant",
-                         upsample="transposed", res_blocks=0, adversarial=0.0, class_loss=0.0),
+                         upsample="transposed", res_blocks=0, adversarial=0.0, class_loss=0.0, critic_blur=False),
            "vae-gan": dict(batch_size=16, likelihood="gaussian", augment="dataset", schedule="cosine",
-                           upsample="resize", res_blocks=1, adversarial=0.0003, class_loss=0.001)}
+                           upsample="resize", res_blocks=1, adversarial=0.0003, class_loss=0.001,
+                           critic_blur=False)}
 # A conditional VAE-GAN draws the class asked for more often with a stronger adversarial term
 # (docs/results.md, "D names the class")
 CONDITIONAL = {"textbook": {}, "plain": {}, "vae-gan": dict(adversarial=0.001)}
@@ -104,6 +105,10 @@ def build_parser():
                         "term), so it judges a reconstruction as a cell of its type; conditional or not, the "
                         "training labels are known. Default: on for a single-label set (the better FID, "
                         "docs/results.md), off for a multi-label one")
+    p.add_argument("--critic-blur", action=argparse.BooleanOptionalAction, default=None,
+                   help="--adversarial: the patch discriminator low-passes the input of each stride-2 layer "
+                        "(a binomial filter), so a regular pattern finer than its stride cannot pass for real "
+                        "texture (default: the recipe's)")
     p.add_argument("--class-loss", type=cli.non_negative_float, default=None, metavar="W",
                    help="--adversarial: the patch discriminator also learns to name each real image's class (an "
                         "auxiliary classifier, Odena et al. 2017), and the VAE is trained to have its "
@@ -210,7 +215,7 @@ def fill_defaults(args) -> None:
     def fill(key: str, value) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("batch_size", "likelihood", "augment", "schedule", "upsample", "res_blocks"):
+    for key in ("batch_size", "likelihood", "augment", "schedule", "upsample", "res_blocks", "critic_blur"):
         fill(key, recipe[key])
     fill("adversarial", recipe["adversarial"] if args.likelihood == "gaussian" else 0.0)
     fill("class_loss", recipe["class_loss"] if args.adversarial and not multi_label else 0.0)

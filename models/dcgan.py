@@ -15,7 +15,9 @@ own scale and shift after every normalisation, which conditions each layer, not 
 
 For small data (train_gan.py's --spectral-norm, --r1, --lecam): spectral normalisation of D's
 weights (Miyato et al. 2018), the R1 penalty (Mescheder et al. 2018) and LeCam regularisation
-(Tseng et al. 2021). With classifier > 0 (train_gan.py's --class-loss) D also names each image's
+(Tseng et al. 2021). With mbstd > 0 (--mbstd) D's last layer also reads how much the images of
+its group differ (minibatch standard deviation, Karras et al. 2018, section 3): a D without
+BatchNorm judges each image alone and cannot otherwise see that G draws too few kinds of image. With classifier > 0 (train_gan.py's --class-loss) D also names each image's
 class, an auxiliary classifier (Odena et al. 2017) beside the projection.
 
 Drawing: grids and evaluations draw from an exponential moving average of G's weights (ema_update),
@@ -151,10 +153,16 @@ class Discriminator(nn.Module):
     over positions and normalised per image (layer norm without parameters): the same head as
     the VAE-GAN's patch discriminator, where a head without the normalisation learned the rare
     classes far worse. forward(..., named=True) returns (logits (B,), class logits (B, classifier)).
+
+    mbstd > 0 appends one feature map before the last layer: the standard deviation of the
+    features over each group of mbstd consecutive images, averaged to one number per group (its
+    diversity), the same for every image of the group. forward(..., sets=2) says that the batch
+    is two sets of equal size one after the other (real, then generated images), so that no
+    group mixes them; a group is the largest divisor of the set's size not above mbstd.
     """
 
     def __init__(self, ndf: int = 64, nc: int = 3, image_size: int = 64, num_classes: int = 0,
-                 norm: str = "batch", spectral_norm: bool = False, classifier: int = 0):
+                 norm: str = "batch", spectral_norm: bool = False, classifier: int = 0, mbstd: int = 0):
         super().__init__()
         start, n = _stack(image_size)
         # (B, nc, S, S) -> (B, ndf, S/2, S/2); no normalisation on the input layer (Radford et al.)
@@ -165,7 +173,8 @@ class Discriminator(nn.Module):
                        _norm(norm, width * 2), nn.LeakyReLU(0.2, inplace=True)]
             width *= 2
         self.features = nn.Sequential(*layers)  # (B, ndf * 2**(n-1), start, start)
-        self.out = nn.Conv2d(width, 1, start, 1, 0, bias=False)  # (B, 1, 1, 1)
+        self.mbstd = mbstd
+        self.out = nn.Conv2d(width + (mbstd > 0), 1, start, 1, 0, bias=False)  # (B, 1, 1, 1)
         self.embed = nn.Embedding(num_classes, width) if num_classes else None
         self.classifier = nn.Linear(width, classifier) if classifier else None  # torch's init, no spectral norm
         self.apply(init_dcgan_weights)
@@ -174,15 +183,27 @@ class Discriminator(nn.Module):
                 if isinstance(m, (nn.Conv2d, nn.Embedding)):
                     nn.utils.parametrizations.spectral_norm(m)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, named: bool = False):
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, named: bool = False, sets: int = 1):
         h = self.features(x)
-        logits = self.out(h).flatten()
+        logits = self.out(minibatch_stddev(h, self.mbstd, sets) if self.mbstd else h).flatten()
         if self.embed is not None:  # projection: (B, C) . (B, C) summed over C
             logits = logits + (self.embed(y) * h.sum((2, 3))).sum(1)
         if not named:
             return logits
         pooled = h.mean((2, 3))
         return logits, self.classifier(F.layer_norm(pooled, pooled.shape[1:]))
+
+
+def minibatch_stddev(h: torch.Tensor, group: int, sets: int = 1) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C + 1, H, W): h and, as a last channel, the standard deviation of h over
+    each group of consecutive images, averaged over channels and positions (Karras et al. 2018).
+    The group is the largest divisor of B / sets not above `group`, so groups never cross from
+    one set to the next."""
+    b, c, height, width = h.shape
+    g = max(d for d in range(1, min(group, b // sets) + 1) if (b // sets) % d == 0)
+    std = h.float().view(b // g, g, c, height, width).var(1, unbiased=False).add(1e-8).sqrt().mean((1, 2, 3))
+    std = std.repeat_interleave(g).to(h.dtype).view(b, 1, 1, 1).expand(b, 1, height, width)
+    return torch.cat([h, std], 1)
 
 
 def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -268,7 +289,7 @@ def build(settings: dict, data) -> dict[str, nn.Module]:
                   labels=settings["g_labels"])
     D = Discriminator(settings["ndf"], data.channels, data.size, num_classes=classes,
                       norm=settings["d_norm"], spectral_norm=settings["spectral_norm"],
-                      classifier=data.num_classes if settings["class_loss"] else 0)
+                      classifier=data.num_classes if settings["class_loss"] else 0, mbstd=settings["mbstd"])
     networks = {"G": G, "D": D}
     if settings["ema"]:
         networks["G_ema"] = copy.deepcopy(G).eval().requires_grad_(False)

@@ -74,6 +74,19 @@ class ResidualBlock(nn.Module):
         return F.relu(x + self.conv2(F.relu(self.conv1(x))))
 
 
+class Blur(nn.Module):
+    """(B, c, s, s) -> (B, c, s, s): each channel convolved with the 3x3 binomial filter
+    [1, 2, 1]^T [1, 2, 1] / 16, edges mirrored."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (k[:, None] * k[None, :] / 16).expand(c, 1, 3, 3).clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.kernel.to(x.dtype), groups=x.shape[1])
+
+
 class PatchDiscriminator(nn.Module):
     """images (B, nc, S, S) in [0, 1] [and classes (B,)] -> logits (B, P), one per overlapping
     patch: stride-2 4x4 convolutions of `widths` channels with LeakyReLU, then a 3x3 convolution to
@@ -92,14 +105,20 @@ class PatchDiscriminator(nn.Module):
     images and asks the VAE for reconstructions it names as their class: a reconstruction has to
     show what marks its cell type, not only look sharp.
 
+    With blur, every stride-2 layer first low-passes its input with a fixed binomial filter, so
+    that detail finer than the layer's stride reaches it as what it is instead of folding onto
+    coarser patterns (aliasing; Zhang 2019): a regular dot lattice then looks like one, not like
+    the irregular granules of a real cell.
+
     Every weight of the patch logits is spectrally normalised (Miyato et al. 2018; torch's
     parametrisation) and there is no BatchNorm, so each image's logits depend on that image alone."""
 
     def __init__(self, nc: int = 3, widths: tuple[int, ...] = (32, 64, 128), num_classes: int = 0,
-                 classifier: int = 0):
+                 classifier: int = 0, blur: bool = False):
         super().__init__()
         layers, c = [], nc
         for w in widths:  # (B, c, s, s) -> (B, w, s/2, s/2)
+            layers += [Blur(c)] if blur else []
             layers += [nn.Conv2d(c, w, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
             c = w
         layers += [nn.Conv2d(c, 1, 3, 1, 1)]
@@ -338,5 +357,6 @@ def build(settings: dict, data) -> dict[str, nn.Module]:
         extra = (2 * widths[-1],) if data.size >> len(widths) >= 2 else ()
         networks["critic"] = PatchDiscriminator(data.channels, (*widths, *extra),
                                                 data.num_classes if settings["critic_labels"] else 0,
-                                                data.num_classes if settings["class_loss"] else 0)
+                                                data.num_classes if settings["class_loss"] else 0,
+                                                blur=settings["critic_blur"])
     return networks

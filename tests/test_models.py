@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from models.dcgan import Discriminator, Generator
-from models.vae import VAE, gaussian_kl, upsampler
+from models.vae import VAE, Blur, PatchDiscriminator, gaussian_kl, upsampler
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
@@ -230,3 +230,18 @@ def test_gan_steps_change_both_networks_and_stay_finite():
     n_g = len(list(G.parameters()))
     assert all(not torch.equal(a, b) for a, b in zip(before[:n_g], after[:n_g]))
     assert all(not torch.equal(a, b) for a, b in zip(before[n_g:], after[n_g:]))
+
+
+def test_the_critics_blur_keeps_flat_images_and_removes_the_finest_lattice():
+    """The binomial filter passes a constant and zeroes the period-2 checkerboard (its response
+    at the highest frequency is 0), edges included, as mirroring continues the pattern."""
+    blur = Blur(3)
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    torch.testing.assert_close(blur(flat), flat)
+    checker = ((torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2).float().expand(1, 3, 8, 8)
+    torch.testing.assert_close(blur(checker), torch.full_like(checker, 0.5))
+    sharp, blurred = PatchDiscriminator(widths=(8, 16, 32)), PatchDiscriminator(widths=(8, 16, 32), blur=True)
+    assert sum(isinstance(m, Blur) for m in blurred.modules()) == 3
+    x = torch.rand(2, 3, 64, 64)
+    assert blurred(x).shape == sharp(x).shape == (2, 64)
+    assert not any(key.endswith("kernel") for key in blurred.state_dict())  # a fixed filter: nothing new to save

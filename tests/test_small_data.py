@@ -289,7 +289,7 @@ def test_a_gan_checkpoint_from_before_d_norm_builds_its_discriminator():
 
 
 @pytest.mark.parametrize("flags", [[], ["--conditional", "--d-norm", "none", "--class-loss", "0.1"],
-                                   ["--loss", "wgan-gp"], ["--d-norm", "batch"]])
+                                   ["--loss", "wgan-gp"], ["--d-norm", "batch"], ["--mbstd", "4"]])
 def test_d_judges_real_and_generated_images_in_one_call_only_without_batchnorm(flags):
     args = gan_args([*TINY_GAN, "--precision", "fp32", *flags])
     trainer = train_gan.GANTrainer(args, checkpoint.networks("gan", vars(args), Dataset()), torch.device("cpu"))
@@ -429,3 +429,36 @@ def test_a_d_out_of_balance_for_three_epochs_is_named_with_what_to_try():
     assert balance([near[0], {"d_x": 0.75, "d_g_z": 0.3}, near[0]], *BALANCE["bce"]) is None
     assert balance([{"d_real": 0.05, "d_fake": 0.0}] * 3, *BALANCE["hinge"])[0] == "chance"
     assert "wgan-gp" not in BALANCE  # a critic's scores have no chance level
+
+
+def test_minibatch_stddev_is_each_groups_spread_and_never_mixes_the_two_sets():
+    torch.manual_seed(0)
+    h = torch.randn(8, 5, 3, 3)
+    out = dcgan.minibatch_stddev(h, 4, sets=2)
+    assert out.shape == (8, 6, 3, 3) and torch.equal(out[:, :5], h)
+    for group in (slice(0, 4), slice(4, 8)):  # the reference: the group's std per feature, averaged
+        expected = h[group].std(0, unbiased=False).mean()
+        torch.testing.assert_close(out[group, 5], expected.expand(4, 3, 3), rtol=1e-4, atol=1e-6)
+    # two sets of 3: groups of 3, the largest divisor of 3 not above 4, one in each set
+    out = dcgan.minibatch_stddev(h[:6], 4, sets=2)
+    torch.testing.assert_close(out[:3, 5], h[:3].std(0, unbiased=False).mean().expand(3, 3, 3), rtol=1e-4, atol=1e-6)
+
+    D = Discriminator(8, 3, 64, norm="none", mbstd=4)
+    real, fake = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    judged = D(torch.cat([real, fake]), sets=2)
+    # the real images' scores do not depend on the generated ones judged beside them
+    torch.testing.assert_close(judged[:4], D(torch.cat([real, 3 * fake]), sets=2)[:4])
+    torch.testing.assert_close(judged[:4], D(real))
+    # but an image's score depends on the others of its group: D sees their spread
+    assert not torch.allclose(D(real)[0], D(torch.cat([real[:1], 3 * real[1:]]))[0])
+
+
+def test_mbstd_follows_the_loss_and_is_refused_under_wgan_gp(data_root, tmp_path):
+    assert gan_args(["--loss", "wgan-gp"]).mbstd == 0 and gan_args(["--mbstd", "2"]).mbstd == 2
+    with pytest.raises(errors.UserError, match="--mbstd 4 mixes the images of a group"):
+        train_gan.main(["--data-root", str(data_root), "--device", "cpu", *TINY_GAN, "--loss", "wgan-gp",
+                        "--mbstd", "4", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    settings = vars(gan_args(["--mbstd", "4", "--ndf", "8", "--ngf", "8", "--nz", "16"]))
+    del settings["mbstd"]  # a checkpoint from before the setting: D without it
+    assert dcgan.build(checkpoint.with_added_settings("gan", settings), Dataset())["D"].mbstd == 0

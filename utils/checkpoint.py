@@ -38,9 +38,9 @@ KINDS = tuple(FORMATS)
 # before --dataset trained on BloodMNIST at 64 from data/, on the whole training split; before
 # --d-norm, D had BatchNorm, or layer norm under WGAN-GP; the GAN's latent size was called nz.
 BEFORE = {"dataset": "bloodmnist", "size": 64, "data_root": "data", "subset": None, "data_md5": None}
-ADDED_SETTINGS = {"gan": {**BEFORE, "class_loss": 0.0, "latent_dim": lambda s: s.get("nz"),
+ADDED_SETTINGS = {"gan": {**BEFORE, "class_loss": 0.0, "mbstd": 0, "latent_dim": lambda s: s.get("nz"),
                           "d_norm": lambda s: "layer" if s.get("loss") == "wgan-gp" else "batch"},
-                  "vae": {**BEFORE, "critic_labels": False, "upsample": "transposed", "class_loss": 0.0,
+                  "vae": {**BEFORE, "critic_labels": False, "critic_blur": False, "upsample": "transposed", "class_loss": 0.0,
                           "recipe": "plain"}}
 
 
