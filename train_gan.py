@@ -43,15 +43,17 @@ LOSS_DEFAULTS = {"bce": dict(lr=2e-4, beta1=0.5, beta2=0.999, n_critic=1),
 # The settings of each recipe (those not typed on the command line). "paper" is the DCGAN of
 # Radford et al. as pytorch/examples trains it. "small-data", the default, is the DCGAN for a
 # training set of some 12,000 images: every image turned as the dataset allows ("dataset":
-# data.SYMMETRIES), an EMA of G, lazy R1, a batch of 32 and D without BatchNorm, each measured
-# against the paper's choice over 25 epochs (docs/results.md, "The DCGAN recipes, side by side").
+# data.SYMMETRIES), an EMA of G, lazy R1, a batch of 32, D without BatchNorm and D's group
+# statistic, each measured against the run without it over 25 epochs (docs/studies.md).
 RECIPES = {"paper": dict(batch_size=64, schedule="constant", ema=0.0, augment="none", lecam=0.0, r1=0.0, r1_every=1,
                          spectral_norm=False, d_norm="batch", g_labels="concat", mbstd=0),
            "small-data": dict(batch_size=32, schedule="constant", ema=0.99, augment="dataset", lecam=0.0, r1=0.1, r1_every=16,
-                              spectral_norm=False, d_norm="none", g_labels="batchnorm", mbstd=0)}
+                              spectral_norm=False, d_norm="none", g_labels="batchnorm", mbstd=4)}
 # A conditional D, stronger for its projection term, overpowers G without LeCam, and its samples
-# teach a classifier more with BatchNorm kept in D (docs/results.md, "The conditional DCGAN").
-CONDITIONAL = {"paper": {}, "small-data": dict(lecam=0.01, d_norm="batch")}
+# teach a classifier more with BatchNorm kept in D (docs/results.md, "The conditional DCGAN"),
+# whose batch statistics already show D the spread of a batch; the group statistic is not
+# measured there.
+CONDITIONAL = {"paper": {}, "small-data": dict(lecam=0.01, d_norm="batch", mbstd=0)}
 # What the second curves panel shows for each loss, and its reference line.
 D_PANEL = {"bce": (["d_x", "d_g_z"], 0.5), "hinge": (["d_real", "d_fake"], 0.0),
            "wgan-gp": (["wasserstein", "gp"], None)}
@@ -101,7 +103,8 @@ def build_parser():
     p.add_argument("--mbstd", type=cli.non_negative_int, default=None, metavar="GROUP",
                    help="D's last layer also reads the spread of its features over each group of GROUP images "
                         "(minibatch standard deviation, Karras et al. 2018), so it can tell that G draws too few "
-                        "kinds of image; 0 turns it off")
+                        "kinds of image; 0 turns it off (default: 4; 0 with --conditional, --recipe paper "
+                        "and --loss wgan-gp)")
     p.add_argument("--g-labels", choices=LABEL_INPUTS, default=None,
                    help="--conditional: G reads one-hot labels with z (concat), or through a class-conditional "
                         "BatchNorm in every layer (batchnorm)")

@@ -154,9 +154,9 @@ class Discriminator(nn.Module):
     the VAE-GAN's patch discriminator, where a head without the normalisation learned the rare
     classes far worse. forward(..., named=True) returns (logits (B,), class logits (B, classifier)).
 
-    mbstd > 0 appends one feature map before the last layer: the standard deviation of the
-    features over each group of mbstd consecutive images, averaged to one number per group (its
-    diversity), the same for every image of the group. forward(..., sets=2) says that the batch
+    mbstd > 0 gives the last layer one more input channel, constant over positions: the standard
+    deviation of the features over each group of mbstd consecutive images, averaged to one number
+    per group (its diversity), the same for every image of the group (group_spread). forward(..., sets=2) says that the batch
     is two sets of equal size one after the other (real, then generated images), so that no
     group mixes them; a group is the largest divisor of the set's size not above mbstd.
     """
@@ -185,7 +185,11 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, named: bool = False, sets: int = 1):
         h = self.features(x)
-        logits = self.out(minibatch_stddev(h, self.mbstd, sets) if self.mbstd else h).flatten()
+        if self.mbstd:  # the last input channel of `out` reads the group spread, the same at every position
+            w = self.out.weight
+            logits = F.conv2d(h, w[:, :-1]).flatten() + group_spread(h, self.mbstd, sets) * w[:, -1].sum()
+        else:
+            logits = self.out(h).flatten()
         if self.embed is not None:  # projection: (B, C) . (B, C) summed over C
             logits = logits + (self.embed(y) * h.sum((2, 3))).sum(1)
         if not named:
@@ -194,16 +198,20 @@ class Discriminator(nn.Module):
         return logits, self.classifier(F.layer_norm(pooled, pooled.shape[1:]))
 
 
-def minibatch_stddev(h: torch.Tensor, group: int, sets: int = 1) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C + 1, H, W): h and, as a last channel, the standard deviation of h over
-    each group of consecutive images, averaged over channels and positions (Karras et al. 2018).
+def group_spread(h: torch.Tensor, group: int, sets: int = 1) -> torch.Tensor:
+    """(B, C, H, W) -> (B,): the standard deviation of h over each group of consecutive images,
+    averaged over channels and positions, given to every image of the group (Karras et al. 2018).
     The group is the largest divisor of B / sets not above `group`, so groups never cross from
-    one set to the next."""
+    one set to the next. D reads it as one more input channel of its last layer, constant over
+    positions, which is the same as adding it times the sum of that channel's kernel: computed
+    that way, the last convolution keeps its fast, even channel count."""
     b, c, height, width = h.shape
     g = max(d for d in range(1, min(group, b // sets) + 1) if (b // sets) % d == 0)
-    std = h.float().view(b // g, g, c, height, width).var(1, unbiased=False).add(1e-8).sqrt().mean((1, 2, 3))
-    std = std.repeat_interleave(g).to(h.dtype).view(b, 1, 1, 1).expand(b, 1, height, width)
-    return torch.cat([h, std], 1)
+    # (groups, g, values) with each image's values in its memory order (channels-last: a view)
+    x = h.float().permute(0, 2, 3, 1).reshape(b // g, g, height * width * c)
+    # the variance written out: torch's var over a channels-last batch is many times slower
+    std = (x - x.mean(1, keepdim=True)).square().mean(1).add(1e-8).sqrt().mean(1)
+    return std.repeat_interleave(g).to(h.dtype)
 
 
 def discriminator_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

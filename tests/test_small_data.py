@@ -329,7 +329,7 @@ def test_the_paper_recipe_is_the_plain_dcgan(data_root, tmp_path):
             config["spectral_norm"], config["d_norm"]) == (64, 0.0, "none", 0.0, 0.0, False, "batch")
     # the same run spelled out flag by flag, on top of the default recipe
     train_gan.main([*common, "--batch-size", "64", "--ema", "0", "--augment", "none", "--lecam", "0", "--r1", "0",
-                    "--no-spectral-norm", "--d-norm", "batch", "--out", str(tmp_path / "flags")])
+                    "--no-spectral-norm", "--d-norm", "batch", "--mbstd", "0", "--out", str(tmp_path / "flags")])
     a = checkpoint.load_checkpoint(tmp_path / "paper" / "ckpt.pt")
     b = checkpoint.load_checkpoint(tmp_path / "flags" / "ckpt.pt")
     assert states_equal(a, b) and set(a["models"]) == {"G", "D"}
@@ -431,17 +431,25 @@ def test_a_d_out_of_balance_for_three_epochs_is_named_with_what_to_try():
     assert "wgan-gp" not in BALANCE  # a critic's scores have no chance level
 
 
-def test_minibatch_stddev_is_each_groups_spread_and_never_mixes_the_two_sets():
+def test_the_group_spread_is_each_groups_std_and_never_mixes_the_two_sets():
     torch.manual_seed(0)
     h = torch.randn(8, 5, 3, 3)
-    out = dcgan.minibatch_stddev(h, 4, sets=2)
-    assert out.shape == (8, 6, 3, 3) and torch.equal(out[:, :5], h)
-    for group in (slice(0, 4), slice(4, 8)):  # the reference: the group's std per feature, averaged
-        expected = h[group].std(0, unbiased=False).mean()
-        torch.testing.assert_close(out[group, 5], expected.expand(4, 3, 3), rtol=1e-4, atol=1e-6)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        spread = dcgan.group_spread(h.contiguous(memory_format=layout), 4, sets=2)
+        for group in (slice(0, 4), slice(4, 8)):  # the reference: the group's std per value, averaged
+            expected = h[group].std(0, unbiased=False).mean()
+            torch.testing.assert_close(spread[group], expected.expand(4), rtol=1e-4, atol=1e-6)
     # two sets of 3: groups of 3, the largest divisor of 3 not above 4, one in each set
-    out = dcgan.minibatch_stddev(h[:6], 4, sets=2)
-    torch.testing.assert_close(out[:3, 5], h[:3].std(0, unbiased=False).mean().expand(3, 3, 3), rtol=1e-4, atol=1e-6)
+    spread = dcgan.group_spread(h[:6], 4, sets=2)
+    torch.testing.assert_close(spread[:3], h[:3].std(0, unbiased=False).mean().expand(3), rtol=1e-4, atol=1e-6)
+
+    # D reads it as one more input channel of its last layer: the same logits as that layer on
+    # the features with a constant map of the spread appended
+    D = Discriminator(8, 3, 64, norm="none", mbstd=4)
+    x = torch.randn(8, 3, 64, 64)
+    features = D.features(x)
+    plane = dcgan.group_spread(features, 4, sets=2)[:, None, None, None].expand(8, 1, *features.shape[2:])
+    torch.testing.assert_close(D(x, sets=2), D.out(torch.cat([features, plane], 1)).flatten(), rtol=1e-5, atol=1e-6)
 
     D = Discriminator(8, 3, 64, norm="none", mbstd=4)
     real, fake = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
@@ -453,8 +461,14 @@ def test_minibatch_stddev_is_each_groups_spread_and_never_mixes_the_two_sets():
     assert not torch.allclose(D(real)[0], D(torch.cat([real[:1], 3 * real[1:]]))[0])
 
 
-def test_mbstd_follows_the_loss_and_is_refused_under_wgan_gp(data_root, tmp_path):
-    assert gan_args(["--loss", "wgan-gp"]).mbstd == 0 and gan_args(["--mbstd", "2"]).mbstd == 2
+@pytest.mark.parametrize("flags, group", [([], 4), (["--conditional"], 0), (["--recipe", "paper"], 0),
+                                          (["--loss", "wgan-gp"], 0), (["--mbstd", "2"], 2),
+                                          (["--conditional", "--mbstd", "4"], 4)])
+def test_mbstd_follows_the_recipe_and_the_loss_unless_given(flags, group):
+    assert gan_args(flags).mbstd == group
+
+
+def test_mbstd_is_refused_under_wgan_gp_and_absent_from_older_checkpoints(data_root, tmp_path):
     with pytest.raises(errors.UserError, match="--mbstd 4 mixes the images of a group"):
         train_gan.main(["--data-root", str(data_root), "--device", "cpu", *TINY_GAN, "--loss", "wgan-gp",
                         "--mbstd", "4", "--out", str(tmp_path / "run")])
