@@ -17,8 +17,9 @@ For small data (train_gan.py's --spectral-norm, --r1, --lecam): spectral normali
 weights (Miyato et al. 2018), the R1 penalty (Mescheder et al. 2018) and LeCam regularisation
 (Tseng et al. 2021). With mbstd > 0 (--mbstd) D's last layer also reads how much the images of
 its group differ (minibatch standard deviation, Karras et al. 2018, section 3): a D without
-BatchNorm judges each image alone and cannot otherwise see that G draws too few kinds of image. With classifier > 0 (train_gan.py's --class-loss) D also names each image's
-class, an auxiliary classifier (Odena et al. 2017) beside the projection.
+BatchNorm judges each image alone and cannot otherwise see that G draws too few kinds of image.
+With classifier > 0 (train_gan.py's --class-loss) D also names each image's class, an auxiliary
+classifier (Odena et al. 2017) beside the projection.
 
 Drawing: grids and evaluations draw from an exponential moving average of G's weights (ema_update),
 whose BatchNorm statistics are re-estimated on a few batches of noise before it draws
@@ -156,9 +157,10 @@ class Discriminator(nn.Module):
 
     mbstd > 0 gives the last layer one more input channel, constant over positions: the standard
     deviation of the features over each group of mbstd consecutive images, averaged to one number
-    per group (its diversity), the same for every image of the group (group_spread). forward(..., sets=2) says that the batch
-    is two sets of equal size one after the other (real, then generated images), so that no
-    group mixes them; a group is the largest divisor of the set's size not above mbstd.
+    per group (its diversity), the same for every image of the group (group_spread).
+    forward(..., sets=2) says that the batch is two sets of equal size one after the other (real,
+    then generated images), so that no group mixes them; a group is the largest divisor of the
+    set's size not above mbstd.
     """
 
     def __init__(self, ndf: int = 64, nc: int = 3, image_size: int = 64, num_classes: int = 0,
